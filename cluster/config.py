@@ -1,0 +1,298 @@
+"""The one typed configuration: local runs, the Ray Serve config and the Helm chart's
+serveConfigV2 are all rendered from a `ClusterConfig`.
+
+Validation refuses configurations that cannot run, with the arithmetic in the message,
+so a platform team learns at `cluster plan` time, not after a 20-minute weight load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.architecture import MISTRAL_LARGE_2, ModelArchitecture
+from cluster.memory import GiB, MemoryPlan, plan_replica
+
+SERVED_MODEL_NAME = "mistral-large-2411"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    served_name: str = SERVED_MODEL_NAME
+    # Local path, object-store URI (s3://, gs://) or "embedded:tiny" for the generated default.
+    source: str = "/models/Mistral-Large-Instruct-2411"
+    architecture: ModelArchitecture = MISTRAL_LARGE_2
+    weight_dtype: Literal["bfloat16", "fp8"] = "bfloat16"
+    # Mistral's own formats: consolidated safetensors, params.json and the v7 tekken/SPM tokenizer.
+    tokenizer_mode: Literal["mistral", "auto"] = "mistral"
+    config_format: Literal["mistral", "hf", "auto"] = "mistral"
+    load_format: Literal["mistral", "safetensors", "auto"] = "mistral"
+    tool_call_parser: str = "mistral"
+
+
+class EngineArgs(_Strict):
+    """The vLLM engine arguments we set deliberately; `extra` passes anything else through."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
+    quantization: Literal["fp8"] | None = None
+    block_size: int = Field(16, ge=1)
+    enforce_eager: bool = False
+    dtype: Literal["bfloat16", "float16", "auto"] = "bfloat16"
+    # Reserve per device for activations, CUDA graphs and NCCL buffers (vLLM profiles it;
+    # this is the planning estimate).
+    reserve_gib_per_device: float = Field(4.0, ge=0.0)
+    # CPU backend only: fixed KV cache size (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_space_gib: int = Field(1, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def kv_dtype(self) -> str:
+        """Storage type of the KV cache: fp8 when asked for, else the activation dtype."""
+        if self.kv_cache_dtype.startswith("fp8"):
+            return "fp8"
+        return "bfloat16" if self.dtype == "auto" else self.dtype
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve replica autoscaling of one pool (engine replicas, not pods)."""
+
+    target_ongoing_requests: float = Field(32.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    upscaling_factor: float = Field(1.0, gt=0)
+    downscaling_factor: float = Field(0.5, gt=0)
+
+
+class PoolConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    max_model_len: int = Field(ge=256)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    # Accept work from a smaller pool when that pool is saturated (see PoolSelector).
+    accepts_spill: bool = True
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> PoolConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"pool {self.name!r}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError(
+                f"pool {self.name!r}: initial_replicas {self.initial_replicas} outside "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+    @property
+    def start_replicas(self) -> int:
+        return self.initial_replicas if self.initial_replicas is not None else max(1, self.min_replicas)
+
+
+class NodeShape(_Strict):
+    """One Kubernetes GPU node (or the local CPU machine): a replica never spans nodes."""
+
+    accelerator: Literal["gpu", "cpu"] = "gpu"
+    gpu_product: str = "NVIDIA-H100-80GB-HBM3"  # nvidia.com/gpu.product label value
+    gpus_per_node: int = Field(8, ge=0)
+    gpu_memory_gib: float = Field(80.0, ge=0)
+    cpus_per_node: int = Field(96, ge=1)
+    memory_gib: float = Field(1800.0, gt=0)
+
+
+class RouterConfig(_Strict):
+    """Request routing inside a pool; see cluster.routing."""
+
+    policy: str = "cache-aware"
+    stats_period_s: float = Field(1.0, gt=0)
+    stats_timeout_s: float = Field(2.0, gt=0)
+    # Tokens per block of the prefix index; None means the engine's block size.
+    index_block_size: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionConfig(_Strict):
+    """Redis-backed conversation state; see cluster.sessions."""
+
+    enabled: bool = True
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url_env: str | None = "CLUSTER_REDIS_URL"  # overrides redis_url when set
+    sentinel_master: str | None = None
+    pool_size: int = Field(default=32, ge=1)
+    socket_timeout_s: float = Field(default=2.0, gt=0)
+    ttl_s: int = Field(default=24 * 3600, ge=60)
+    max_turns: int = Field(default=200, ge=1)
+    max_tokens: int | None = None  # None: the largest pool's max_model_len / 2
+    retry_after_s: int = Field(default=5, ge=1)
+    # Added by cluster.sessions (all optional, defaults keep earlier configs valid):
+    connect_timeout_s: float = Field(default=1.0, gt=0)
+    retries: int = Field(default=2, ge=0)  # reconnect attempts per command; commits are idempotent
+    health_check_interval_s: int = Field(default=30, ge=0)
+    key_prefix: str = Field(default="mls", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
+    # When a cap is exceeded, drop oldest whole turns down to this fraction of the cap, so
+    # the kept prefix then stays identical for many turns (see cluster.sessions.truncation).
+    truncate_to_fraction: float = Field(default=0.75, gt=0, lt=1)
+    tls_ca_file: str | None = None  # CA bundle for rediss:// (the system store otherwise)
+    sentinel_password_env: str | None = None  # password of the Sentinel nodes, if they need one
+
+
+# Tenant names end up inside Redis keys: no ':', '{' or '}'.
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class AuthConfig(_Strict):
+    """Tenants authenticate with bearer keys; only SHA-256 hashes are configured."""
+
+    enabled: bool = False
+    # tenant name -> list of sha256 hex digests of its API keys
+    tenants: dict[str, list[str]] = Field(default_factory=dict)
+    api_keys_env: str | None = "CLUSTER_API_KEY_HASHES"  # JSON of the same shape, from a Secret
+    # The tenant of every request while auth is off.
+    default_tenant: str = Field(default="default", pattern=TENANT_PATTERN)
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> AuthConfig:
+        # Tenant names become part of Redis keys; hashes must be SHA-256 hex digests.
+        for tenant, hashes in self.tenants.items():
+            if not re.fullmatch(TENANT_PATTERN, tenant):
+                raise ValueError(f"auth tenant name {tenant!r} must match {TENANT_PATTERN}")
+            for i, digest in enumerate(hashes):
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                    raise ValueError(
+                        f"auth tenant {tenant!r}: key hash #{i} is not a SHA-256 hex digest (64 hex characters); "
+                        "configure hashes, never keys: python -m cluster.auth hash"
+                    )
+        return self
+
+
+class TelemetryConfig(_Strict):
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317
+    service_name: str = "mistral-large-serve"
+
+
+class ClusterConfig(_Strict):
+    profile: str = "custom"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    node: NodeShape = Field(default_factory=NodeShape)
+    pools: list[PoolConfig]
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    http_port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if not self.pools:
+            raise ValueError("at least one pool is required")
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        lens = [p.max_model_len for p in self.pools]
+        if len(set(lens)) != len(lens):
+            raise ValueError(f"pools must differ in max_model_len, got {lens}")
+        for pool in self.pools:
+            self._check_pool(pool)
+        # Keep pools ordered by context so "smallest fitting pool" is the first match.
+        self.pools.sort(key=lambda p: p.max_model_len)
+        return self
+
+    def _check_pool(self, pool: PoolConfig) -> None:
+        arch = self.model.architecture
+        tp = pool.engine.tensor_parallel_size
+        if pool.max_model_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"pool {pool.name!r}: max_model_len {pool.max_model_len:,} exceeds the model's "
+                f"{arch.max_position_embeddings:,} positions"
+            )
+        if self.node.accelerator == "gpu":
+            if tp > self.node.gpus_per_node:
+                raise ValueError(
+                    f"pool {pool.name!r}: tensor_parallel_size {tp} is larger than one node "
+                    f"({self.node.gpus_per_node} GPUs per node); a replica never spans nodes"
+                )
+            if arch.num_attention_heads % tp:
+                raise ValueError(
+                    f"pool {pool.name!r}: {arch.num_attention_heads} attention heads do not "
+                    f"divide over tensor_parallel_size {tp}"
+                )
+        else:
+            if tp != 1:
+                raise ValueError(f"pool {pool.name!r}: the CPU backend runs tensor_parallel_size 1, got {tp}")
+            # vLLM's CPU attention backend pages the KV cache in multiples of 32 tokens.
+            if pool.engine.block_size % 32:
+                raise ValueError(
+                    f"pool {pool.name!r}: block_size {pool.engine.block_size} is not a multiple of 32, "
+                    "which vLLM's CPU backend requires"
+                )
+        plan = self.memory_plan(pool)
+        if not plan.fits():
+            raise ValueError(
+                f"pool {pool.name!r} does not fit: {plan.explain()}. "
+                "Raise tensor_parallel_size, use fp8 weights/KV, or lower max_model_len."
+            )
+
+    def memory_plan(self, pool: PoolConfig) -> MemoryPlan:
+        e = pool.engine
+        weight_dtype = "fp8" if e.quantization == "fp8" else self.model.weight_dtype
+        return plan_replica(
+            pool=pool.name,
+            arch=self.model.architecture,
+            weight_dtype=weight_dtype,
+            kv_dtype=e.kv_dtype(),
+            accelerator=self.node.accelerator,
+            tensor_parallel_size=e.tensor_parallel_size,
+            gpu_memory_gib=self.node.gpu_memory_gib,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            reserve_gib_per_device=e.reserve_gib_per_device,
+            cpu_kv_cache_space_gib=e.cpu_kv_cache_space_gib,
+            block_size=e.block_size,
+            max_model_len=pool.max_model_len,
+        )
+
+    def pool(self, name: str) -> PoolConfig:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pool named {name!r}; pools: {[p.name for p in self.pools]}")
+
+    @property
+    def max_context(self) -> int:
+        return max(p.max_model_len for p in self.pools)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ClusterConfig:
+        data = yaml.safe_load(Path(path).read_text())
+        return cls.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+__all__ = [
+    "AuthConfig",
+    "AutoscalingConfig",
+    "ClusterConfig",
+    "EngineArgs",
+    "GiB",
+    "ModelConfig",
+    "NodeShape",
+    "PoolConfig",
+    "RouterConfig",
+    "SERVED_MODEL_NAME",
+    "SessionConfig",
+    "TelemetryConfig",
+]

