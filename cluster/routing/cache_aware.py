@@ -1,0 +1,241 @@
+"""Our routing policy: send each request where its expected time to first token is lowest.
+
+The scoring rule
+----------------
+For every replica r the policy estimates
+
+    TTFT(r) = queue_delay(r) + prefill(uncached_tokens(r)) / rate(r)
+
+* `uncached_tokens(r)` = prompt tokens minus the tokens of the longest prefix that r is
+  believed to cache (`PrefixIndex`, engine block granularity). Every cached token is a
+  token r does not have to prefill: `matched_blocks * block_size / rate` seconds saved.
+* `queue_delay(r)` is the prefill work queued ahead of the request: the requests waiting
+  in r's engine, each costing the running mean of recent requests' uncached tokens, plus
+  those this router sent that r has not reported yet (`ReplicaView.in_flight`) at
+  `in_flight_weight` (0.5) each: they were sent within the last stats period, half a
+  period ago on average, and most have finished their prefill by then; plus, when r
+  has no free sequence slot (`max_num_seqs`), the wait for one; plus a KV-pressure
+  penalty once r's KV usage passes `kv_high` (admission then waits for blocks, or the
+  scheduler preempts).
+* `rate(r)` is `prefill_tokens_per_s` scaled by the share of each step's token budget
+  (`batch_tokens`) left over by r's running decodes: with chunked prefill a busy batch
+  slows prefill down, it does not block it.
+
+So a cached prefix wins exactly while the prefill time it saves exceeds the extra queue
+delay at its holder: with the defaults a 4,096-token cached prefix (0.5 s of prefill)
+is worth about four extra 1k-token requests queued ahead. When the holder's queue grows
+past that, the next request goes elsewhere and the prefix gets a second holder.
+
+Hot-spot guard
+--------------
+Estimates lag (stats arrive every `stats_period_s`), and one very hot prefix would keep
+attracting work. A replica whose load (waiting + running + in flight) exceeds the
+least-loaded replica's by more than `balance_abs` requests *and* by a factor
+`balance_rel`, or whose KV usage is at least `kv_overload`, loses its cache bonus (it is
+scored as if it held nothing) and its session affinity.
+
+Session affinity
+----------------
+A request whose session last ran on `RouteRequest.affinity_replica` goes back there
+unless that replica is overloaded by the guard above, even when this router's index
+knows nothing of the session (another gateway served the earlier turns).
+
+Several router instances
+------------------------
+Every gateway replica holds its own router and so its own policy object. Their views
+converge as follows:
+
+* Replica load and KV usage come from the engines (`record_routing_stats`), the same for
+  every router, one stats period stale; each router adds only its own in-flight requests.
+* Each prefix index sees only its own gateway's traffic, so a router underestimates what
+  others placed (it may miss a prefix another gateway cached) and overestimates what is
+  still cached (others' traffic evicts blocks it still lists). `index_capacity_fraction`
+  (e.g. 1/number of gateways) makes each index evict earlier to compensate.
+* Session affinity is shared state (the session store in Redis records the replica of
+  each conversation's last turn), so a conversation stays on one replica whichever
+  gateway serves each turn; the indexes only decide the first turn and shared prefixes
+  that span sessions (system prompts, documents). `tests/test_routing_multi_router.py`
+  measures the loss: two routers splitting a multi-turn workload vs one router.
+* KV cache events from the engines would make the indexes exact and shared; they are
+  not wired yet (`PrefixIndex.remove` is the hook they would call).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
+from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+
+
+class CacheAwarePolicy:
+    """Minimise expected TTFT = queue delay + prefill of the tokens not cached there."""
+
+    name = "cache-aware"
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        prefill_tokens_per_s: float = 8000.0,
+        batch_tokens: int = 8192,
+        mean_prompt_tokens: float | None = None,
+        request_duration_s: float = 10.0,
+        in_flight_weight: float = 0.5,
+        kv_high: float = 0.90,
+        kv_overload: float = 0.98,
+        kv_penalty_s: float = 2.0,
+        balance_abs: int = 32,
+        balance_rel: float = 1.5,
+        use_affinity: bool = True,
+        default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+        index_capacity_fraction: float = 1.0,
+        index_generations: int = 32,
+        ewma_alpha: float = 0.1,
+        seed: int | None = None,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if prefill_tokens_per_s <= 0 or batch_tokens <= 0:
+            raise ValueError("prefill_tokens_per_s and batch_tokens must be positive")
+        if not 0 < index_capacity_fraction <= 1:
+            raise ValueError(f"index_capacity_fraction must be in (0, 1], got {index_capacity_fraction}")
+        self.block_size = block_size
+        self.prefill_tokens_per_s = float(prefill_tokens_per_s)
+        self.batch_tokens = batch_tokens
+        self.request_duration_s = request_duration_s
+        self.in_flight_weight = in_flight_weight
+        self.kv_high = kv_high
+        self.kv_overload = kv_overload
+        self.kv_penalty_s = kv_penalty_s
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.use_affinity = use_affinity
+        self.index_capacity_fraction = index_capacity_fraction
+        self.ewma_alpha = ewma_alpha
+        # The running mean of uncached tokens per request prices a queued request. Without
+        # a prior it starts at the first request's (a wrong prior takes ~1/alpha requests
+        # to wash out, long enough to misroute a short session's first turns).
+        self._mean_known = mean_prompt_tokens is not None
+        self.mean_uncached_tokens = float(mean_prompt_tokens) if mean_prompt_tokens is not None else 1024.0
+        self.index = PrefixIndex(default_capacity_blocks, index_generations)
+        self._rng = random.Random(seed)
+        self._last_caps: tuple[list[str], list[int]] = ([], [])
+
+    # --- scoring -------------------------------------------------------------------
+
+    def overloaded(self, r: ReplicaView, min_load: int) -> bool:
+        """The hot-spot guard: too far above the least-loaded replica, or KV cache full."""
+        load = r.load
+        if load - min_load > self.balance_abs and load > self.balance_rel * min_load:
+            return True
+        return r.kv_usage >= self.kv_overload
+
+    def expected_ttft_s(self, r: ReplicaView, uncached_tokens: int) -> float:
+        """queue_delay(r) + prefill of `uncached_tokens` on r (see the module docstring)."""
+        # Running decodes take one token each of every step's budget; the rest prefills.
+        rate = self.prefill_tokens_per_s * max(0.05, 1.0 - r.num_running / self.batch_tokens)
+        queued = r.num_waiting + self.in_flight_weight * r.in_flight
+        queue_s = queued * self.mean_uncached_tokens / rate
+        busy = r.num_running + queued
+        if busy >= r.max_num_seqs:
+            # No free sequence slot: wait for running requests to finish.
+            queue_s += (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.request_duration_s
+        if r.kv_usage > self.kv_high:
+            queue_s += self.kv_penalty_s * (r.kv_usage - self.kv_high) / max(1e-6, 1.0 - self.kv_high)
+        return queue_s + uncached_tokens / rate
+
+    # --- RoutingPolicy ---------------------------------------------------------------
+
+    def choose(self, request: RouteRequest, replicas: Sequence[ReplicaView]) -> RouteDecision:
+        index = self.index
+        ids = [r.replica_id for r in replicas]
+        caps = [r.kv_capacity_blocks for r in replicas]
+        if (ids, caps) != self._last_caps:  # one C-level compare: capacities rarely change
+            self._last_caps = (ids, caps)
+            for rid, cap in zip(ids, caps, strict=True):
+                index.set_capacity(rid, int(cap * self.index_capacity_fraction) if cap > 0 else 0)
+        loads = [r.num_waiting + r.num_running + r.in_flight for r in replicas]
+        min_load = min(loads)
+        abs_limit = min_load + self.balance_abs
+        rel_limit = self.balance_rel * min_load
+        kv_overload = self.kv_overload
+        overloaded = [
+            (load > abs_limit and load > rel_limit) or r.kv_usage >= kv_overload
+            for r, load in zip(replicas, loads, strict=True)
+        ]
+        blocks = request.block_hashes
+        block_size = self.block_size
+        prompt_tokens = max(request.prompt_tokens, len(blocks) * block_size)
+        matched = index.match_many(ids, blocks)
+
+        chosen = -1
+        reason = "min-ttft"
+        if self.use_affinity and request.affinity_replica is not None:
+            for i, rid in enumerate(ids):
+                if rid == request.affinity_replica:
+                    if not overloaded[i]:
+                        chosen, reason = i, "affinity"
+                    break
+
+        # expected_ttft_s, inlined: this loop runs once per replica per request.
+        prefill_rate, batch_tokens = self.prefill_tokens_per_s, self.batch_tokens
+        mean_tokens, duration_s = self.mean_uncached_tokens, self.request_duration_s
+        in_flight_weight = self.in_flight_weight
+        kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
+        scores: dict[str, float] = {}
+        best_ttft, best_load = float("inf"), 0
+        # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
+        # random offset, so cold requests spread instead of piling on replicas[0].
+        n = len(replicas)
+        offset = self._rng.randrange(n)
+        for k in range(n):
+            i = k + offset
+            if i >= n:
+                i -= n
+            r = replicas[i]
+            uncached = prompt_tokens if overloaded[i] else max(0, prompt_tokens - matched[i] * block_size)
+            running = r.num_running
+            rate = prefill_rate * max(0.05, 1.0 - running / batch_tokens)
+            queued = r.num_waiting + in_flight_weight * r.in_flight
+            ttft = (queued * mean_tokens + uncached) / rate
+            busy = running + queued
+            if busy >= r.max_num_seqs:
+                ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
+            if r.kv_usage > kv_high:
+                ttft += (r.kv_usage - kv_high) * kv_scale
+            scores[ids[i]] = ttft
+            if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
+                best_ttft, best_load = ttft, loads[i]
+                if reason != "affinity":
+                    chosen = i
+        rid = ids[chosen]
+        hit = matched[chosen]
+        if reason != "affinity" and hit and not overloaded[chosen]:
+            reason = "cache"
+        uncached = max(0, prompt_tokens - hit * block_size)
+        if self._mean_known:
+            self.mean_uncached_tokens += self.ewma_alpha * (uncached - self.mean_uncached_tokens)
+        else:
+            self.mean_uncached_tokens, self._mean_known = float(uncached), True
+        # Optimistic: the engine will hold the prompt's blocks once it prefills them.
+        index.insert(rid, blocks)
+        return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
+
+    def on_finished(self, request: RouteRequest, replica_id: str, output_block_hashes: Sequence[int]) -> None:
+        """Index the whole conversation the replica now caches (prompt + reply), so the
+        next turn, which starts with it, finds its full history here."""
+        chain = list(request.block_hashes)
+        if output_block_hashes:
+            if chain and output_block_hashes[0] == chain[0]:
+                chain = list(output_block_hashes)  # the full chain, prompt included
+            else:
+                chain.extend(output_block_hashes)  # only the reply's blocks
+        self.index.insert(replica_id, chain)
+
+    def on_replicas_changed(self, replica_ids: Sequence[str]) -> None:
+        self.index.retain(replica_ids)
+
+
+__all__ = ["CacheAwarePolicy"]

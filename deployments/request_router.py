@@ -1,0 +1,292 @@
+"""Ray Serve glue: a RequestRouter that lets a `cluster.routing` policy pick the replica.
+
+Thin by design; every decision is the policy's (the same object the simulator and the
+unit tests drive). Per request, `choose_replicas`:
+
+1. builds a `ReplicaView` per candidate from `RunningReplica.routing_stats` (what each
+   engine replica reports via `record_routing_stats`: num_waiting, num_running,
+   kv_usage, kv_capacity_blocks, max_num_seqs) plus the requests this router sent that
+   the replica's stats cannot show yet;
+2. reads the gateway's `RoutingHint` from `cluster.routing.hints.HINTS`, keyed by the
+   request id: `pending_request.args[0]` is the vLLM ChatCompletionRequest /
+   CompletionRequest and its `.request_id` is the key (the gateway sets it); without a
+   hint it hashes what the request carries (token ids of a completion prompt, else
+   pseudo-tokens of the text) and keeps session affinity in a small local map;
+3. calls `policy.choose`, writes `chosen_replica` / `matched_blocks` back into the hint
+   and returns `[[replica]]` (a single pinned choice: if the replica rejects the request
+   because it is full, Ray marks its queue full and calls us again, and the full replica
+   is then left out of the candidates).
+
+When the gateway reports a request finished (`HINTS.finish(request_id, held_tokens)`),
+the listener hashes the held tokens (prompt + reply) and feeds `policy.on_finished` on
+the router's own event loop, so the policy is only ever touched from one thread. Replica
+set changes reach `policy.on_replicas_changed`. Nothing here blocks the event loop.
+
+Replica ids are `ReplicaID.unique_id` strings: the id an engine replica sees as
+`serve.get_replica_context().replica_id.unique_id`, written into `hint.chosen_replica`.
+
+Configured per pool by `deployments.app.request_router_config`:
+    request_router_class="deployments.request_router:PolicyRequestRouter",
+    request_router_kwargs={"policy": ..., "block_size": ..., "options": {...}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from cluster.routing import hints as routing_hints
+from cluster.routing.block_hash import chain_block_hashes, text_pseudo_tokens
+from cluster.routing.hints import RoutingHint
+from cluster.routing.policy import ReplicaView, RouteRequest
+from cluster.routing.registry import make_policy
+
+logger = logging.getLogger("ray.serve")
+# Ray Serve pickles this module *by value* to ship the router class (RequestRouterConfig
+# registers it with cloudpickle), so module-level objects the class uses would be copied.
+# The hint board must be the process's own: it is always reached through its module.
+
+_SESSION_MAP_SIZE = 65536
+
+
+def replica_view(replica_id: str, stats: Mapping[str, Any] | None, in_flight: int = 0) -> ReplicaView:
+    """A policy's view of one replica from its reported routing stats (missing keys:
+    defaults, e.g. before the first stats arrive)."""
+    s = stats or {}
+
+    def num(key: str, default: float) -> float:
+        v = s.get(key, default)
+        return float(v) if isinstance(v, (int, float)) else default
+
+    return ReplicaView(
+        replica_id=replica_id,
+        num_waiting=int(num("num_waiting", 0)),
+        num_running=int(num("num_running", 0)),
+        kv_usage=num("kv_usage", 0.0),
+        max_num_seqs=max(1, int(num("max_num_seqs", 256))),
+        kv_capacity_blocks=int(num("kv_capacity_blocks", 0)),
+        in_flight=max(0, in_flight),
+    )
+
+
+def _text_of(value: Any) -> str:
+    """Prompt text of OpenAI messages/prompt values (strings, content parts, dicts)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_text_of(v) for v in value)
+    if isinstance(value, dict):
+        if isinstance(value.get("text"), str):
+            return str(value["text"])
+        return str(value.get("role", "")) + _text_of(value.get("content"))
+    content = getattr(value, "content", None)
+    return _text_of(content) if content is not None else ""
+
+
+def request_from_body(request_id: str, body: Any, block_size: int) -> RouteRequest:
+    """A RouteRequest from an OpenAI request body alone (no gateway hint)."""
+    prompt = getattr(body, "prompt", None)
+    tokens: list[int]
+    text: str | None = None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        tokens = [int(t) for t in prompt]
+    else:
+        source = prompt if prompt is not None else getattr(body, "messages", None)
+        text = _text_of(source)
+        tokens = text_pseudo_tokens(text)
+    max_tokens = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None) or 0
+    session = getattr(body, "session_id", None)
+    return RouteRequest(
+        request_id=request_id,
+        prompt_tokens=len(tokens),
+        block_hashes=chain_block_hashes(tokens, block_size),
+        max_tokens=int(max_tokens),
+        session_id=session if isinstance(session, str) and session else None,
+        text=text,
+    )
+
+
+def request_from_hint(request_id: str, hint: RoutingHint, block_size: int) -> RouteRequest:
+    if hint.block_hashes is not None and hint.hash_block_size == block_size:
+        hashes = hint.block_hashes  # hashed by the gateway, off the event loop
+    else:
+        hashes = chain_block_hashes(hint.prompt_token_ids, block_size)
+    return RouteRequest(
+        request_id=request_id,
+        prompt_tokens=len(hint.prompt_token_ids),
+        block_hashes=hashes,
+        max_tokens=hint.max_tokens,
+        session_id=hint.session_id,
+        affinity_replica=hint.affinity_replica,
+        text=hint.text,
+    )
+
+
+class PolicyRequestRouter(RequestRouter):
+    """Ray Serve RequestRouter deciding through a `cluster.routing` policy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._block_size = 16
+        self._pool: str | None = None
+        self._policy = make_policy("cache-aware", block_size=self._block_size)
+        self._known_ids: set[str] = set()
+        # Requests sent and not completed, and those sent since the replica's stats last
+        # changed: the latter, capped by the former, are what the stats cannot show yet.
+        self._outstanding: defaultdict[str, int] = defaultdict(int)
+        self._unreported: defaultdict[str, int] = defaultdict(int)
+        self._last_stats: dict[str, Mapping[str, Any]] = {}
+        self._sessions: OrderedDict[str, str] = OrderedDict()  # fallback affinity, no hint
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ref = weakref.ref(self)
+
+        def on_finish(hint: RoutingHint, held_token_ids: Sequence[int]) -> None:
+            router = ref()
+            if router is not None:
+                router._on_hint_finished(hint, held_token_ids)
+
+        routing_hints.HINTS.add_listener(on_finish)
+
+    def initialize_state(
+        self,
+        policy: str = "cache-aware",
+        block_size: int = 16,
+        options: Mapping[str, Any] | None = None,
+        pool: str | None = None,
+        **_: Any,
+    ) -> None:
+        """Called by Ray Serve with `request_router_kwargs`."""
+        self._block_size = block_size
+        self._pool = pool
+        self._policy = make_policy(policy, block_size=block_size, **dict(options or {}))
+        logger.info(f"PolicyRequestRouter: policy={policy} block_size={block_size} pool={pool}")
+
+    # --- the decision ------------------------------------------------------------
+
+    def _view(self, replica: RunningReplica) -> ReplicaView:
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        if stats != self._last_stats.get(rid):
+            self._last_stats[rid] = stats
+            self._unreported[rid] = 0
+        in_flight = min(self._unreported[rid], self._outstanding[rid])
+        return replica_view(rid, stats, in_flight)
+
+    def _route_request(self, pending: PendingRequest | None) -> tuple[RouteRequest, RoutingHint | None]:
+        if pending is None:
+            return RouteRequest(request_id="", prompt_tokens=0), None
+        body = pending.args[0] if pending.args else None
+        keys = [getattr(body, "request_id", None), pending.metadata.request_id, pending.metadata.internal_request_id]
+        for key in keys:
+            if isinstance(key, str) and key:
+                hint = routing_hints.HINTS.get(key)
+                if hint is not None:
+                    return request_from_hint(key, hint, self._block_size), hint
+        request_id = next((k for k in keys if isinstance(k, str) and k), "")
+        request = request_from_body(request_id, body, self._block_size)
+        session = request.session_id or pending.metadata.session_id or None
+        if session:
+            affinity = self._sessions.get(session)
+            request = RouteRequest(
+                request_id=request.request_id,
+                prompt_tokens=request.prompt_tokens,
+                block_hashes=request.block_hashes,
+                max_tokens=request.max_tokens,
+                session_id=session,
+                affinity_replica=affinity,
+                text=request.text,
+            )
+        return request, None
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        # Leave out replicas Ray knows to be at max_ongoing_requests (it learns that from
+        # a rejection), unless that leaves nothing.
+        candidates = self.select_available_replicas(candidate_replicas) or candidate_replicas
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        views = [self._view(r) for r in candidates]
+        try:
+            request, hint = self._route_request(pending_request)
+            decision = self._policy.choose(request, views)
+        except Exception:  # a policy bug must degrade routing, not stall every request
+            logger.exception(f"routing policy {self._policy.name} failed; sending to the least-loaded replica")
+            return [[min(candidates, key=lambda r: self._view(r).load)]]
+        chosen = by_id.get(decision.replica_id)
+        if chosen is None:
+            logger.warning(f"policy {self._policy.name} chose unknown replica {decision.replica_id}")
+            chosen = candidates[0]
+        chosen_id = chosen.replica_id.unique_id
+        if hint is not None:
+            hint.chosen_replica = chosen_id
+            hint.matched_blocks = decision.matched_blocks
+            if self._pool is not None:
+                hint.pool = hint.pool or self._pool
+        elif request.session_id:
+            self._sessions[request.session_id] = chosen_id
+            self._sessions.move_to_end(request.session_id)
+            while len(self._sessions) > _SESSION_MAP_SIZE:
+                self._sessions.popitem(last=False)
+        return [[chosen]]
+
+    # --- bookkeeping hooks -------------------------------------------------------
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        rid = replica_id.unique_id
+        self._outstanding[rid] += 1
+        self._unreported[rid] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        rid = replica_id.unique_id
+        self._outstanding[rid] = max(0, self._outstanding[rid] - 1)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        ids = {r.replica_id.unique_id for r in replicas}
+        if ids != self._known_ids:
+            self._known_ids = ids
+            for table in (self._outstanding, self._unreported, self._last_stats):
+                for rid in [r for r in table if r not in ids]:
+                    del table[rid]
+            self._policy.on_replicas_changed(sorted(ids))
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._known_ids.discard(replica_id.unique_id)
+        self._policy.on_replicas_changed(sorted(self._known_ids))
+
+    def _on_hint_finished(self, hint: RoutingHint, held_token_ids: Sequence[int]) -> None:
+        """Runs in the gateway's thread: hash there, then update the policy on our loop."""
+        replica = hint.chosen_replica
+        if replica is None or replica not in self._known_ids:
+            return  # another pool's request
+        chain = chain_block_hashes(held_token_ids, self._block_size)
+        request = RouteRequest(request_id="", prompt_tokens=len(held_token_ids), session_id=hint.session_id)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._policy.on_finished, request, replica, chain)
+
+
+__all__ = [
+    "PolicyRequestRouter",
+    "replica_view",
+    "request_from_body",
+    "request_from_hint",
+]

@@ -1,0 +1,149 @@
+"""Our policy on crafted cases: cache reuse traded against queueing, affinity, guards."""
+
+from __future__ import annotations
+
+import random
+
+from cluster.routing.block_hash import chain_block_hashes
+from cluster.routing.cache_aware import CacheAwarePolicy
+from cluster.routing.policy import ReplicaView, RouteRequest
+
+B = 16
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(32768) for _ in range(n)]
+
+
+def request(toks: list[int], rid: str = "q", **kw: object) -> RouteRequest:
+    return RouteRequest(request_id=rid, prompt_tokens=len(toks), block_hashes=chain_block_hashes(toks, B), **kw)  # type: ignore[arg-type]
+
+
+def views(n: int = 4, **overrides: dict[str, object]) -> list[ReplicaView]:
+    out = []
+    for i in range(n):
+        rid = f"r{i}"
+        fields: dict[str, object] = {"kv_capacity_blocks": 10_000, **overrides.get(rid, {})}
+        out.append(ReplicaView(rid, **fields))  # type: ignore[arg-type]
+    return out
+
+
+def policy(**kw: object) -> CacheAwarePolicy:
+    return CacheAwarePolicy(block_size=B, seed=0, **kw)  # type: ignore[arg-type]
+
+
+def test_shared_prefix_goes_to_its_holder() -> None:
+    p = policy()
+    system = tokens(1, 2048)
+    first = p.choose(request(system + tokens(2, 100)), views())
+    for k in range(10):
+        d = p.choose(request(system + tokens(10 + k, 100)), views())
+        assert d.replica_id == first.replica_id
+        assert d.matched_blocks == 2048 // B
+        assert d.reason == "cache"
+
+
+def test_overloaded_holder_is_avoided() -> None:
+    p = policy()
+    system = tokens(1, 2048)
+    p.index.insert("r0", chain_block_hashes(system, B))
+    hot = views(r0={"num_running": 120, "num_waiting": 10})
+    d = p.choose(request(system + tokens(2, 100)), hot)
+    assert d.replica_id != "r0"
+
+
+def test_cache_bonus_is_weighed_against_queue_delay() -> None:
+    system = tokens(1, 4096)  # 0.5 s of prefill at the default 8k tokens/s
+    for waiting, expect_holder in ((2, True), (12, False)):
+        p = policy()
+        p.index.insert("r0", chain_block_hashes(system, B))
+        d = p.choose(request(system + tokens(2, 64)), views(r0={"num_waiting": waiting}))
+        assert (d.replica_id == "r0") is expect_holder, (waiting, d.scores)
+
+
+def test_full_kv_cache_loses_its_bonus() -> None:
+    p = policy()
+    system = tokens(1, 2048)
+    p.index.insert("r0", chain_block_hashes(system, B))
+    d = p.choose(request(system + tokens(2, 64)), views(r0={"kv_usage": 0.99}))
+    assert d.replica_id != "r0"
+
+
+def test_session_affinity_wins_even_without_index_knowledge() -> None:
+    p = policy()
+    d = p.choose(request(tokens(1, 500), session_id="s", affinity_replica="r2"), views())
+    assert d.replica_id == "r2" and d.reason == "affinity"
+
+
+def test_session_affinity_yields_when_overloaded() -> None:
+    p = policy()
+    d = p.choose(
+        request(tokens(1, 500), session_id="s", affinity_replica="r2"),
+        views(r2={"num_running": 200, "num_waiting": 40}),
+    )
+    assert d.replica_id != "r2"
+
+
+def test_finished_reply_is_indexed_so_next_turn_finds_whole_history() -> None:
+    p = policy()
+    turn1 = tokens(1, 300)
+    d1 = p.choose(request(turn1), views())
+    reply = tokens(2, 200)
+    held = turn1 + reply
+    p.on_finished(request(turn1), d1.replica_id, chain_block_hashes(held, B))
+    turn2 = held + tokens(3, 50)
+    d2 = p.choose(request(turn2), views())
+    assert d2.replica_id == d1.replica_id
+    assert d2.matched_blocks == len(held) // B  # prompt and reply, not just the prompt
+
+
+def test_eviction_forgets_what_the_engine_evicted() -> None:
+    p = policy()
+    small = views(r0={"kv_capacity_blocks": 64})
+    old = tokens(1, 40 * B)
+    p.index.set_capacity("r0", 64)
+    p.index.insert("r0", chain_block_hashes(old, B))
+    for k in range(4):  # 160 newer blocks through a 64-block cache
+        p.index.insert("r0", chain_block_hashes(tokens(10 + k, 40 * B), B))
+    assert p.index.match("r0", chain_block_hashes(old, B)) == 0
+    d = p.choose(request(old), small)
+    assert d.matched_blocks == 0 and d.reason == "min-ttft"
+
+
+def test_cold_requests_spread_by_load() -> None:
+    p = policy()
+    load = {f"r{i}": 0 for i in range(4)}
+    for k in range(40):
+        vs = [ReplicaView(rid, num_waiting=n, kv_capacity_blocks=10_000) for rid, n in load.items()]
+        d = p.choose(request(tokens(100 + k, 300)), vs)
+        load[d.replica_id] += 1
+    assert max(load.values()) - min(load.values()) <= 1
+
+
+def test_departed_replica_is_forgotten() -> None:
+    p = policy()
+    system = tokens(1, 1024)
+    p.index.insert("r0", chain_block_hashes(system, B))
+    p.on_replicas_changed(["r1", "r2"])
+    d = p.choose(request(system), views(3)[1:])
+    assert d.matched_blocks == 0
+    assert set(p.index.replica_ids()) == {"r1", "r2"}
+
+
+def test_scores_are_the_documented_expected_ttft() -> None:
+    p = policy()
+    system = tokens(1, 1024)
+    p.index.insert("r1", chain_block_hashes(system, B))
+    vs = views(
+        r0={"num_waiting": 3, "num_running": 100, "in_flight": 1},
+        r1={"num_running": 30, "num_waiting": 2, "max_num_seqs": 32, "kv_usage": 0.95},
+        r2={"kv_usage": 0.5},
+    )
+    prompt = system + tokens(2, 200)
+    mean_before = p.mean_uncached_tokens
+    d = p.choose(request(prompt), vs)
+    p.mean_uncached_tokens = mean_before
+    for v in vs:
+        cached = 1024 if v.replica_id == "r1" else 0
+        assert abs(d.scores[v.replica_id] - p.expected_ttft_s(v, len(prompt) - cached)) < 1e-12
