@@ -1,0 +1,176 @@
+"""Start and stop the whole cluster on this machine: Ray (in-process head), Serve, the app.
+
+Ray's GCS would default to port 6379, which Redis owns here: every Ray port we can name
+is an explicit free port. Ray gets more logical CPUs than the machine has cores: each
+engine replica's placement group takes its TP bundles plus one CPU for the replica
+actor, and with exactly-as-many logical CPUs as cores the gateway could never be
+scheduled (it waits forever, without an error). Logical CPUs are bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.config import ClusterConfig
+from cluster.serve_config import APP_NAME, engine_env
+
+Progress = Callable[[str], None]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def logical_cpus(cfg: ClusterConfig) -> int:
+    """Enough for every engine replica at max scale (TP bundles + replica actor), the
+    gateway and Serve's own actors, with headroom."""
+    engines = sum(p.max_replicas * (p.engine.tensor_parallel_size + 1) for p in cfg.pools)
+    return max(16, engines + 4)
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class LocalCluster:
+    cfg: ClusterConfig
+    http_port: int
+    gcs_port: int
+    started_at: float = field(default_factory=time.monotonic)
+    ready_after_s: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _log_dir() -> str:
+    """Where Ray writes this session's logs (engines, gateway, controller)."""
+    try:
+        from ray._private import worker  # no public accessor for the session's log dir
+
+        return str(worker._global_node.get_logs_dir_path())  # type: ignore[attr-defined,union-attr]
+    except Exception:
+        return "/tmp/ray/session_latest/logs"
+
+
+def _replica_summary(status: Any, app_name: str) -> str:
+    app = status.applications.get(app_name)
+    if app is None:
+        return "application not created yet"
+    parts = []
+    for name, dep in sorted(app.deployments.items()):
+        states = ", ".join(f"{k.lower() if isinstance(k, str) else k}={v}" for k, v in dep.replica_states.items())
+        parts.append(f"{name}[{states or '-'}]")
+    return f"{app.status}: " + " ".join(parts)
+
+
+def _http_ready(base_url: str) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"{base_url}/readyz", timeout=5) as r:
+            return r.status == 200, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return False, e.read().decode(errors="replace")
+    except OSError as e:
+        return False, str(e)
+
+
+def start_local_cluster(
+    cfg: ClusterConfig,
+    *,
+    http_port: int | None = None,
+    progress: Progress = _print,
+    timeout_s: float = 900.0,
+    quiet: bool = True,
+) -> LocalCluster:
+    """Start Ray + Serve + the app and block until /readyz answers 200."""
+    import ray
+    from ray import serve
+    from ray.serve.api import _run
+
+    from cluster.serve_config import render_serve_config
+    from deployments.app import build_app
+
+    if quiet:
+        # The driver would print every deployment's options and each client HTTP call.
+        for name in ("ray.serve", "ray.llm", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    t0 = time.monotonic()
+    http_port = http_port or free_port()
+    gcs_port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts the GCS
+    # vLLM settings for the CPU backend also apply to anything started in this process.
+    for k, v in engine_env(cfg).items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cpus = logical_cpus(cfg)
+    progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        _metrics_export_port=free_port(),
+        log_to_driver=bool(os.environ.get("CLUSTER_LOG_TO_DRIVER")),
+        configure_logging=False,
+    )
+    cluster = LocalCluster(cfg=cfg, http_port=http_port, gcs_port=gcs_port, started_at=t0)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        progress(
+            f"[cluster] building the app (profile {cfg.profile}; pools "
+            + ", ".join(f"{p.name}={p.max_model_len}x{p.start_replicas}" for p in cfg.pools)
+            + ")"
+        )
+        args = render_serve_config(cfg)["applications"][0]["args"]
+        _run(build_app(args), _blocking=False, name=APP_NAME, route_prefix="/")
+        _wait_ready(cluster, progress, timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.ready_after_s = time.monotonic() - t0
+    progress(f"[cluster] ready at {cluster.base_url} after {cluster.ready_after_s:.0f} s (logs: {_log_dir()})")
+    return cluster
+
+
+def _wait_ready(cluster: LocalCluster, progress: Progress, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    last_print = 0.0
+    while time.monotonic() < deadline:
+        status = serve.status()
+        app = status.applications.get(APP_NAME)
+        summary = _replica_summary(status, APP_NAME)
+        now = time.monotonic()
+        if summary != last or now - last_print > 30:
+            progress(f"[cluster] {now - cluster.started_at:5.0f} s  {summary}")
+            last, last_print = summary, now
+        if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+            raise RuntimeError(f"deploying the app failed: {app.message}")
+        if app is not None and str(app.status).endswith("RUNNING"):
+            ok, detail = _http_ready(cluster.base_url)
+            if ok:
+                return
+        time.sleep(2.0)
+    raise TimeoutError(f"the local cluster was not ready after {timeout_s:.0f} s: {last}")

@@ -1,0 +1,129 @@
+"""The Ray Serve application, built from the one typed config.
+
+`build_app(args)` is the import path `serve deploy` and KubeRay's RayService use
+(cluster.serve_config renders `args = {"cluster_config": cfg.to_dict()}`); the local
+runner (cluster.local) calls it the same way.
+
+Each pool is one ray.serve.llm `LLMConfig` -> `build_llm_deployment` (engine replicas =
+`deployments.engine.PoolEngine`, a thin LLMServer subclass). Every pool serves under the
+one public model id, so responses carry the public name; deployments are named
+`engine-<pool>`. The gateway (`deployments.gateway`) is the ingress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+
+from autoscaling.serve_autoscaling import serve_autoscaling_config
+from cluster.config import ClusterConfig, PoolConfig
+from cluster.serve_config import engine_env
+from cluster.tiny_model import resolve_model_source
+from deployments.engine import PoolEngine
+from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, engine_deployment_name, make_gateway_class
+
+POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
+RAY_DEFAULT_POLICY = "ray-default"
+
+
+def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    """vLLM engine arguments of one pool (everything but model/served_model_name, which
+    ray.serve.llm sets from model_loading_config)."""
+    e = pool.engine
+    m = cfg.model
+    kwargs: dict[str, Any] = {
+        "tokenizer_mode": m.tokenizer_mode,
+        "config_format": m.config_format,
+        "load_format": m.load_format,
+        "enable_auto_tool_choice": True,
+        "tool_call_parser": m.tool_call_parser,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "max_model_len": pool.max_model_len,
+        "max_num_seqs": e.max_num_seqs,
+        "max_num_batched_tokens": e.max_num_batched_tokens,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "enable_chunked_prefill": e.enable_chunked_prefill,
+        "block_size": e.block_size,
+        "enforce_eager": e.enforce_eager,
+        "kv_cache_dtype": e.kv_cache_dtype,
+        "dtype": e.dtype,
+        # Scheduler stats feed the routing stats and vLLM's prefix-cache metrics.
+        "disable_log_stats": False,
+    }
+    if e.quantization is not None:
+        kwargs["quantization"] = e.quantization
+    if cfg.node.accelerator == "gpu":
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    kwargs.update(e.extra)
+    return kwargs
+
+
+def placement_group_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    """One bundle per TP rank, STRICT_PACK: a replica never spans nodes."""
+    bundle = {"GPU": 1} if cfg.node.accelerator == "gpu" else {"CPU": 1}
+    return {"bundles": [dict(bundle) for _ in range(pool.engine.tensor_parallel_size)], "strategy": "STRICT_PACK"}
+
+
+def request_router_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    """Our policy router (kwargs reach its `initialize_state`), or Ray's default
+    (power of two choices) when the policy is "ray-default"."""
+    rc: dict[str, Any] = {
+        "request_routing_stats_period_s": cfg.router.stats_period_s,
+        "request_routing_stats_timeout_s": cfg.router.stats_timeout_s,
+    }
+    if cfg.router.policy != RAY_DEFAULT_POLICY:
+        rc["request_router_class"] = POLICY_ROUTER_CLASS
+        rc["request_router_kwargs"] = {
+            "policy": cfg.router.policy,
+            "block_size": cfg.router.index_block_size or pool.engine.block_size,
+            "options": dict(cfg.router.options),
+            "pool": pool.name,
+        }
+    return rc
+
+
+def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMConfig:
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model.served_name, "model_source": model_source},
+        engine_kwargs=engine_kwargs(cfg, pool),
+        placement_group_config=placement_group_config(cfg, pool),
+        deployment_config={
+            "autoscaling_config": serve_autoscaling_config(pool),
+            "request_router_config": request_router_config(cfg, pool),
+            # Engines hold their own queues; Serve's per-replica cap only guards runaway load.
+            "max_ongoing_requests": max(pool.engine.max_num_seqs * 4, 64),
+        },
+        runtime_env={"env_vars": engine_env(cfg)},
+        server_cls=PoolEngine,
+        log_engine_metrics=True,
+    )
+
+
+def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
+    if cfg.node.accelerator == "cpu":
+        scaling: dict[str, Any] = {"num_replicas": 1}
+    else:
+        scaling = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 256}}
+    return {
+        "name": GATEWAY_DEPLOYMENT_NAME,
+        "max_ongoing_requests": 4096,
+        "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": engine_env(cfg)}},
+        **scaling,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    cfg = ClusterConfig.model_validate(args["cluster_config"])
+    model_source = resolve_model_source(cfg.model.source, cfg.model.architecture)
+    pools = {
+        pool.name: build_llm_deployment(
+            llm_config(cfg, pool, model_source),
+            override_serve_options={"name": engine_deployment_name(pool.name)},
+        )
+        for pool in cfg.pools
+    }
+    gateway = serve.deployment(**gateway_options(cfg))(make_gateway_class())
+    return gateway.bind(cluster_config=cfg.to_dict(), pools=pools)

