@@ -1,0 +1,497 @@
+"""`cluster bench replay`: replay a trace, scaled down in tokens and rate, against the real
+cluster over HTTP, and set the result beside the simulator's prediction for the same
+scaled trace, so the simulator's cache model is checked against vLLM's own counters.
+
+    flock /tmp/ray-cluster.lock cluster bench replay \\
+        --trace ../shared/traces/mooncake_conversation.jsonl --limit 300 --out out/replay
+
+Scaling: every trace block (512 tokens for Mooncake) becomes `block_size x token_scale`
+tokens (16 by default: exactly one vLLM block of the cpu-tiny engines), the partial last
+block and the output length shrink by the same factor, and arrivals speed up by
+`--rate-scale`. Each block id becomes a fixed pseudo-random run of token ids (seeded by
+the id), so equal ids give equal tokens and the engine's prefix cache sees the trace's
+reuse. Prompts go to /v1/completions as token ids (no chat template to shift blocks);
+`ignore_eos` makes every request generate exactly its output length. Replies are random
+text, so a later turn never contains them: the simulator's prediction drops reply
+blocks too (`output_block_ids`).
+
+Reported: TTFT / TPOT / E2E percentiles measured by the client (streaming), throughput,
+the per-replica spread (from the gateway's X-Served-By header), rejections (HTTP 400
+context_length_exceeded), and vLLM's prefix-cache hit rate: the increase of
+`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (tokens) over the replay, read
+from Ray's Prometheus endpoint (vLLM's Ray stat logger exports them there), next to the
+simulator's token hit rate and the trace's ceiling.
+
+Without --base-url the local cluster is started here (profile cpu-tiny by default) and
+stopped at the end; run it under `flock /tmp/ray-cluster.lock` like every cluster start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.traces import Trace, TraceRequest, read_trace
+
+FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
+WARM_UP_PROMPT = 48  # tokens per warm-up request
+
+
+def scale_trace(trace: Trace, token_scale: float, rate_scale: float = 1.0, max_output: int | None = None) -> Trace:
+    """The trace with blocks of round(block_size x token_scale) tokens, outputs scaled the
+    same way (at least 1, at most max_output), arrivals `rate_scale` times as fast, and
+    no reply blocks (a real engine's replies are not the trace's)."""
+    if not 0 < token_scale <= 1:
+        raise ValueError(f"token scale must be in (0, 1], got {token_scale}")
+    bt = max(1, round(trace.block_size * token_scale))
+    reqs: list[TraceRequest] = []
+    for r in trace.requests:
+        n = len(r.block_ids)
+        last = r.prompt_tokens - (n - 1) * trace.block_size
+        last_scaled = min(bt, max(1, math.ceil(last * token_scale)))
+        out = max(1, math.ceil(r.output_tokens * token_scale))
+        if max_output is not None:
+            out = min(out, max_output)
+        reqs.append(replace(r, prompt_tokens=(n - 1) * bt + last_scaled, output_tokens=out, output_block_ids=()))
+    scaled = Trace(f"{trace.name}-tokens{token_scale:g}", bt, reqs, trace.has_prefix_info, dict(trace.meta))
+    return scaled.scaled(rate_scale) if rate_scale != 1.0 else scaled
+
+
+def block_token_ids(block_id: int, length: int, vocab_size: int) -> list[int]:
+    """The fixed tokens of one trace block (its first `length` when the block is partial)."""
+    rng = random.Random(block_id)
+    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(length)]
+
+
+def prompt_token_ids(req: TraceRequest, block_size: int, vocab_size: int) -> list[int]:
+    ids: list[int] = []
+    for i, block_id in enumerate(req.block_ids):
+        ids.extend(block_token_ids(block_id, min(block_size, req.prompt_tokens - i * block_size), vocab_size))
+    return ids
+
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def prometheus_sum(text: str, metric: str) -> float | None:
+    """Sum of every sample of `metric` (e.g. "vllm:prefix_cache_hits") in Prometheus text,
+    whatever prefix or suffix the exporter added ("ray_vllm_prefix_cache_hits_total")."""
+    base = re.escape(metric).replace(":", "[:_]")
+    name_re = re.compile(rf"^(?:.*[_:])?{base}(?:_total)?$")
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _METRIC_LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if not name_re.match(name):  # also skips vllm:external_prefix_cache_*
+            continue
+        try:
+            total += float(m.group(3))
+            found = True
+        except ValueError:
+            continue
+    return total if found else None
+
+
+def read_prefix_counters(metrics_url: str) -> tuple[float, float] | None:
+    """(queries, hits) of vLLM's prefix cache, summed over engines; None if not exported."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    queries = prometheus_sum(text, "vllm:prefix_cache_queries")
+    hits = prometheus_sum(text, "vllm:prefix_cache_hits")
+    if queries is None or hits is None:
+        return None
+    return queries, hits
+
+
+@dataclass
+class Outcome:
+    index: int
+    sent: float = -1.0  # seconds from replay start
+    first_token: float = -1.0
+    finish: float = -1.0
+    completion_tokens: int = 0
+    status: int = 200
+    error: str = ""
+    pool: str = ""
+    replica: str = ""
+
+
+async def _send(
+    client: Any,
+    model: str,
+    req: TraceRequest,
+    ids: list[int],
+    outcome: Outcome,
+    t0: float,
+    gate: asyncio.Semaphore,
+) -> None:
+    import openai
+
+    delay = t0 + req.arrival_s - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    async with gate:
+        outcome.sent = time.perf_counter() - t0
+        try:
+            async with client.completions.with_streaming_response.create(
+                model=model,
+                prompt=ids,
+                max_tokens=req.output_tokens,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True, "min_tokens": req.output_tokens},
+            ) as response:
+                outcome.pool = response.headers.get("x-pool", "")
+                outcome.replica = response.headers.get("x-served-by", "")
+                stream = await response.parse()
+                async for chunk in stream:
+                    if chunk.choices and outcome.first_token < 0:
+                        outcome.first_token = time.perf_counter() - t0
+                    if chunk.usage is not None:
+                        outcome.completion_tokens = chunk.usage.completion_tokens
+            outcome.finish = time.perf_counter() - t0
+        except openai.APIStatusError as e:
+            outcome.status = e.status_code
+            outcome.error = str(e)[:300]
+        except openai.APIError as e:
+            outcome.status = -1
+            outcome.error = str(e)[:300]
+
+
+async def replay(
+    base_url: str,
+    model: str,
+    trace: Trace,
+    vocab_size: int,
+    max_in_flight: int = 256,
+    progress: Any | None = None,
+    api_key: str = "none",
+) -> tuple[list[Outcome], float]:
+    """Send every request at its arrival time (open loop); return outcomes and wall time."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key, timeout=600, max_retries=0)
+    outcomes = [Outcome(i) for i in range(len(trace))]
+    gate = asyncio.Semaphore(max_in_flight)
+    prompts = [prompt_token_ids(r, trace.block_size, vocab_size) for r in trace.requests]
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        await _send(client, model, trace.requests[i], prompts[i], outcomes[i], t0, gate)
+        if progress is not None:
+            progress(1)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(trace))))
+    finally:
+        await client.close()
+    return outcomes, time.perf_counter() - t0
+
+
+async def warm_up(base_url: str, model: str, vocab_size: int, requests: int, api_key: str = "none") -> None:
+    """A few short requests with content no trace block has, so engine start-up costs
+    (first-request compilation, allocator growth) stay out of the measurement."""
+    base = -(10**9)  # trace block ids are never negative
+    reqs = [TraceRequest(f"warm{i}", 0.0, WARM_UP_PROMPT, 4, (base - i,)) for i in range(requests)]
+    trace = Trace("warm-up", WARM_UP_PROMPT, reqs)
+    outcomes, _ = await replay(base_url, model, trace, vocab_size, api_key=api_key)
+    failed = [o for o in outcomes if o.status != 200]
+    if len(failed) == len(outcomes):
+        raise RuntimeError(f"the cluster at {base_url} answered no warm-up request: {failed[0].error}")
+
+
+def summarize_replay(trace: Trace, outcomes: list[Outcome], wall: float) -> dict[str, Any]:
+    from bench.sim_metrics import latency_summary, spread
+
+    ok = [o for o in outcomes if o.status == 200 and o.finish >= 0]
+    rejected = [o for o in outcomes if o.status == 400]
+    failed = [o for o in outcomes if o.status not in (200, 400)]
+    arrival = [o.sent for o in ok]
+    first = [o.first_token for o in ok]
+    finish = [o.finish for o in ok]
+    out_tokens = [trace.requests[o.index].output_tokens for o in ok]
+    summary: dict[str, Any] = dict(latency_summary(arrival, first, finish, out_tokens))
+    start = min((o.sent for o in ok), default=0.0)
+    end = max((o.finish for o in ok), default=start)
+    makespan = max(end - start, 1e-9)
+    generated = sum(o.completion_tokens for o in ok)
+    prompt = sum(trace.requests[o.index].prompt_tokens for o in ok)
+    per_replica: dict[str, int] = {}
+    for o in ok:
+        per_replica[o.replica or "?"] = per_replica.get(o.replica or "?", 0) + 1
+    summary.update(
+        {
+            "requests": len(outcomes),
+            "completed": len(ok),
+            "rejected": len(rejected),
+            "failed": len(failed),
+            "failures": sorted({o.error for o in failed})[:5],
+            "generated_tokens": generated,
+            "expected_tokens": sum(out_tokens),
+            "prompt_tokens": prompt,
+            "makespan_s": makespan,
+            "wall_s": wall,
+            "throughput_output_tok_s": generated / makespan,
+            "throughput_total_tok_s": (generated + prompt) / makespan,
+            "throughput_req_s": len(ok) / makespan,
+            "requests_per_replica": per_replica,
+            "load_spread_max_over_mean": spread(list(per_replica.values()))["max_over_mean"],
+            "pools": sorted({o.pool for o in ok}),
+        }
+    )
+    return summary
+
+
+def local_metrics_url() -> str | None:
+    """Ray's Prometheus endpoint of the cluster this process started (or joined)."""
+    import ray
+
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if node.get("Alive") and port:
+            return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{port}/metrics"
+    return None
+
+
+def _wait_counters(
+    metrics_url: str, before: tuple[float, float], expect_queries: float, timeout_s: float
+) -> tuple[float, float] | None:
+    """Ray exports metrics every few seconds: wait until the queries counter has grown by
+    the prompt tokens sent (or stopped growing)."""
+    deadline = time.monotonic() + timeout_s
+    last: tuple[float, float] | None = None
+    stable = 0
+    while time.monotonic() < deadline:
+        now = read_prefix_counters(metrics_url)
+        if now is not None:
+            if now[0] - before[0] >= expect_queries:
+                return now
+            stable = stable + 1 if now == last else 0
+            if stable >= 4 and now[0] > before[0]:
+                return now
+            last = now
+        time.sleep(3.0)
+    return last
+
+
+def replay_and_measure(
+    base_url: str,
+    metrics_url: str | None,
+    cfg: Any,
+    trace: Trace,
+    *,
+    warm_up_requests: int = 6,
+    max_in_flight: int = 256,
+    api_key: str = "none",
+    progress: Any | None = None,
+) -> tuple[list[Outcome], dict[str, Any]]:
+    """Warm up, read vLLM's prefix-cache counters, replay, read them again once Ray has
+    exported the replay's last steps. `engine_token_hit_rate` is None without counters."""
+    model = cfg.model.served_name
+    vocab = cfg.model.architecture.vocab_size
+    before = (0.0, 0.0)
+    if warm_up_requests:
+        asyncio.run(warm_up(base_url, model, vocab, warm_up_requests, api_key))
+        if metrics_url:
+            # Ray exports every few seconds: let the warm-up's counts arrive first.
+            settled = _wait_counters(metrics_url, before, WARM_UP_PROMPT * warm_up_requests, timeout_s=45)
+            before = settled or before
+    outcomes, wall = asyncio.run(replay(base_url, model, trace, vocab, max_in_flight, progress, api_key))
+    summary = summarize_replay(trace, outcomes, wall)
+    summary["engine_token_hit_rate"] = None
+    if metrics_url:
+        after = _wait_counters(metrics_url, before, summary["prompt_tokens"], timeout_s=60)
+        if after is None or after[0] <= before[0]:
+            print(f"warning: no vLLM prefix-cache counters at {metrics_url}", file=sys.stderr)
+        else:
+            summary["engine_prefix_cache_queries"] = after[0] - before[0]
+            summary["engine_prefix_cache_hits"] = after[1] - before[1]
+            summary["engine_token_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
+    return outcomes, summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True, help="Mooncake JSONL or Azure CSV path, or 'synthetic'")
+    p.add_argument("--base-url", default=None, help="a running cluster (http://host:port); default: start one here")
+    p.add_argument("--metrics-url", default=None, help="Prometheus endpoint with vLLM's counters (Ray's metrics port)")
+    p.add_argument("--profile", default="cpu-tiny", help="profile of the cluster (started or running)")
+    p.add_argument("--config", default=None, help="a ClusterConfig YAML instead of --profile")
+    p.add_argument("--limit", type=int, default=300, help="replay the first N requests (default 300)")
+    p.add_argument(
+        "--token-scale",
+        type=float,
+        default=None,
+        help="token multiplier (default: one trace block becomes one engine block, e.g. 32/512)",
+    )
+    p.add_argument("--synthetic-conversations", type=int, default=60, help="with --trace synthetic")
+    p.add_argument("--synthetic-rate", type=float, default=0.5, help="new conversations per second (synthetic)")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
+    p.add_argument("--max-output", type=int, default=64, help="cap on scaled output tokens")
+    p.add_argument("--max-in-flight", type=int, default=256)
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--warm-up", type=int, default=6, help="warm-up requests before measuring")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulator's prediction")
+    p.add_argument("--out", default="out/replay")
+
+
+def _source_trace(args: argparse.Namespace) -> Trace:
+    if args.trace == "synthetic":
+        from bench.traces import SyntheticSpec, synthetic_multiturn
+
+        spec = SyntheticSpec(conversations=args.synthetic_conversations, conversation_rate_per_s=args.synthetic_rate)
+        return synthetic_multiturn(spec)
+    return read_trace(args.trace)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from tqdm import tqdm
+
+    from bench.sim_metrics import format_table
+    from cluster.config import ClusterConfig
+    from cluster.profiles import load_profile
+
+    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    try:
+        cfg = ClusterConfig.from_file(args.config) if args.config else load_profile(args.profile)
+        full = _source_trace(args)
+        engine_block = cfg.pools[0].engine.block_size
+        token_scale = args.token_scale or engine_block / full.block_size
+        trace = scale_trace(full.head(args.limit), token_scale, args.rate_scale, args.max_output)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if trace.block_size % engine_block:
+        print(
+            f"warning: scaled blocks of {trace.block_size} tokens are not whole engine blocks of {engine_block}; "
+            "the engine caches only whole blocks, so its hit rate will fall below the simulator's",
+            file=sys.stderr,
+        )
+    stats = trace.stats()
+    print(
+        f"replaying {len(trace)} requests of {args.trace} over {trace.duration_s:.0f} s: blocks of "
+        f"{trace.block_size} tokens, {stats.prompt_tokens / max(1, len(trace)):.0f} prompt / "
+        f"{stats.output_tokens / max(1, len(trace)):.1f} output tokens per request, token hit ceiling "
+        f"{stats.token_hit_ceiling:.1%}"
+    )
+
+    cluster = None
+    base_url = args.base_url
+    metrics_url = args.metrics_url
+    try:
+        if base_url is None:
+            from cluster.local import start_local_cluster
+
+            cluster = start_local_cluster(cfg)
+            base_url = cluster.base_url
+            metrics_url = metrics_url or local_metrics_url()
+        with tqdm(total=len(trace), unit="req", desc="replaying", file=sys.stderr) as bar:
+            outcomes, summary = replay_and_measure(
+                base_url,
+                metrics_url,
+                cfg,
+                trace,
+                warm_up_requests=args.warm_up,
+                max_in_flight=args.max_in_flight,
+                api_key=args.api_key,
+                progress=bar.update,
+            )
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    engine_hit = summary["engine_token_hit_rate"]
+
+    summary.update(
+        {
+            "policy": f"replay ({cfg.router.policy})",
+            "rate_scale": args.rate_scale,
+            "token_hit_ceiling": stats.token_hit_ceiling,
+            "block_hit_ceiling": stats.block_hit_ceiling,
+        }
+    )
+    rows = [summary]
+    sim_summary = None
+    if not args.no_sim:
+        sim_summary = simulate_same(cfg, trace)
+        sim_summary["rate_scale"] = args.rate_scale
+        sim_summary["policy"] = f"simulator ({cfg.router.policy})"
+        rows.append(sim_summary)
+
+    # One unit in the table: token hit rates (vLLM counts tokens) against the token ceiling.
+    shown = [dict(r, block_hit_rate=r.get("token_hit_rate"), block_hit_ceiling=stats.token_hit_ceiling) for r in rows]
+    shown[0]["block_hit_rate"] = engine_hit if engine_hit is not None else float("nan")
+    shown[0]["preemptions"] = "n/a"  # not visible over HTTP
+    print(format_table(shown))
+    print(
+        "('hit' and 'ceiling' here are token hit rates: vLLM's counters for the replay, the model's for the simulator)"
+    )
+    print(f"vLLM prefix-cache token hit rate: {_pct(engine_hit)}")
+    if sim_summary is not None:
+        print(f"simulator token hit rate:         {_pct(sim_summary['token_hit_rate'])}")
+    print(f"ceiling (perfect reuse):          {_pct(stats.token_hit_ceiling)}")
+    print(
+        f"completed {summary['completed']}, rejected {summary['rejected']}, failed {summary['failed']}; "
+        f"generated {summary['generated_tokens']} of {summary['expected_tokens']} expected tokens"
+    )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "trace": {"path": args.trace, "limit": args.limit, "token_scale": token_scale, **stats.to_dict()},
+        "profile": cfg.profile,
+        "policy": cfg.router.policy,
+        "replay": summary,
+        "simulator": {k: v for k, v in (sim_summary or {}).items() if k != "replica_stats"},
+        "outcomes": [o.__dict__ for o in outcomes],
+    }
+    (out / "replay.json").write_text(json.dumps(result, indent=1, default=float))
+    print(f"wrote {out / 'replay.json'}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def simulate_same(cfg: Any, trace: Trace) -> dict[str, Any]:
+    """The simulator on the same scaled trace, pools at their start replica counts."""
+    import logging
+
+    from bench.sim_metrics import summarize
+    from bench.simulator import ClusterSimulator
+
+    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
+    replicas = {p.name: p.start_replicas for p in cfg.pools}
+    sim = ClusterSimulator(cfg, trace, policy=cfg.router.policy, replicas=replicas)
+    return summarize(sim.run())
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cluster bench replay", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""One simulated vLLM V1 engine replica: continuous batching with chunked prefill.
+
+Each engine step follows vLLM V1's scheduler:
+
+1. Running sequences, oldest first, each take the tokens they still need (1 when
+   decoding, the rest of the prompt when prefilling) out of the step's token budget
+   (`max_num_batched_tokens`). When the KV cache cannot hold a sequence's new tokens
+   the newest running sequence is preempted (recompute: its blocks are released and it
+   goes back to the front of the waiting queue), until the sequence fits or is itself
+   the one preempted.
+2. If nothing was preempted, waiting sequences are admitted first come first served
+   while budget, `max_num_seqs` and KV blocks allow (the whole sequence must fit in the
+   free blocks at admission, vLLM 0.29's `scheduler_reserve_full_isl`, though blocks are
+   then allocated chunk by chunk): the longest resident prefix of the prompt's chained
+   block hashes is reused and only the rest is prefilled, in chunks.
+
+A sequence whose prefill completes in a step emits its first token at the end of that
+step; a decoding sequence emits one token per step. Step duration comes from the step
+time model (`step_ms(prefill_chunks, num_decode, decode_kv_tokens)`).
+
+Cache granularity: one KV block here is one *trace block* (512 tokens for Mooncake),
+because trace block ids are the only content identity a trace gives. KV capacity is the
+profile's MemoryPlan tokens divided by that block size, and a sequence holds
+ceil(kv_tokens / block_size) blocks (its reply packs into the prompt's last block), so
+coarse blocks cost at most one block of capacity per running sequence. Full prompt
+blocks are registered in the prefix cache as soon as they are computed; at finish the
+prompt's partial last block is registered under its trace id (a later identical prompt
+reuses it, as vLLM reuses its 16-token sub-blocks) and the reply's full blocks under
+the trace's `output_block_ids` when it has them (synthetic conversations), otherwise
+under fresh ids that occupy the LRU but never hit. A prompt found entirely in the cache
+still computes its last token, as vLLM does.
+
+Speed: a step in which every running sequence only decodes and nothing else can change
+(no admission possible, no preemption) is extended into a run of up to k steps in one
+event, ending at the first finish, the first step that would need a preemption, or the
+last step boundary before the simulator's next external event (`bound`). The state at
+every boundary the rest of the simulator can observe is the same as step by step, and
+step_ms is still called once per step with that step's exact arguments.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from bench.kv_cache import PrefixKVCache
+from bench.traces import TraceRequest, chain_block_ids, output_chain_seed
+
+
+class StepTime(Protocol):
+    def step_ms(self, prefill_chunks: Sequence[tuple[int, int]], num_decode: int, decode_kv_tokens: int) -> float: ...
+
+
+class Seq:
+    """A request inside the simulator."""
+
+    __slots__ = (
+        "index",
+        "req",
+        "prompt",
+        "output",
+        "hashes",
+        "full_blocks",
+        "generated",
+        "computed",
+        "refs",
+        "private",
+        "next_reg",
+        "admitted",
+        "hit_blocks",
+        "hit_tokens",
+        "first_token_s",
+        "finish_s",
+        "preemptions",
+        "epoch",
+        "replica",
+    )
+
+    def __init__(self, index: int, req: TraceRequest, hashes: list[int], block_size: int) -> None:
+        self.index = index
+        self.req = req
+        self.prompt = req.prompt_tokens
+        self.output = req.output_tokens
+        self.hashes = hashes  # chained, one per prompt block (the last may be partial)
+        self.full_blocks = req.prompt_tokens // block_size
+        self.generated = 0
+        self.computed = 0  # tokens whose KV is in the cache
+        self.refs: list[int] = []  # hashed blocks this sequence references
+        self.private = 0  # blocks only this sequence uses
+        self.next_reg = 0  # next prompt block to register once computed
+        self.admitted = False
+        self.hit_blocks = 0
+        self.hit_tokens = 0
+        self.first_token_s = -1.0
+        self.finish_s = -1.0
+        self.preemptions = 0
+        self.epoch = -1  # stats epoch it was routed in (for in-flight counts)
+        self.replica = ""
+
+
+class ReplicaModel:
+    def __init__(
+        self,
+        replica_id: str,
+        *,
+        step_time: StepTime,
+        capacity_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        fresh_id: Callable[[], int],
+        decode_runs: bool = True,
+        reserve_full_sequence: bool = True,
+    ) -> None:
+        self.replica_id = replica_id
+        self.reserve_full_sequence = reserve_full_sequence
+        self.decode_runs = decode_runs  # False: one event per step (for validation)
+        self.step_time = step_time
+        self.kv = PrefixKVCache(capacity_blocks)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._fresh_id = fresh_id
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.busy = False
+        self._pending: list[tuple[Seq, int]] = []
+        self._pending_decode_steps = 0  # > 0: the pending event is a pure-decode run
+        # Totals for reports.
+        self.steps = 0
+        self.busy_s = 0.0
+        self.preemptions = 0
+        self.requests = 0
+        self.routed_tokens = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.emitted_tokens = 0
+
+    # -- queue -------------------------------------------------------------------------
+
+    def enqueue(self, seq: Seq) -> None:
+        seq.replica = self.replica_id
+        self.requests += 1
+        self.routed_tokens += seq.prompt + seq.output
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def private_blocks(self) -> int:
+        return sum(s.private for s in self.running)
+
+    # -- one step or a decode run ------------------------------------------------------
+
+    def start_step(self, now: float, bound: float) -> float:
+        """Form the next batch at `now`; return when the step (or decode run) ends."""
+        B = self.block_size
+        kv = self.kv
+        running = self.running
+        budget = self.max_num_batched_tokens
+        sched: list[tuple[Seq, int]] = []
+        chunks: list[tuple[int, int]] = []
+        n_dec = 0
+        dec_kv = 0
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = seq.prompt + seq.generated - seq.computed
+            if n > budget:
+                n = budget
+            need = -(-(seq.computed + n) // B) - len(seq.refs) - seq.private
+            scheduled = True
+            while need > 0 and not kv.allocate(need):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            if need > 0:
+                seq.private += need
+            sched.append((seq, n))
+            budget -= n
+            if n == 1 and seq.generated > 0:
+                n_dec += 1
+                dec_kv += seq.computed + 1
+            else:
+                chunks.append((n, seq.computed))
+            i += 1
+
+        admitted = 0
+        if not preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < self.max_num_seqs:
+                seq = waiting[0]
+                n = self._admit(seq, budget)
+                if n == 0:
+                    break
+                waiting.popleft()
+                running.append(seq)
+                admitted += 1
+                sched.append((seq, n))
+                budget -= n
+                chunks.append((n, seq.computed))
+
+        if not sched:
+            if self.waiting and preempted:
+                # Everything running was preempted this step; vLLM admits on the next step.
+                return self.start_step(now, bound)
+            head = self.waiting[0] if self.waiting else None
+            raise RuntimeError(
+                f"replica {self.replica_id}: nothing schedulable"
+                + (
+                    f"; request {head.req.request_id} ({head.prompt}+{head.output} tokens) can never fit "
+                    f"{kv.capacity} blocks of {B} tokens"
+                    if head
+                    else ""
+                )
+            )
+
+        dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0
+        end = now + dt
+        steps = 1
+        if self.decode_runs and not chunks and not preempted and admitted == 0 and n_dec == len(running):
+            steps, end = self._extend_decode_run(now + dt, bound, n_dec, dec_kv)
+        self._pending = sched
+        self._pending_decode_steps = steps if not chunks else 0
+        self.steps += steps
+        self.busy_s += end - now
+        self.busy = True
+        return end
+
+    def _admit(self, seq: Seq, budget: int) -> int:
+        """Reserve KV for a waiting sequence's first chunk; 0 when it does not fit."""
+        B = self.block_size
+        kv = self.kv
+        total = seq.prompt + seq.generated
+        matched = kv.match(seq.hashes)
+        cached = min(matched * B, seq.prompt)
+        shared = min(matched, seq.full_blocks)
+        if cached >= total:
+            cached = total - 1  # the last token is always computed (it yields the next one)
+        if shared * B > cached:
+            shared = cached // B
+        n = min(total - cached, budget)
+        need = -(-(cached + n) // B) - shared
+        hits = seq.hashes[:shared]
+        # vLLM 0.29 admits only when the whole sequence would fit now
+        # (scheduler_reserve_full_isl, default on), then allocates chunk by chunk.
+        whole = -(-total // B) - shared if self.reserve_full_sequence else need
+        if whole + kv.evictable_count(hits) > kv.available():
+            return 0
+        kv.acquire(hits)
+        kv.allocate(need)
+        seq.refs = list(hits)
+        seq.private = need
+        seq.computed = cached
+        seq.next_reg = shared
+        if not seq.admitted:
+            seq.admitted = True
+            seq.hit_blocks = matched
+            seq.hit_tokens = cached
+        return n
+
+    def _extend_decode_run(self, t: float, bound: float, n: int, s: int) -> tuple[int, float]:
+        """Steps 2..k of a pure-decode run whose first step ends at t."""
+        B = self.block_size
+        running = self.running
+        k_max = min(seq.output - seq.generated for seq in running)
+        if k_max <= 1:
+            return 1, t
+        # Each sequence needs a new block every B tokens; the run stops before the step
+        # whose allocation would need a preemption.
+        firsts = []
+        crossings = 0
+        for seq in running:
+            j1 = (len(seq.refs) + seq.private) * B - seq.computed + 1  # first step past the held blocks
+            firsts.append(j1)
+            if j1 <= k_max:
+                crossings += (k_max - j1) // B + 1
+        avail = self.kv.available()
+        if crossings > avail:
+            steps_at: list[int] = []
+            for j1 in firsts:
+                steps_at.extend(range(j1, k_max + 1, B))
+            steps_at.sort()
+            k_max = steps_at[avail] - 1
+        step_ms = self.step_time.step_ms
+        j = 1
+        while j < k_max:
+            dt = step_ms((), n, s + j * n) / 1000.0
+            if t + dt > bound:
+                break
+            t += dt
+            j += 1
+        if j > 1:
+            total = 0
+            for seq, j1 in zip(running, firsts, strict=True):
+                if j1 <= j:
+                    c = (j - j1) // B + 1
+                    seq.private += c
+                    total += c
+            if not self.kv.allocate(total):
+                raise AssertionError("decode run allocated more blocks than it counted")
+        return j, t
+
+    def _preempt(self, seq: Seq) -> None:
+        self.kv.release(seq.refs, seq.private)
+        seq.refs = []
+        seq.private = 0
+        seq.computed = 0
+        seq.next_reg = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish_step(self, now: float) -> list[Seq]:
+        """Apply the pending step's results at its end time `now`; return finished sequences."""
+        B = self.block_size
+        kv = self.kv
+        finished: list[Seq] = []
+        k = self._pending_decode_steps
+        for seq, n in self._pending:
+            if k:
+                seq.computed += k
+                seq.generated += k
+                self.decode_tokens += k
+                self.emitted_tokens += k
+            else:
+                if n == 1 and seq.generated:
+                    self.decode_tokens += 1
+                else:
+                    self.prefill_tokens += n
+                seq.computed += n
+                if seq.computed == seq.prompt + seq.generated:
+                    seq.generated += 1
+                    self.emitted_tokens += 1
+                    if seq.first_token_s < 0:
+                        seq.first_token_s = now
+                if seq.next_reg < seq.full_blocks:
+                    upto = min(seq.computed, seq.prompt) // B
+                    hashes = seq.hashes
+                    for b in range(seq.next_reg, upto):
+                        h = hashes[b]
+                        if kv.register(h):
+                            seq.refs.append(h)
+                            seq.private -= 1
+                    if upto > seq.next_reg:
+                        seq.next_reg = upto
+            if seq.generated >= seq.output:
+                finished.append(seq)
+        self._pending = []
+        self._pending_decode_steps = 0
+        self.busy = False
+        if finished:
+            done = set(id(s) for s in finished)
+            self.running = [s for s in self.running if id(s) not in done]
+            for seq in finished:
+                seq.finish_s = now
+        return finished
+
+    def release_finished(self, seq: Seq) -> list[int]:
+        """Cache a finished sequence's blocks and release them; return the chained hashes
+        of every block it leaves cached (prompt, then reply), for the router."""
+        B = self.block_size
+        kv = self.kv
+        full = seq.full_blocks
+        reply_blocks = max(0, seq.computed // B - full)
+        labels: list[int]
+        if seq.req.output_block_ids:
+            seed = output_chain_seed(seq.hashes, seq.prompt, B)
+            labels = chain_block_ids(seq.req.output_block_ids[:reply_blocks], seed)
+        else:
+            labels = []
+            if seq.prompt % B:
+                labels.append(seq.hashes[-1])
+            extra = reply_blocks - len(labels)
+            if extra > 0:
+                seed = labels[-1] if labels else (seq.hashes[full - 1] if full else 0)
+                labels.extend(chain_block_ids([self._fresh_id() for _ in range(extra)], seed))
+        for h in labels:
+            if seq.private <= 0:
+                break
+            if kv.register(h):
+                seq.refs.append(h)
+                seq.private -= 1
+        kv.release(seq.refs, seq.private)
+        seq.refs = []
+        seq.private = 0
+        return list(seq.hashes[:full]) + labels
+
+    # -- what the router sees ------------------------------------------------------------
+
+    def stats(self) -> tuple[int, int, float]:
+        """(num_waiting, num_running, kv_usage) as record_routing_stats reports them."""
+        return len(self.waiting), len(self.running), self.kv.usage()

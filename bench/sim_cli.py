@@ -1,0 +1,251 @@
+"""`cluster bench sim`: compare routing policies on a trace with the cluster simulator.
+
+    cluster bench sim --trace ../shared/traces/mooncake_conversation.jsonl \\
+        --replicas 16 --profile h100x8-bf16 --policy all --rate-scale 1,2 --out out/sim
+
+Runs every (policy, rate scale) pair, in parallel processes (`--jobs`), and writes
+results.json (every figure, per pool and per replica), table.txt, latency_vs_load.png
+and hit_rate.png into --out. `--replicas` is the total, shared among the profile's pools
+by the tokens the trace sends to each (override with --pool-replicas, or put every
+replica in one pool with --pool). The throughput ceiling of one replica: --replicas 1
+--pool standard --rate-scale 50 (everything queued at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.traces import SyntheticSpec, Trace, read_trace, synthetic_multiturn
+
+# What forked workers read (set before the pool starts; fork shares it without pickling).
+_JOB: dict[str, Any] = {}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True, help="Mooncake JSONL or Azure CSV path, or 'synthetic'")
+    p.add_argument("--profile", default="h100x8-bf16", help="deployment profile (cluster.profiles)")
+    p.add_argument("--config", default=None, help="a ClusterConfig YAML instead of --profile")
+    p.add_argument("--replicas", type=int, default=16, help="engine replicas in total (default 16)")
+    p.add_argument("--pool-replicas", default=None, help="per pool, e.g. standard=12,long=4 (overrides --replicas)")
+    p.add_argument("--pool", default=None, help="put all --replicas in this one pool")
+    p.add_argument("--policy", default="all", help="'all' or a comma list of routing policies")
+    p.add_argument("--rate-scale", default="1.0", help="arrival-rate multipliers, comma list (e.g. 0.5,1,2)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats-period", type=float, default=None, help="routing-stats period in s (0 = exact)")
+    p.add_argument("--no-spill", action="store_true", help="never spill a saturated pool into a larger one")
+    p.add_argument("--block-size", type=int, default=512, help="block size for Azure/synthetic traces")
+    p.add_argument("--synthetic-conversations", type=int, default=2000)
+    p.add_argument("--synthetic-rate", type=float, default=1.0, help="new conversations per second")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("--out", default="out/sim", help="output directory")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _load_cfg(args: argparse.Namespace) -> Any:
+    from cluster.config import ClusterConfig
+    from cluster.profiles import load_profile
+
+    return ClusterConfig.from_file(args.config) if args.config else load_profile(args.profile)
+
+
+def _load_trace(args: argparse.Namespace) -> Trace:
+    if args.trace == "synthetic":
+        spec = SyntheticSpec(
+            conversations=args.synthetic_conversations,
+            conversation_rate_per_s=args.synthetic_rate,
+            block_size=args.block_size,
+            seed=args.seed,
+        )
+        trace = synthetic_multiturn(spec)
+    else:
+        trace = read_trace(args.trace, block_size=args.block_size)
+    return trace.head(args.limit) if args.limit else trace
+
+
+def _parse_pool_replicas(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if not n.strip().isdigit():
+            raise ValueError(f"--pool-replicas wants name=N pairs, got {part!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
+    from bench.sim_metrics import summarize
+    from bench.simulator import ClusterSimulator
+
+    job = _JOB
+    progress_q = job.get("progress")
+    trace = job["trace"].scaled(rate_scale) if rate_scale != 1.0 else job["trace"]
+    sim = ClusterSimulator(
+        job["cfg"],
+        trace,
+        policy=policy,
+        replicas=job["replicas"],
+        seed=job["seed"],
+        stats_period_s=job["stats_period"],
+        spill=job["spill"],
+    )
+    last = [0]
+
+    def progress(done: int) -> None:
+        if progress_q is not None and (done - last[0] >= 250 or done == len(trace)):
+            progress_q.put(done - last[0])
+            last[0] = done
+
+    summary = summarize(sim.run(progress))
+    summary["rate_scale"] = rate_scale
+    summary["arrival_rate_req_s"] = len(trace) / trace.duration_s if trace.duration_s else float("nan")
+    summary["step_time_notes"] = sim.step_time_notes
+    summary["run_index"] = run_index
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from bench.sim_metrics import format_table
+    from bench.simulator import split_replicas
+
+    # Analytic step times are reported once in the summary, not once per run.
+    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
+
+    try:
+        cfg = _load_cfg(args)
+        trace = _load_trace(args)
+        scales = [float(x) for x in str(args.rate_scale).split(",") if x.strip()]
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"--rate-scale needs positive numbers, got {args.rate_scale!r}")
+        from cluster.routing.registry import POLICY_NAMES
+
+        policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+        unknown = [p for p in policies if p not in POLICY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; known: {POLICY_NAMES}")
+        if args.pool_replicas:
+            replicas = _parse_pool_replicas(args.pool_replicas)
+        elif args.pool:
+            cfg.pool(args.pool)  # KeyError names the pools
+            replicas = {args.pool: args.replicas}
+        else:
+            replicas = split_replicas(cfg, trace, args.replicas)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(trace) == 0:
+        print("error: the trace has no requests", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = trace.stats()
+    print(
+        f"trace {trace.name}: {len(trace):,} requests over {trace.duration_s / 60:.1f} min, "
+        f"{stats.prompt_tokens / len(trace):,.0f} prompt / {stats.output_tokens / len(trace):,.0f} output tokens "
+        f"per request, block hit ceiling {stats.block_hit_ceiling:.1%}"
+    )
+    print(f"profile {cfg.profile}: replicas {replicas}; {len(policies)} policies x {len(scales)} rate scales")
+
+    _JOB.update(
+        cfg=cfg,
+        trace=trace,
+        replicas=replicas,
+        seed=args.seed,
+        stats_period=args.stats_period,
+        spill=not args.no_spill,
+    )
+    tasks = [(p, s) for s in scales for p in policies]
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    total = len(tasks) * len(trace)
+    jobs = max(1, min(args.jobs, len(tasks)))
+    # Also on a log file (no TTY): a line every 15 s instead of a live bar.
+    tty = sys.stderr.isatty()
+    with tqdm(total=total, unit="req", desc="simulating", file=sys.stderr, mininterval=0.5 if tty else 15) as bar:
+        if jobs == 1:
+            q: Any = queue.SimpleQueue()
+            _JOB["progress"] = q
+            for k, (p, s) in enumerate(tasks):
+                rows.append(_run_one(p, s, k))
+                while not q.empty():
+                    bar.update(q.get())
+        else:
+            ctx = mp.get_context("fork")  # workers inherit the parsed trace
+            mq = ctx.Queue()
+            _JOB["progress"] = mq  # inherited by the forked workers
+            with ctx.Pool(jobs) as pool:
+                pending = [pool.apply_async(_run_one, (p, s, k)) for k, (p, s) in enumerate(tasks)]
+                while pending:
+                    try:
+                        bar.update(mq.get(timeout=0.5))
+                    except queue.Empty:
+                        pass
+                    still = []
+                    for r in pending:
+                        if r.ready():
+                            rows.append(r.get())
+                        else:
+                            still.append(r)
+                    pending = still
+                while True:
+                    try:
+                        bar.update(mq.get_nowait())
+                    except queue.Empty:
+                        break
+    wall = time.perf_counter() - started
+    rows.sort(key=lambda r: r["run_index"])
+
+    table = format_table(rows)
+    print(table)
+    cpu = [r["sim_cpu_s"] for r in rows]
+    print(
+        f"simulated {len(tasks)} runs of {len(trace):,} requests in {wall:.1f} s wall ({jobs} processes); "
+        f"CPU per run {min(cpu):.1f}-{max(cpu):.1f} s, {sum(cpu):.0f} s in all"
+    )
+    for note in rows[0].get("step_time_notes", []):
+        print(f"  {note}")
+    result = {
+        "trace": {"name": trace.name, "meta": trace.meta, "block_size": trace.block_size, **stats.to_dict()},
+        "profile": cfg.profile,
+        "replicas": replicas,
+        "policies": policies,
+        "rate_scales": scales,
+        "seed": args.seed,
+        "stats_period_s": args.stats_period if args.stats_period is not None else cfg.router.stats_period_s,
+        "spill": not args.no_spill,
+        "wall_s": wall,
+        "runs": rows,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "table.txt").write_text(table + "\n")
+    written = [out / "results.json", out / "table.txt"]
+    if not args.no_plots:
+        from bench.plots import plot_hit_rate, plot_latency_vs_load
+
+        title = f"{trace.name}, {cfg.profile}, replicas {replicas}"
+        written.append(plot_latency_vs_load(rows, out / "latency_vs_load.png", title))
+        written.append(plot_hit_rate(rows, out / "hit_rate.png", title))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cluster bench sim", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

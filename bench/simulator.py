@@ -1,0 +1,386 @@
+"""Discrete-event simulator of a Mistral Large 2 cluster: pools of engine replicas
+(`bench.replica_model`) behind the project's own routing policies.
+
+Events, in time order (ties in this order):
+  * a replica's step (or pure-decode run) ends: its results apply, finished requests are
+    reported to the policy (`on_finished`) and the replica forms its next batch;
+  * a routing-stats snapshot (every `stats_period_s`): each replica's (waiting, running,
+    KV usage) as `record_routing_stats` would report it; requests routed since the last
+    snapshot count as the router's `in_flight`. Period 0 gives the router exact stats;
+  * a request arrives: rejected when prompt + output exceed the largest pool, else the
+    pool comes from `PoolSelector` (smallest fitting pool, spill when saturated) and the
+    replica from the pool's policy, called with `ReplicaView`s and a `RouteRequest` whose
+    block hashes are the chained trace block ids (block size = the trace's, 512 tokens
+    for Mooncake; policies get that block size and the KV capacity in those blocks).
+
+Only replicas with work have a pending event (a heap of next-step times), so the cost is
+per engine step, not per token. Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.replica_model import ReplicaModel, Seq, StepTime
+from bench.traces import Trace, TraceStats, chain_block_ids
+from cluster.config import ClusterConfig, PoolConfig
+from cluster.routing.policy import ReplicaView, RouteRequest, RoutingPolicy
+from cluster.routing.pool_selector import ContextTooLong, PoolLoad, PoolSelector
+
+StepTimeFactory = Callable[[ClusterConfig, PoolConfig], StepTime]
+PolicyFactory = Callable[..., RoutingPolicy]
+
+INF = float("inf")
+
+
+def default_step_time(cfg: ClusterConfig, pool: PoolConfig) -> StepTime:
+    from bench.step_time import StepTimeModel
+
+    return StepTimeModel.for_pool(cfg, pool)
+
+
+def default_policy_factory(name: str, *, block_size: int, seed: int, **options: Any) -> RoutingPolicy:
+    from cluster.routing.registry import make_policy
+
+    try:
+        return make_policy(name, block_size=block_size, seed=seed, **options)
+    except (TypeError, ValueError) as e:  # the registry reports unknown options as ValueError
+        if "seed" not in str(e):
+            raise
+        return make_policy(name, block_size=block_size, **options)  # a policy without randomness
+
+
+def split_replicas(cfg: ClusterConfig, trace: Trace, total: int) -> dict[str, int]:
+    """Share `total` replicas among the pools by the tokens (prompt + output) the trace
+    sends to each under smallest-fitting-pool placement; a pool that gets requests gets
+    at least one replica."""
+    pools = cfg.pools
+    tokens = {p.name: 0 for p in pools}
+    for r in trace.requests:
+        for p in pools:
+            if r.total_tokens <= p.max_model_len:
+                tokens[p.name] += r.total_tokens
+                break
+    used = [p.name for p in pools if tokens[p.name] > 0] or [pools[0].name]
+    if total < len(used):
+        raise ValueError(f"{total} replicas cannot cover the {len(used)} pools this trace needs ({used})")
+    grand = sum(tokens[n] for n in used) or 1
+    share = {n: max(1, int(total * tokens[n] / grand)) for n in used}
+    # Hand out what rounding left, largest remainder first; never below one per pool.
+    while sum(share.values()) < total:
+        n = max(used, key=lambda n: total * tokens[n] / grand - share[n])
+        share[n] += 1
+    while sum(share.values()) > total:
+        n = max((n for n in used if share[n] > 1), key=lambda n: share[n] - total * tokens[n] / grand)
+        share[n] -= 1
+    return {p.name: share.get(p.name, 0) for p in pools}
+
+
+@dataclass
+class SimResult:
+    """Raw outcome of one simulated run; `bench.sim_metrics.summarize` reduces it."""
+
+    policy: str
+    trace: str
+    block_size: int
+    replicas: dict[str, int]
+    # Per request, in trace order (first_token/finish are -1 for rejected requests).
+    arrival: list[float]
+    first_token: list[float]
+    finish: list[float]
+    prompt_tokens: list[int]
+    output_tokens: list[int]
+    prompt_blocks: list[int]
+    hit_blocks: list[int]
+    hit_tokens: list[int]
+    preemptions: list[int]
+    pool: list[str]
+    replica: list[str]
+    rejected: list[bool]
+    spilled: list[bool]
+    replica_stats: list[dict[str, Any]]
+    ceiling: TraceStats  # of the accepted requests
+    wall_s: float
+    cpu_s: float = 0.0
+    step_time_notes: list[str] = field(default_factory=list)
+
+
+class _Pool:
+    def __init__(self, pool: PoolConfig, replicas: list[ReplicaModel], policy: RoutingPolicy, capacity: int) -> None:
+        self.config = pool
+        self.replicas = replicas
+        self.by_id = {r.replica_id: r for r in replicas}
+        self.policy = policy
+        self.capacity_blocks = capacity
+        self.in_flight = 0  # routed here, not finished
+
+
+class ClusterSimulator:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        trace: Trace,
+        *,
+        policy: str,
+        replicas: Mapping[str, int],
+        seed: int = 0,
+        stats_period_s: float | None = None,
+        policy_options: Mapping[str, Any] | None = None,
+        step_time_factory: StepTimeFactory = default_step_time,
+        policy_factory: PolicyFactory = default_policy_factory,
+        spill: bool = True,
+        decode_runs: bool = True,
+    ) -> None:
+        unknown = set(replicas) - {p.name for p in cfg.pools}
+        if unknown:
+            names = [p.name for p in cfg.pools]
+            raise ValueError(f"unknown pools {sorted(unknown)}; profile {cfg.profile} has {names}")
+        if sum(replicas.values()) < 1:
+            raise ValueError("at least one replica is needed")
+        self.cfg = cfg
+        self.trace = trace
+        self.policy_name = policy
+        self.seed = seed
+        self.stats_period_s = cfg.router.stats_period_s if stats_period_s is None else stats_period_s
+        self.spill = spill
+        self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
+        B = trace.block_size
+        fresh = itertools.count(1)
+        self._fresh_id: Callable[[], int] = lambda: -next(fresh)  # negative: never a trace id
+        # Policies with global-random fallbacks still replay identically.
+        random.seed(seed)
+        self.pools: dict[str, _Pool] = {}
+        self.step_time_notes: list[str] = []
+        for pi, pool in enumerate(cfg.pools):
+            n = self.replica_counts[pool.name]
+            if n <= 0:
+                continue
+            plan = cfg.memory_plan(pool)
+            capacity = max(1, plan.kv_tokens_per_replica // B)
+            st = step_time_factory(cfg, pool)
+            describe = getattr(st, "describe", None)
+            if callable(describe):
+                self.step_time_notes.append(f"{pool.name}: {describe()}")
+            e = pool.engine
+            reps = [
+                ReplicaModel(
+                    f"{pool.name}-{i}",
+                    step_time=st,
+                    capacity_blocks=capacity,
+                    block_size=B,
+                    max_num_seqs=e.max_num_seqs,
+                    max_num_batched_tokens=e.max_num_batched_tokens,
+                    fresh_id=self._fresh_id,
+                    decode_runs=decode_runs,
+                )
+                for i in range(n)
+            ]
+            options = dict(cfg.router.options) if policy == cfg.router.policy else {}
+            options.update(policy_options or {})
+            pol = policy_factory(policy, block_size=B, seed=seed + pi, **options)
+            pol.on_replicas_changed([r.replica_id for r in reps])
+            self.pools[pool.name] = _Pool(pool, reps, pol, capacity)
+        self.selector = PoolSelector([self.pools[name].config for name in self.pools])
+        self.replicas: list[ReplicaModel] = [r for p in self.pools.values() for r in p.replicas]
+        self._pool_of = {r.replica_id: p for p in self.pools.values() for r in p.replicas}
+
+    # ---------------------------------------------------------------------------------
+
+    def run(self, progress: Callable[[int], None] | None = None, check: bool = False) -> SimResult:
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        trace = self.trace
+        reqs = trace.requests
+        N = len(reqs)
+        B = trace.block_size
+        seqs: list[Seq | None] = [None] * N
+        rejected = [False] * N
+        spilled = [False] * N
+        replica_idx = {r.replica_id: i for i, r in enumerate(self.replicas)}
+        heap: list[tuple[float, int]] = []
+        period = self.stats_period_s
+        next_snap = 0.0 if period > 0 else INF
+        epoch = 0
+        snapshot: dict[str, tuple[int, int, float]] = {}
+        since_snap: dict[str, int] = {r.replica_id: 0 for r in self.replicas}
+        session_replica: dict[str, str] = {}
+        i = 0
+
+        def take_snapshot() -> None:
+            for r in self.replicas:
+                snapshot[r.replica_id] = r.stats()
+                since_snap[r.replica_id] = 0
+
+        while i < N or heap:
+            t_arr = reqs[i].arrival_s if i < N else INF
+            t_step = heap[0][0] if heap else INF
+            t_snap = next_snap if i < N else INF
+            if t_step <= t_snap and t_step <= t_arr:
+                now, ri = heapq.heappop(heap)
+                rep = self.replicas[ri]
+                for seq in rep.finish_step(now):
+                    self._finish(rep, seq, epoch, since_snap, session_replica)
+                if rep.has_work():
+                    heapq.heappush(heap, (rep.start_step(now, min(t_arr, t_snap)), ri))
+            elif t_snap <= t_arr:
+                take_snapshot()
+                epoch += 1
+                next_snap = t_snap + period
+            else:
+                now = t_arr
+                req = reqs[i]
+                i += 1
+                if progress is not None:
+                    progress(i)
+                try:
+                    choice = self.selector.select(req.prompt_tokens, req.output_tokens, self._pool_loads())
+                except ContextTooLong:
+                    rejected[i - 1] = True
+                    continue
+                pool = self.pools[choice.pool]
+                spilled[i - 1] = choice.spilled_from is not None
+                seq = Seq(i - 1, req, chain_block_ids(req.block_ids), B)
+                seqs[i - 1] = seq
+                views = self._views(pool, snapshot if period > 0 else None, since_snap)
+                affinity = session_replica.get(req.session_id) if req.session_id else None
+                route = RouteRequest(
+                    request_id=req.request_id,
+                    prompt_tokens=req.prompt_tokens,
+                    block_hashes=seq.hashes,
+                    max_tokens=req.output_tokens,
+                    session_id=req.session_id,
+                    affinity_replica=affinity if affinity in pool.by_id else None,
+                )
+                decision = pool.policy.choose(route, views)
+                if decision.replica_id not in pool.by_id:
+                    raise RuntimeError(
+                        f"policy {self.policy_name!r} chose {decision.replica_id!r}, not one of {list(pool.by_id)}"
+                    )
+                rep = pool.by_id[decision.replica_id]
+                seq.epoch = epoch
+                since_snap[rep.replica_id] += 1
+                pool.in_flight += 1
+                was_busy = rep.busy
+                rep.enqueue(seq)
+                if not was_busy:
+                    bound = min(reqs[i].arrival_s, next_snap) if i < N else INF
+                    heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))
+        if check:
+            for r in self.replicas:
+                if r.has_work() or r.busy:
+                    raise AssertionError(f"{r.replica_id} still has work at the end")
+                r.kv.check(0)
+        result = self._result(seqs, rejected, spilled, time.perf_counter() - started)
+        result.cpu_s = time.process_time() - cpu_started
+        return result
+
+    def _pool_loads(self) -> dict[str, PoolLoad]:
+        if not self.spill:
+            return {}
+        return {name: PoolLoad(in_flight=p.in_flight, replicas=len(p.replicas)) for name, p in self.pools.items()}
+
+    def _views(
+        self,
+        pool: _Pool,
+        snapshot: dict[str, tuple[int, int, float]] | None,
+        since_snap: dict[str, int],
+    ) -> list[ReplicaView]:
+        e = pool.config.engine
+        views = []
+        for r in pool.replicas:
+            if snapshot is None:
+                waiting, running, usage = r.stats()
+                in_flight = 0
+            else:
+                waiting, running, usage = snapshot.get(r.replica_id, (0, 0, 0.0))
+                in_flight = since_snap[r.replica_id]
+            views.append(
+                ReplicaView(
+                    replica_id=r.replica_id,
+                    num_waiting=waiting,
+                    num_running=running,
+                    kv_usage=usage,
+                    max_num_seqs=e.max_num_seqs,
+                    kv_capacity_blocks=pool.capacity_blocks,
+                    in_flight=in_flight,
+                )
+            )
+        return views
+
+    def _finish(
+        self,
+        rep: ReplicaModel,
+        seq: Seq,
+        epoch: int,
+        since_snap: dict[str, int],
+        session_replica: dict[str, str],
+    ) -> None:
+        cached = rep.release_finished(seq)
+        pool = self._pool_of[rep.replica_id]
+        pool.in_flight -= 1
+        if seq.epoch == epoch:
+            since_snap[rep.replica_id] -= 1
+        req = seq.req
+        if req.session_id:
+            session_replica[req.session_id] = rep.replica_id
+        route = RouteRequest(
+            request_id=req.request_id,
+            prompt_tokens=req.prompt_tokens,
+            block_hashes=seq.hashes,
+            max_tokens=req.output_tokens,
+            session_id=req.session_id,
+        )
+        pool.policy.on_finished(route, rep.replica_id, cached)
+
+    def _result(self, seqs: Sequence[Seq | None], rejected: list[bool], spilled: list[bool], wall: float) -> SimResult:
+        reqs = self.trace.requests
+        kept = [r for r, rej in zip(reqs, rejected, strict=True) if not rej]
+        accepted = Trace(self.trace.name, self.trace.block_size, kept)
+        nothing = -1.0
+        stats = []
+        for r in self.replicas:
+            stats.append(
+                {
+                    "replica": r.replica_id,
+                    "pool": self._pool_of[r.replica_id].config.name,
+                    "requests": r.requests,
+                    "routed_tokens": r.routed_tokens,
+                    "prefill_tokens": r.prefill_tokens,
+                    "decode_tokens": r.decode_tokens,
+                    "emitted_tokens": r.emitted_tokens,
+                    "busy_s": r.busy_s,
+                    "steps": r.steps,
+                    "preemptions": r.preemptions,
+                    "evictions": r.kv.evictions,
+                    "kv_capacity_blocks": r.kv.capacity,
+                }
+            )
+        return SimResult(
+            policy=self.policy_name,
+            trace=self.trace.name,
+            block_size=self.trace.block_size,
+            replicas={k: v for k, v in self.replica_counts.items() if v},
+            arrival=[r.arrival_s for r in reqs],
+            first_token=[s.first_token_s if s else nothing for s in seqs],
+            finish=[s.finish_s if s else nothing for s in seqs],
+            prompt_tokens=[r.prompt_tokens for r in reqs],
+            output_tokens=[r.output_tokens for r in reqs],
+            prompt_blocks=[len(r.block_ids) for r in reqs],
+            hit_blocks=[s.hit_blocks if s else 0 for s in seqs],
+            hit_tokens=[s.hit_tokens if s else 0 for s in seqs],
+            preemptions=[s.preemptions if s else 0 for s in seqs],
+            pool=[self._pool_of[s.replica].config.name if s else "" for s in seqs],
+            replica=[s.replica if s else "" for s in seqs],
+            rejected=list(rejected),
+            spilled=list(spilled),
+            replica_stats=stats,
+            ceiling=accepted.stats(),
+            wall_s=wall,
+            step_time_notes=list(self.step_time_notes),
+        )
