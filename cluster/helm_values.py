@@ -1,0 +1,247 @@
+"""Derive the Helm chart's values from the typed config.
+
+The chart (helm/mistral-large-serve) takes the Ray Serve config as an opaque string
+rendered by `render_serve_config`, so the RayService's serveConfigV2 and a local
+`serve deploy` are the same document. Everything the chart sizes from the profile
+(worker groups per pool, whole-node GPU requests, /dev/shm, weight volume size) is
+computed here; site settings (image, secrets, ingress, storage class) stay in the
+chart's defaults or the operator's own values file layered on top.
+
+    python -m cluster.helm_values --profile h100x8-bf16 > my-values.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import posixpath
+import sys
+from typing import Any
+
+import yaml
+
+from cluster.config import ClusterConfig, GiB, PoolConfig
+from cluster.serve_config import render_serve_config_yaml
+
+# Ray version the serve config is written for (the pin in pyproject's extras).
+RAY_VERSION = "2.60.0"
+
+# Kubelet, system daemons and DaemonSets (GPU operator, CNI, node exporter) keep part of
+# every node: a pod asking for the whole capacity never schedules. 10% plus 2 CPUs / 16 GiB
+# matches typical allocatable on 8-GPU nodes.
+NODE_CPU_HEADROOM_FRACTION = 0.10
+NODE_CPU_HEADROOM_MIN = 2
+NODE_MEMORY_HEADROOM_FRACTION = 0.10
+NODE_MEMORY_HEADROOM_MIN_GIB = 16
+
+# Ray's object store lives in /dev/shm; NCCL needs shared memory on top of it for
+# intra-node tensor parallelism.
+GPU_OBJECT_STORE_GIB = 32
+GPU_SHM_EXTRA_GIB = 32
+HEAD_OBJECT_STORE_GIB = 4
+CPU_OBJECT_STORE_MIB = 512
+
+# A CPU engine replica: weights + fixed KV space + the engine and Ray worker processes.
+CPU_REPLICA_OVERHEAD_GIB = 3
+
+HEADER = (
+    "# Generated from the typed config by `cluster render --profile {profile} --format helm-values`\n"
+    "# (or `python -m cluster.helm_values --profile {profile}`). Do not edit: change the profile\n"
+    "# or config and regenerate; put site settings (image, secrets, storage) in your own values\n"
+    "# file layered on top: helm install -f <this file> -f my-site.yaml\n"
+)
+
+
+def _quantity_gib(gib: float) -> str:
+    return f"{int(math.ceil(gib))}Gi"
+
+
+def pod_resources(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    """Requests and limits of one worker pod of a pool.
+
+    GPU: the pod takes a whole node (all its GPUs, allocatable CPU and memory) so a
+    replica's tensor-parallel group always shares one NVLink domain. CPU: one engine
+    replica per pod, memory from its weights and KV space.
+    """
+    node = cfg.node
+    if node.accelerator == "gpu":
+        cpu = node.cpus_per_node - max(
+            NODE_CPU_HEADROOM_MIN, math.ceil(node.cpus_per_node * NODE_CPU_HEADROOM_FRACTION)
+        )
+        mem_gib = node.memory_gib - max(NODE_MEMORY_HEADROOM_MIN_GIB, node.memory_gib * NODE_MEMORY_HEADROOM_FRACTION)
+        amount = {"cpu": str(cpu), "memory": _quantity_gib(mem_gib), "nvidia.com/gpu": str(node.gpus_per_node)}
+        return {"requests": dict(amount), "limits": dict(amount)}
+    plan = cfg.memory_plan(pool)
+    mem_gib = (plan.weight_bytes_total + plan.kv_bytes_per_replica) / GiB + CPU_REPLICA_OVERHEAD_GIB
+    return {
+        "requests": {"cpu": "1", "memory": _quantity_gib(mem_gib)},
+        "limits": {"cpu": str(node.cpus_per_node), "memory": _quantity_gib(mem_gib)},
+    }
+
+
+def replicas_per_pod(cfg: ClusterConfig, pool: PoolConfig) -> int:
+    """Engine replicas one worker pod holds: TP=4 on an 8-GPU node gives two."""
+    if cfg.node.accelerator == "gpu":
+        return max(1, cfg.node.gpus_per_node // pool.engine.tensor_parallel_size)
+    return 1
+
+
+def ray_resource_name(pool: PoolConfig) -> str:
+    """Custom Ray resource a pool's worker pods advertise, one unit per placement-group
+    bundle slot (per GPU on GPU nodes), so a pool's engine bundles can pin themselves to
+    their own worker group by asking for `{name: 1}` next to `GPU: 1`."""
+    return "pool_" + pool.name.replace("-", "_")
+
+
+def bundle_slots_per_pod(cfg: ClusterConfig, pool: PoolConfig) -> int:
+    if cfg.node.accelerator == "gpu":
+        return cfg.node.gpus_per_node
+    return replicas_per_pod(cfg, pool) * pool.engine.tensor_parallel_size
+
+
+def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    per_pod = replicas_per_pod(cfg, pool)
+    gpu = cfg.node.accelerator == "gpu"
+    plan = cfg.memory_plan(pool)
+    if gpu:
+        object_store_bytes = GPU_OBJECT_STORE_GIB * GiB
+        shm = _quantity_gib(GPU_OBJECT_STORE_GIB + GPU_SHM_EXTRA_GIB)
+    else:
+        object_store_bytes = CPU_OBJECT_STORE_MIB * 1024**2
+        shm = "1Gi"
+    return {
+        "pool": pool.name,
+        "groupName": f"{'gpu' if gpu else 'cpu'}-{pool.name}",
+        "maxModelLen": pool.max_model_len,
+        "tensorParallelSize": pool.engine.tensor_parallel_size,
+        "replicasPerPod": per_pod,
+        # Serve scales replicas within [min, max]; the KubeRay autoscaler adds or removes
+        # whole pods when placement groups cannot be scheduled or nodes sit idle.
+        "minPods": math.ceil(pool.min_replicas / per_pod),
+        "maxPods": math.ceil(pool.max_replicas / per_pod),
+        "initialPods": math.ceil(pool.start_replicas / per_pod),
+        "resources": pod_resources(cfg, pool),
+        "shmSize": shm,
+        "objectStoreMemoryBytes": object_store_bytes,
+        "rayResources": {ray_resource_name(pool): bundle_slots_per_pod(cfg, pool)},
+        # Weight volume when fetched from an object store: the checkpoint plus 10%.
+        "weightsSizeLimit": _quantity_gib(plan.weight_bytes_total / GiB * 1.1 + 1),
+    }
+
+
+def _weights(cfg: ClusterConfig) -> dict[str, Any]:
+    source = cfg.model.source
+    if source.startswith("embedded:"):
+        # The app generates the tiny model itself; nothing to mount.
+        return {"source": "none", "modelPath": "", "mountPath": ""}
+    if "://" in source:
+        raise ValueError(
+            f"model.source {source!r} is a URI: the chart mounts weights at a local path. Set "
+            "model.source to the path inside the pod (e.g. /models/Mistral-Large-Instruct-2411) "
+            "and weights.objectStore.uri in the chart values to the URI to fetch from."
+        )
+    if not posixpath.isabs(source) or posixpath.dirname(source.rstrip("/")) in ("", "/"):
+        raise ValueError(
+            f"model.source {source!r} must be an absolute path one level below a mount directory, "
+            "e.g. /models/Mistral-Large-Instruct-2411"
+        )
+    model_path = source.rstrip("/")
+    return {"source": "pvc", "modelPath": model_path, "mountPath": posixpath.dirname(model_path)}
+
+
+def _head(cfg: ClusterConfig) -> dict[str, Any]:
+    if cfg.node.accelerator == "gpu":
+        amount = {"cpu": "8", "memory": "32Gi"}
+        return {
+            "resources": {"requests": dict(amount), "limits": dict(amount)},
+            "shmSize": "8Gi",
+            "objectStoreMemoryBytes": HEAD_OBJECT_STORE_GIB * GiB,
+        }
+    return {
+        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "shmSize": "1Gi",
+        "objectStoreMemoryBytes": CPU_OBJECT_STORE_MIB * 1024**2,
+    }
+
+
+def render_helm_values(cfg: ClusterConfig) -> dict[str, Any]:
+    """Values for helm/mistral-large-serve derived from `cfg` (one source of truth)."""
+    gpu = cfg.node.accelerator == "gpu"
+    values: dict[str, Any] = {
+        "profile": cfg.profile,
+        "rayVersion": RAY_VERSION,
+        "serveConfigV2": render_serve_config_yaml(cfg),
+        "httpPort": cfg.http_port,
+        "servedModelName": cfg.model.served_name,
+        "node": {
+            "accelerator": cfg.node.accelerator,
+            "gpuProduct": cfg.node.gpu_product if gpu else "",
+            "gpusPerNode": cfg.node.gpus_per_node,
+        },
+        "head": _head(cfg),
+        "workerGroups": [worker_group(cfg, pool) for pool in cfg.pools],
+        "weights": _weights(cfg),
+        "sessions": {
+            "enabled": cfg.sessions.enabled,
+            "redisUrlEnv": cfg.sessions.redis_url_env or "",
+        },
+        "auth": {
+            "enabled": cfg.auth.enabled,
+            "apiKeysEnv": cfg.auth.api_keys_env or "",
+            "tenantsInConfig": bool(cfg.auth.tenants),
+        },
+        "telemetry": {
+            "otlpEndpoint": cfg.telemetry.otlp_endpoint or "",
+            "serviceName": cfg.telemetry.service_name,
+        },
+    }
+    if not gpu:
+        # The CPU demo targets a laptop cluster (kind, minikube) without the Prometheus
+        # Operator; a small Redis volume is plenty for demo sessions.
+        values["monitoring"] = {"enabled": False}
+        values["redis"] = {"bundled": {"persistence": {"size": "1Gi"}}}
+    return values
+
+
+class _BlockStringDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the embedded serve config) as readable `|` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_BlockStringDumper.add_representer(str, _represent_str)
+
+
+def render_helm_values_yaml(cfg: ClusterConfig) -> str:
+    body = yaml.dump(render_helm_values(cfg), Dumper=_BlockStringDumper, sort_keys=False, width=120)
+    return HEADER.format(profile=cfg.profile) + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.profiles import PROFILES, load_profile
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", choices=sorted(PROFILES), help="named profile")
+    source.add_argument("--config", help="ClusterConfig YAML file")
+    parser.add_argument("--out", help="write here instead of stdout")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_profile(args.profile) if args.profile else ClusterConfig.from_file(args.config)
+        text = render_helm_values_yaml(cfg)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
