@@ -292,6 +292,21 @@ def _wait_counters(
     return last
 
 
+def _wait_quiet(metrics_url: str, timeout_s: float, polls: int = 4) -> tuple[float, float] | None:
+    """The prefix-cache counters once they stop moving (`polls` equal reads, 3 s apart)."""
+    deadline = time.monotonic() + timeout_s
+    last: tuple[float, float] | None = None
+    stable = 0
+    while time.monotonic() < deadline:
+        now = read_prefix_counters(metrics_url)
+        stable = stable + 1 if now is not None and now == last else 0
+        if stable >= polls - 1:
+            return now
+        last = now
+        time.sleep(3.0)
+    return last
+
+
 def replay_and_measure(
     base_url: str,
     metrics_url: str | None,
@@ -310,10 +325,11 @@ def replay_and_measure(
     before = (0.0, 0.0)
     if warm_up_requests:
         asyncio.run(warm_up(base_url, model, vocab, warm_up_requests, api_key))
-        if metrics_url:
-            # Ray exports every few seconds: let the warm-up's counts arrive first.
-            settled = _wait_counters(metrics_url, before, WARM_UP_PROMPT * warm_up_requests, timeout_s=45)
-            before = settled or before
+    if metrics_url:
+        # The counters are cumulative and Ray exports them every few seconds: wait until
+        # everything sent before (the warm-up, earlier traffic) has arrived, so the
+        # replay's delta holds the replay alone.
+        before = _wait_quiet(metrics_url, timeout_s=60) or before
     outcomes, wall = asyncio.run(replay(base_url, model, trace, vocab, max_in_flight, progress, api_key))
     summary = summarize_replay(trace, outcomes, wall)
     summary["engine_token_hit_rate"] = None

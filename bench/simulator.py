@@ -249,14 +249,7 @@ class ClusterSimulator:
                 seqs[i - 1] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
-                route = RouteRequest(
-                    request_id=req.request_id,
-                    prompt_tokens=req.prompt_tokens,
-                    block_hashes=seq.hashes,
-                    max_tokens=req.output_tokens,
-                    session_id=req.session_id,
-                    affinity_replica=affinity if affinity in pool.by_id else None,
-                )
+                route = _route_request(seq, affinity if affinity in pool.by_id else None)
                 decision = pool.policy.choose(route, views)
                 if decision.replica_id not in pool.by_id:
                     raise RuntimeError(
@@ -329,14 +322,7 @@ class ClusterSimulator:
         req = seq.req
         if req.session_id:
             session_replica[req.session_id] = rep.replica_id
-        route = RouteRequest(
-            request_id=req.request_id,
-            prompt_tokens=req.prompt_tokens,
-            block_hashes=seq.hashes,
-            max_tokens=req.output_tokens,
-            session_id=req.session_id,
-        )
-        pool.policy.on_finished(route, rep.replica_id, cached)
+        pool.policy.on_finished(_route_request(seq), rep.replica_id, cached)
 
     def _result(self, seqs: Sequence[Seq | None], rejected: list[bool], spilled: list[bool], wall: float) -> SimResult:
         reqs = self.trace.requests
@@ -384,3 +370,16 @@ class ClusterSimulator:
             wall_s=wall,
             step_time_notes=list(self.step_time_notes),
         )
+
+
+def _route_request(seq: Seq, affinity_replica: str | None = None) -> RouteRequest:
+    """What the routing policy sees of a simulated request (as the gateway's hint)."""
+    req = seq.req
+    return RouteRequest(
+        request_id=req.request_id,
+        prompt_tokens=req.prompt_tokens,
+        block_hashes=seq.hashes,
+        max_tokens=req.output_tokens,
+        session_id=req.session_id,
+        affinity_replica=affinity_replica,
+    )

@@ -356,11 +356,8 @@ class Gateway(OpenAiIngress):
         """Store the turn: a streamed reply when its stream completes, a whole one now."""
         replica = response.headers.get("X-Served-By")
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self.sessions.stream_and_commit(
-                session,
-                response.body_iterator,
-                replica_id=replica,  # type: ignore[arg-type]
-            )
+            upstream: Any = response.body_iterator  # the ingress's SSE strings
+            response.body_iterator = self.sessions.stream_and_commit(session, upstream, replica_id=replica)
             return response
         if response.status_code != 200:
             return response

