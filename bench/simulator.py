@@ -382,4 +382,5 @@ def _route_request(seq: Seq, affinity_replica: str | None = None) -> RouteReques
         max_tokens=req.output_tokens,
         session_id=req.session_id,
         affinity_replica=affinity_replica,
+        arrival_s=req.arrival_s,  # routed on arrival, on the simulator's clock
     )

@@ -113,7 +113,7 @@ def start_local_cluster(
 
     if quiet:
         # The driver would print every deployment's options and each client HTTP call.
-        for name in ("ray.serve", "ray.llm", "httpx"):
+        for name in ("ray.serve", "ray.llm", "httpx", "httpx2", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.monotonic()
     http_port = http_port or free_port()

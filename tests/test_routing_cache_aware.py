@@ -36,9 +36,10 @@ def policy(**kw: object) -> CacheAwarePolicy:
 def test_shared_prefix_goes_to_its_holder() -> None:
     p = policy()
     system = tokens(1, 2048)
-    first = p.choose(request(system + tokens(2, 100)), views())
+    first = p.choose(request(system + tokens(2, 100), arrival_s=0.0), views())
     for k in range(10):
-        d = p.choose(request(system + tokens(10 + k, 100)), views())
+        # One second apart: each earlier prefill (0.27 s at most) is done.
+        d = p.choose(request(system + tokens(10 + k, 100), arrival_s=1.0 + k), views())
         assert d.replica_id == first.replica_id
         assert d.matched_blocks == 2048 // B
         assert d.reason == "cache"
@@ -147,3 +148,25 @@ def test_scores_are_the_documented_expected_ttft() -> None:
     for v in vs:
         cached = 1024 if v.replica_id == "r1" else 0
         assert abs(d.scores[v.replica_id] - p.expected_ttft_s(v, len(prompt) - cached)) < 1e-12
+
+
+def test_prefill_backlog_spreads_a_burst_the_statistics_cannot_see_yet() -> None:
+    """Stats still say every replica is idle, but the router knows it just sent 10 s of
+    prefill (80k tokens) to one of them: the next long prompt goes elsewhere, and once
+    that work has drained the first replica is a candidate again."""
+    p = policy()
+    idle = views(2)
+    first = p.choose(request(tokens(1, 80_000), "a", arrival_s=0.0), idle)
+    second = p.choose(request(tokens(2, 8_000), "b", arrival_s=0.5), idle)
+    assert second.replica_id != first.replica_id
+    assert second.scores[first.replica_id] > 9.0  # 9.5 s of backlog left + its own 1 s
+    later = p.choose(request(tokens(3, 8_000), "c", arrival_s=20.0), idle)
+    assert later.scores[first.replica_id] == later.scores[second.replica_id]  # both drained
+
+
+def test_backlog_can_be_turned_off() -> None:
+    p = policy(backlog_weight=0.0)
+    idle = views(2)
+    p.choose(request(tokens(1, 80_000), "a", arrival_s=0.0), idle)
+    d = p.choose(request(tokens(2, 8_000), "b", arrival_s=0.5), idle)
+    assert d.scores["r0"] == d.scores["r1"]  # only the (idle) statistics count

@@ -47,6 +47,9 @@ class RouteRequest:
     # Prompt text where known (the char-tree baseline matches on it); the simulator,
     # which only has block ids, leaves it None.
     text: str | None = None
+    # When the router got the request, in seconds of any monotonic clock: the simulator
+    # passes its own clock; None means "now" (time.monotonic()) for live routers.
+    arrival_s: float | None = None
 
 
 @dataclass
