@@ -30,7 +30,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,13 @@ from cluster.config import ClusterConfig
 from cluster.routing.block_hash import chain_block_hashes
 from cluster.routing.hints import HINTS, RoutingHint
 from cluster.routing.pool_selector import ContextTooLong, PoolLoad, PoolSelector
-from cluster.sessions import ApiError, PreparedTurn, SessionFlow, reply_from_completion, session_id_from_request
+from cluster.sessions import (
+    ApiError,
+    PreparedTurn,
+    ReplyAccumulator,
+    SessionFlow,
+    session_id_from_request,
+)
 from cluster.sessions import api as session_api
 from cluster.telemetry import configure_tracing, tracer
 from cluster.tokenizer import PromptTokenizer
@@ -88,73 +94,23 @@ class RequestRoute:
     session: PreparedTurn | None = None
     spilled_from: str | None = None
     started: float = field(default_factory=time.monotonic)
-    # Accumulated reply (choice 0), for the held tokens.
-    reply_text: list[str] = field(default_factory=list)
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The reply (choice 0) as it goes by, for the tokens the engine will hold.
+    reply: ReplyAccumulator = field(default_factory=ReplyAccumulator)
     closed: bool = False
 
 
-class _ReplyAccumulator:
-    """Collects choice 0 of a response (whole or streamed) into a RequestRoute."""
-
-    @staticmethod
-    def whole(route: RequestRoute, response: Any) -> None:
-        data = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-        choices = data.get("choices") or []
-        if not choices:
-            return
-        first = choices[0]
-        if route.kind == "chat":
-            msg = first.get("message") or {}
-            route.reply_text.append(msg.get("content") or "")
-            for i, call in enumerate(msg.get("tool_calls") or []):
-                route.tool_calls[i] = {
-                    "id": call.get("id") or "",
-                    "type": "function",
-                    "function": dict(call.get("function") or {}),
-                }
-        else:
-            route.reply_text.append(first.get("text") or "")
-
-    @staticmethod
-    def packets(route: RequestRoute, item: Any) -> None:
-        packets = item if isinstance(item, list) else [item]
-        for packet in packets:
-            if not isinstance(packet, str):
-                continue
-            for line in packet.splitlines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: ") :].strip()
-                if payload == "[DONE]":
-                    continue
+def _sse_chunks(item: Any) -> Iterator[dict[str, Any]]:
+    """The JSON chunks in one item of the ingress's SSE stream (a string or a list of them)."""
+    for packet in item if isinstance(item, list) else [item]:
+        if not isinstance(packet, str):
+            continue
+        for line in packet.splitlines():
+            payload = line[len("data: ") :].strip() if line.startswith("data: ") else ""
+            if payload and payload != "[DONE]":
                 try:
-                    chunk = json.loads(payload)
+                    yield json.loads(payload)
                 except ValueError:
                     continue
-                _ReplyAccumulator._chunk(route, chunk)
-
-    @staticmethod
-    def _chunk(route: RequestRoute, chunk: dict[str, Any]) -> None:
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
-                continue
-            if route.kind != "chat":
-                route.reply_text.append(choice.get("text") or "")
-                continue
-            delta = choice.get("delta") or {}
-            route.reply_text.append(delta.get("content") or "")
-            for call in delta.get("tool_calls") or []:
-                slot = route.tool_calls.setdefault(
-                    int(call.get("index", 0)), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-                )
-                if call.get("id"):
-                    slot["id"] = call["id"]
-                fn = call.get("function") or {}
-                if fn.get("name"):
-                    slot["function"]["name"] += fn["name"]
-                if fn.get("arguments"):
-                    slot["function"]["arguments"] += fn["arguments"]
 
 
 def _error_response(err: errors.APIError) -> JSONResponse:
@@ -349,10 +305,10 @@ class Gateway(OpenAiIngress):
             span.set_attribute("pool", response.headers.get("X-Pool", ""))
             span.set_attribute("replica", response.headers.get("X-Served-By", ""))
             if session is not None:
-                response = await self._commit_session(session, response)
+                response = await self._commit_session(session, response, request.state.route.reply)
             return response
 
-    async def _commit_session(self, session: PreparedTurn, response: Response) -> Response:
+    async def _commit_session(self, session: PreparedTurn, response: Response, reply: ReplyAccumulator) -> Response:
         """Store the turn: a streamed reply when its stream completes, a whole one now."""
         replica = response.headers.get("X-Served-By")
         if isinstance(response, StreamingResponse):
@@ -361,13 +317,9 @@ class Gateway(OpenAiIngress):
             return response
         if response.status_code != 200:
             return response
-        data = json.loads(bytes(response.body))
-        usage = data.get("usage") or {}
         # A 409 (another turn of this session won the race) or 503 (Redis down): the reply
         # is not stored, so it is not returned either; the client retries the turn.
-        await self.sessions.commit(
-            session, reply_from_completion(data), replica_id=replica, reply_tokens=usage.get("completion_tokens")
-        )
+        await self.sessions.commit(session, reply.message(), replica_id=replica, reply_tokens=reply.completion_tokens)
         return response
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -476,16 +428,17 @@ class Gateway(OpenAiIngress):
             async for item in getattr(handle, call_method).remote(body, raw_info):
                 first = item[0] if isinstance(item, list) and item else item
                 if isinstance(first, NON_STREAMING_RESPONSE_TYPES):
-                    _ReplyAccumulator.whole(route, first)
+                    route.reply.add_whole(first.model_dump())
                     self._close(route, body, ok=True)
                 elif not _is_error(first):
-                    _ReplyAccumulator.packets(route, item)
+                    for chunk in _sse_chunks(item):
+                        route.reply.add(chunk)
                 yield item
             ok = True
         finally:
             # Stream finished, failed or the client went away: the engine has cached
             # what it processed either way.
-            self._close(route, body, ok=ok or bool(route.reply_text))
+            self._close(route, body, ok=ok or route.reply.chunks > 0)
 
     # ---- session resources ------------------------------------------------------------------
 
@@ -525,11 +478,9 @@ class Gateway(OpenAiIngress):
             HINTS.pop(route.request_id)
 
     def _held_ids(self, route: RequestRoute, body: Any) -> list[int]:
-        text = "".join(route.reply_text)
         if route.kind == "chat":
-            calls = [route.tool_calls[i] for i in sorted(route.tool_calls)]
-            return self.tokenizer.chat_held_ids(body, route.prompt_ids, text, calls)
-        return self.tokenizer.completion_held_ids(route.prompt_ids, text)
+            return self.tokenizer.chat_held_ids(body, route.prompt_ids, route.reply.content, route.reply.tool_calls)
+        return self.tokenizer.completion_held_ids(route.prompt_ids, route.reply.content)
 
 
 def _is_error(item: Any) -> bool:

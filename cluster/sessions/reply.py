@@ -2,7 +2,9 @@
 
 `ReplyAccumulator` folds streamed `chat.completion.chunk` objects (choice 0) into one
 assistant message: content deltas are concatenated and tool-call deltas merged by their
-`index` (id, type and function name arrive once, `arguments` in pieces).
+`index` (id, type and function name arrive once, `arguments` in pieces). It also takes
+`text_completion` chunks (`choices[0].text`) and whole responses (`add_whole`), so the
+gateway uses the same fold for what the engine will cache.
 `reply_from_completion` takes the message of a non-streamed response.
 """
 
@@ -34,6 +36,8 @@ class ReplyAccumulator:
             if choice.get("index", 0) != 0:
                 continue  # n > 1: the session keeps choice 0
             self.chunks += 1
+            if choice.get("text"):  # a text_completion chunk
+                self._content.append(choice["text"])
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self._content.append(delta["content"])
@@ -57,17 +61,39 @@ class ReplyAccumulator:
         if fn.get("arguments"):
             slot["function"]["arguments"] += fn["arguments"]
 
+    def add_whole(self, response: Mapping[str, Any]) -> None:
+        """A non-streamed `chat.completion` or `text_completion` response, as one chunk."""
+        chunk: dict[str, Any] = {"usage": response.get("usage"), "choices": []}
+        for choice in response.get("choices") or []:
+            message = choice.get("message") or {}
+            chunk["choices"].append(
+                {
+                    "index": choice.get("index", 0),
+                    "text": choice.get("text"),
+                    "delta": {"content": message.get("content"), "tool_calls": message.get("tool_calls")},
+                    "finish_reason": choice.get("finish_reason"),
+                }
+            )
+        self.add(chunk)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """Merged tool calls in index order (OpenAI message shape)."""
+        return [{k: v for k, v in self._tool_calls[i].items() if v is not None} for i in sorted(self._tool_calls)]
+
     @property
     def complete(self) -> bool:
         """A reply worth storing: no error, at least one choice chunk, and a finish reason."""
         return self.error is None and self.chunks > 0 and self.finish_reason is not None
 
     def message(self) -> Message:
-        raw: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None}
+        raw: dict[str, Any] = {"role": "assistant", "content": self.content or None}
         if self._tool_calls:
-            raw["tool_calls"] = [
-                {k: v for k, v in self._tool_calls[i].items() if v is not None} for i in sorted(self._tool_calls)
-            ]
+            raw["tool_calls"] = self.tool_calls
         return normalize_message(raw, where="reply")
 
 
