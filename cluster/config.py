@@ -101,6 +101,13 @@ class PoolConfig(_Strict):
     def start_replicas(self) -> int:
         return self.initial_replicas if self.initial_replicas is not None else max(1, self.min_replicas)
 
+    @property
+    def ray_resource(self) -> str:
+        """Custom Ray resource that this pool's nodes advertise (one unit per bundle slot)
+        and its engine bundles ask for, so a replica lands on its own pool's worker group
+        and the autoscaler grows the right group (see NodeShape.pin_pools)."""
+        return "pool_" + self.name.replace("-", "_")
+
 
 class NodeShape(_Strict):
     """One Kubernetes GPU node (or the local CPU machine): a replica never spans nodes."""
@@ -111,6 +118,9 @@ class NodeShape(_Strict):
     gpu_memory_gib: float = Field(80.0, ge=0)
     cpus_per_node: int = Field(96, ge=1)
     memory_gib: float = Field(1800.0, gt=0)
+    # Engine bundles ask for their pool's resource (PoolConfig.ray_resource): without it
+    # any GPU worker group may host any pool's replica and pod bounds per pool mean little.
+    pin_pools: bool = True
 
 
 class RouterConfig(_Strict):

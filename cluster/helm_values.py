@@ -86,13 +86,6 @@ def replicas_per_pod(cfg: ClusterConfig, pool: PoolConfig) -> int:
     return 1
 
 
-def ray_resource_name(pool: PoolConfig) -> str:
-    """Custom Ray resource a pool's worker pods advertise, one unit per placement-group
-    bundle slot (per GPU on GPU nodes), so a pool's engine bundles can pin themselves to
-    their own worker group by asking for `{name: 1}` next to `GPU: 1`."""
-    return "pool_" + pool.name.replace("-", "_")
-
-
 def bundle_slots_per_pod(cfg: ClusterConfig, pool: PoolConfig) -> int:
     if cfg.node.accelerator == "gpu":
         return cfg.node.gpus_per_node
@@ -123,7 +116,9 @@ def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         "resources": pod_resources(cfg, pool),
         "shmSize": shm,
         "objectStoreMemoryBytes": object_store_bytes,
-        "rayResources": {ray_resource_name(pool): bundle_slots_per_pod(cfg, pool)},
+        # One unit per bundle slot (per GPU on GPU nodes): the engines' bundles ask for
+        # {GPU: 1, pool_<name>: 1} when node.pin_pools is on.
+        "rayResources": {pool.ray_resource: bundle_slots_per_pod(cfg, pool)},
         # Weight volume when fetched from an object store: the checkpoint plus 10%.
         "weightsSizeLimit": _quantity_gib(plan.weight_bytes_total / GiB * 1.1 + 1),
     }

@@ -125,8 +125,11 @@ def start_local_cluster(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cpus = logical_cpus(cfg)
     progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
+    # This one node stands in for every pool's worker group.
+    pool_slots = {p.ray_resource: float(p.max_replicas * p.engine.tensor_parallel_size) for p in cfg.pools}
     ray.init(
         num_cpus=cpus,
+        resources=pool_slots if cfg.node.pin_pools else None,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
         _metrics_export_port=free_port(),

@@ -136,6 +136,8 @@ PROFILES: dict[str, Callable[[], ClusterConfig]] = {
 
 def load_profile(name: str) -> ClusterConfig:
     try:
-        return PROFILES[name]()
+        # Deep copy: profiles share module-level parts (node shapes, engine args), which a
+        # caller's edits must never reach.
+        return PROFILES[name]().model_copy(deep=True)
     except KeyError:
         raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None

@@ -62,8 +62,11 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
 
 
 def placement_group_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
-    """One bundle per TP rank, STRICT_PACK: a replica never spans nodes."""
-    bundle = {"GPU": 1} if cfg.node.accelerator == "gpu" else {"CPU": 1}
+    """One bundle per TP rank, STRICT_PACK: a replica never spans nodes; with pinning,
+    only on nodes of the pool's own worker group."""
+    bundle: dict[str, float] = {"GPU": 1} if cfg.node.accelerator == "gpu" else {"CPU": 1}
+    if cfg.node.pin_pools:
+        bundle[pool.ray_resource] = 1
     return {"bundles": [dict(bundle) for _ in range(pool.engine.tensor_parallel_size)], "strategy": "STRICT_PACK"}
 
 

@@ -152,7 +152,9 @@ def test_gpu_pool_engine_arguments() -> None:
     assert kw["disable_log_stats"] is False
     assert "model" not in kw and "served_model_name" not in kw  # ray.serve.llm sets those
     pg = placement_group_config(cfg, pool)
-    assert pg == {"bundles": [{"GPU": 1}] * 8, "strategy": "STRICT_PACK"}
+    assert pg == {"bundles": [{"GPU": 1, "pool_long": 1}] * 8, "strategy": "STRICT_PACK"}
+    cfg.node.pin_pools = False
+    assert placement_group_config(cfg, pool) == {"bundles": [{"GPU": 1}] * 8, "strategy": "STRICT_PACK"}
     rc = request_router_config(cfg, pool)
     assert rc["request_router_class"] == "deployments.request_router:PolicyRequestRouter"
     assert rc["request_router_kwargs"]["policy"] == cfg.router.policy
@@ -174,7 +176,7 @@ def test_fp8_and_cpu_specifics() -> None:
     kw = engine_kwargs(cpu, pool)
     assert "gpu_memory_utilization" not in kw and kw["enforce_eager"] is True
     assert kw["block_size"] % 32 == 0  # vLLM's CPU attention kernels need multiples of 32
-    assert placement_group_config(cpu, pool) == {"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"}
+    assert placement_group_config(cpu, pool) == {"bundles": [{"CPU": 1, "pool_standard": 1}], "strategy": "STRICT_PACK"}
     cpu.router.policy = "ray-default"
     assert "request_router_class" not in request_router_config(cpu, pool)
 
@@ -210,3 +212,12 @@ def test_cli_refuses_an_impossible_config_with_the_numbers(tmp_path: Path) -> No
     with pytest.raises(SystemExit) as info:
         main(["plan", "--config", str(path)])
     assert "144.0 GiB" in str(info.value.code) and "228.4 GiB" in str(info.value.code)
+
+
+def test_loaded_profiles_are_independent_copies() -> None:
+    first = load_profile("h100x8-bf16")
+    first.node.pin_pools = False
+    first.pools[0].engine.max_num_seqs = 1
+    again = load_profile("h100x8-bf16")
+    assert again.node.pin_pools is True
+    assert again.pools[0].engine.max_num_seqs != 1
