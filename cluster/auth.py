@@ -36,6 +36,7 @@ class AuthError(ApiError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
+    @property
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="mistral-large-serve"'}
 

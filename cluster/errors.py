@@ -28,7 +28,12 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = headers or {}
+        self._headers = dict(headers or {})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers (Retry-After, WWW-Authenticate); subclasses may compute them."""
+        return self._headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)

@@ -58,7 +58,6 @@ from cluster.routing.block_hash import chain_block_hashes
 from cluster.routing.hints import HINTS, RoutingHint
 from cluster.routing.pool_selector import ContextTooLong, PoolLoad, PoolSelector
 from cluster.sessions import (
-    ApiError,
     PreparedTurn,
     ReplyAccumulator,
     SessionFlow,
@@ -142,17 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(errors.APIError(exc.status_code, str(exc.detail), type=kind))
 
-    async def on_session_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return session_api.error_response(exc)
-
     async def on_openai(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, OpenAIHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _error_response(errors.APIError(exc.status_code, exc.message, type=kind, code=str(exc.type)))
 
     app.add_exception_handler(errors.APIError, on_api_error)
-    app.add_exception_handler(ApiError, on_session_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(OpenAIHTTPException, on_openai)

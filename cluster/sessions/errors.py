@@ -1,7 +1,9 @@
 """Typed session errors and their HTTP form (status, OpenAI-style body, headers).
 
-The gateway and the session endpoints turn any `ApiError` into a response with
-`err.http()`; the body has OpenAI's shape so SDK clients surface the message:
+`ApiError` is the project's `cluster.errors.APIError` with its status, type and code
+declared per class, so the gateway answers session and auth errors with the same handler
+as every other refusal; `err.http()` gives the response parts to code outside FastAPI.
+The body has OpenAI's shape so SDK clients surface the message:
 `{"error": {"message": ..., "type": ..., "param": null, "code": ...}}`.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from cluster.errors import APIError
 
 
 @dataclass(frozen=True)
@@ -18,11 +22,7 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def openai_error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class ApiError(Exception):
+class ApiError(APIError):
     """An error a client caused or must react to; `http()` is its response."""
 
     status = 500
@@ -31,18 +31,11 @@ class ApiError(Exception):
     param: str | None = None
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def headers(self) -> dict[str, str]:
-        return {}
+        cls = type(self)
+        super().__init__(cls.status, message, type=cls.type, param=cls.param, code=cls.code)
 
     def http(self) -> HttpError:
-        return HttpError(
-            self.status,
-            openai_error_body(self.message, type=self.type, code=self.code, param=self.param),
-            self.headers(),
-        )
+        return HttpError(self.status, self.body(), self.headers)
 
 
 class SessionError(ApiError):
@@ -122,6 +115,7 @@ class SessionStoreUnavailable(SessionError):
         )
         self.retry_after_s = retry_after_s
 
+    @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 
@@ -135,5 +129,4 @@ __all__ = [
     "SessionNotFound",
     "SessionStoreUnavailable",
     "SessionsDisabled",
-    "openai_error_body",
 ]
