@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
@@ -92,7 +91,6 @@ class RequestRoute:
     tenant: str
     session: PreparedTurn | None = None
     spilled_from: str | None = None
-    started: float = field(default_factory=time.monotonic)
     # The reply (choice 0) as it goes by, for the tokens the engine will hold.
     reply: ReplyAccumulator = field(default_factory=ReplyAccumulator)
     closed: bool = False
@@ -159,7 +157,7 @@ class Gateway(OpenAiIngress):
         if missing:
             raise ValueError(f"gateway got no handle for pools {sorted(missing)}")
         self.served_name = self.cfg.model.served_name
-        cards = {name: self._card(name) for name in pools}
+        cards = {name: self._card() for name in pools}
         super().__init__(llm_deployments=pools, model_cards=cards)
         self._pool_handles = {name: h.options(stream=True) for name, h in pools.items()}
         self.selector = PoolSelector(self.cfg.pools)
@@ -181,7 +179,7 @@ class Gateway(OpenAiIngress):
         self._background: set[asyncio.Task[Any]] = set()
         self._status_task: asyncio.Task[None] | None = None
 
-    def _card(self, pool: str | None = None) -> ModelCard:
+    def _card(self) -> ModelCard:
         return ModelCard(
             id=self.served_name,
             object="model",

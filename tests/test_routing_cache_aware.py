@@ -160,6 +160,10 @@ def test_prefill_backlog_spreads_a_burst_the_statistics_cannot_see_yet() -> None
     second = p.choose(request(tokens(2, 8_000), "b", arrival_s=0.5), idle)
     assert second.replica_id != first.replica_id
     assert second.scores[first.replica_id] > 9.0  # 9.5 s of backlog left + its own 1 s
+    # The inlined scoring loop and the reference formula agree.
+    busy = next(v for v in idle if v.replica_id == first.replica_id)
+    assert p.backlog_s(first.replica_id, 0.5) == 9.5
+    assert abs(second.scores[first.replica_id] - p.expected_ttft_s(busy, 8_000, backlog_s=9.5)) < 1e-12
     later = p.choose(request(tokens(3, 8_000), "c", arrival_s=20.0), idle)
     assert later.scores[first.replica_id] == later.scores[second.replica_id]  # both drained
 

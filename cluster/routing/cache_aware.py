@@ -153,8 +153,13 @@ class CacheAwarePolicy:
             return True
         return r.kv_usage >= self.kv_overload
 
-    def expected_ttft_s(self, r: ReplicaView, uncached_tokens: int) -> float:
-        """queue_delay(r) + prefill of `uncached_tokens` on r (see the module docstring)."""
+    def backlog_s(self, replica_id: str, now: float) -> float:
+        """Prefill work this router sent to the replica that is not done yet at `now`."""
+        return max(0.0, self._backlog_until.get(replica_id, now) - now)
+
+    def expected_ttft_s(self, r: ReplicaView, uncached_tokens: int, backlog_s: float = 0.0) -> float:
+        """max(queue_delay(r) + prefill of `uncached_tokens` on r, the router's own prefill
+        backlog there + that prefill) (see the module docstring)."""
         # Running decodes take one token each of every step's budget; the rest prefills.
         rate = self.prefill_tokens_per_s * max(0.05, 1.0 - r.num_running / self.batch_tokens)
         queued = r.num_waiting + self.in_flight_weight * r.in_flight
@@ -165,7 +170,10 @@ class CacheAwarePolicy:
             queue_s += (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.request_duration_s
         if r.kv_usage > self.kv_high:
             queue_s += self.kv_penalty_s * (r.kv_usage - self.kv_high) / max(1e-6, 1.0 - self.kv_high)
-        return queue_s + uncached_tokens / rate
+        ttft = queue_s + uncached_tokens / rate
+        if self.backlog_weight and backlog_s > 0:
+            ttft = max(ttft, self.backlog_weight * backlog_s + uncached_tokens / self.prefill_tokens_per_s)
+        return ttft
 
     # --- RoutingPolicy ---------------------------------------------------------------
 
