@@ -26,15 +26,18 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from cluster.config import AuthConfig
-from cluster.sessions.errors import ApiError
+from cluster.errors import APIError
 
 log = logging.getLogger(__name__)
 
 
-class AuthError(ApiError):
+class AuthError(APIError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message=message)
 
     @property
     def headers(self) -> dict[str, str]:

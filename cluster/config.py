@@ -18,6 +18,8 @@ from cluster.architecture import MISTRAL_LARGE_2, ModelArchitecture
 from cluster.memory import GiB, MemoryPlan, plan_replica
 
 SERVED_MODEL_NAME = "mistral-large-2411"
+# router.policy value that keeps Ray Serve's own router (power of two choices).
+RAY_DEFAULT_POLICY = "ray-default"
 
 
 class _Strict(BaseModel):
@@ -35,6 +37,9 @@ class ModelConfig(_Strict):
     config_format: Literal["mistral", "hf", "auto"] = "mistral"
     load_format: Literal["mistral", "safetensors", "auto"] = "mistral"
     tool_call_parser: str = "mistral"
+    # The checkpoint's tokenizer file, where the gateway cannot find it from `source`
+    # (e.g. an object-store URI); see cluster.tokenizer.tokenizer_file_for.
+    tokenizer_file: str | None = None
 
 
 class EngineArgs(_Strict):
@@ -56,7 +61,14 @@ class EngineArgs(_Strict):
     reserve_gib_per_device: float = Field(4.0, ge=0.0)
     # CPU backend only: fixed KV cache size (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_space_gib: int = Field(1, ge=1)
+    # Serve's per-replica cap; None: 4 x max_num_seqs (at least 64). Engines queue in
+    # vLLM's own scheduler, so this only guards runaway load.
+    max_ongoing_requests: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def serve_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or max(self.max_num_seqs * 4, 64)
 
     def kv_dtype(self) -> str:
         """Storage type of the KV cache: fp8 when asked for, else the activation dtype."""
@@ -133,6 +145,19 @@ class RouterConfig(_Strict):
     index_block_size: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_policy(self) -> RouterConfig:
+        # Build the policy once so a typo fails `cluster plan` / `render`, not the router
+        # inside a running gateway replica.
+        if self.policy == RAY_DEFAULT_POLICY:
+            if self.options:
+                raise ValueError(f"router.options do not apply to policy {RAY_DEFAULT_POLICY!r}")
+            return self
+        from cluster.routing.registry import make_policy
+
+        make_policy(self.policy, block_size=self.index_block_size or 16, **self.options)
+        return self
+
 
 class SessionConfig(_Strict):
     """Redis-backed conversation state; see cluster.sessions."""
@@ -188,6 +213,23 @@ class AuthConfig(_Strict):
         return self
 
 
+class GatewayConfig(_Strict):
+    """The ingress deployment (CPU only): Serve autoscales it on ongoing requests."""
+
+    min_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(8, ge=1)
+    target_ongoing_requests: int = Field(256, ge=1)
+    # Each gateway request is a cheap async stream; the cap only guards runaway load.
+    max_ongoing_requests: int = Field(4096, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GatewayConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"gateway.min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class TelemetryConfig(_Strict):
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317
     service_name: str = "mistral-large-serve"
@@ -201,6 +243,7 @@ class ClusterConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     sessions: SessionConfig = Field(default_factory=SessionConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     http_port: int = Field(8000, ge=1, le=65535)
 

@@ -6,28 +6,44 @@ Every refusal the gateway makes goes through `APIError`, so clients (the officia
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.routing.pool_selector import ContextTooLong
 
 
 class APIError(Exception):
-    """An error answered to the client as-is (never a 500 with a stack trace)."""
+    """An error answered to the client as-is (never a 500 with a stack trace).
+
+    Raise it with a status and message, or subclass it and declare `status`, `type`,
+    `code` and `param` on the class (the session and auth errors do)."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
 
     def __init__(
         self,
-        status: int,
-        message: str,
+        status: int | None = None,
+        message: str = "",
         *,
-        type: str = "invalid_request_error",
+        type: str | None = None,
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
+        if status is not None:
+            self.status = status
+            self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        elif type is not None:
+            self.type = type
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
         self._headers = dict(headers or {})
 
     @property
@@ -62,15 +78,14 @@ def model_not_found(requested: str, served: str) -> APIError:
     )
 
 
-def context_length_exceeded(prompt_tokens: int, max_tokens: int | None, limit: int) -> APIError:
-    """Prompt plus requested completion beyond the largest pool's context."""
-    completion = max_tokens if max_tokens is not None else 1
-    requested = prompt_tokens + completion
-    what = f"{prompt_tokens} in the messages, {completion} in the completion"
+def context_length_exceeded(exc: ContextTooLong) -> APIError:
+    """Prompt plus requested completion beyond the largest pool's context (the numbers are
+    the pool selector's, so they are computed in one place)."""
+    what = f"{exc.prompt_tokens} in the messages, {exc.completion_tokens} in the completion"
     return APIError(
         400,
-        f"This model's maximum context length is {limit} tokens. However, you requested "
-        f"{requested} tokens ({what}). Please reduce the length of the messages or completion.",
+        f"This model's maximum context length is {exc.limit} tokens. However, you requested "
+        f"{exc.requested} tokens ({what}). Please reduce the length of the messages or completion.",
         param="messages",
         code="context_length_exceeded",
     )

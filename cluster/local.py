@@ -21,6 +21,7 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.serve_config import APP_NAME, engine_env
+from cluster.upstream import ray_serve as upstream_ray
 
 Progress = Callable[[str], None]
 
@@ -67,9 +68,7 @@ class LocalCluster:
 def _log_dir() -> str:
     """Where Ray writes this session's logs (engines, gateway, controller)."""
     try:
-        from ray._private import worker  # no public accessor for the session's log dir
-
-        return str(worker._global_node.get_logs_dir_path())  # type: ignore[attr-defined,union-attr]
+        return upstream_ray.node_log_dir()
     except Exception:
         return "/tmp/ray/session_latest/logs"
 
@@ -106,7 +105,6 @@ def start_local_cluster(
     """Start Ray + Serve + the app and block until /readyz answers 200."""
     import ray
     from ray import serve
-    from ray.serve.api import _run
 
     from cluster.serve_config import render_serve_config
     from deployments.app import build_app
@@ -145,7 +143,7 @@ def start_local_cluster(
             + ")"
         )
         args = render_serve_config(cfg)["applications"][0]["args"]
-        _run(build_app(args), _blocking=False, name=APP_NAME, route_prefix="/")
+        upstream_ray.deploy_without_waiting(build_app(args), name=APP_NAME, route_prefix="/")
         _wait_ready(cluster, progress, timeout_s)
     except BaseException:
         cluster.stop()

@@ -9,6 +9,7 @@ from cluster.config import (
     AutoscalingConfig,
     ClusterConfig,
     EngineArgs,
+    GatewayConfig,
     ModelConfig,
     NodeShape,
     PoolConfig,
@@ -123,6 +124,8 @@ def cpu_tiny() -> ClusterConfig:
             PoolConfig(name="long", max_model_len=8192, min_replicas=1, max_replicas=1, engine=engine()),
         ],
         router=RouterConfig(stats_period_s=1.0),
+        # One gateway on a 2-core machine: the engines need the cores.
+        gateway=GatewayConfig(min_replicas=1, max_replicas=1),
     )
 
 

@@ -15,11 +15,14 @@ assistant message, with `</s>`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from cluster.config import ModelConfig
 from cluster.tiny_model import bundled_v7_tokenizer
+from cluster.upstream import vllm as upstream_vllm
 
 if TYPE_CHECKING:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -29,31 +32,23 @@ class PromptTokenizer:
     """Mistral v7 tokenization of OpenAI chat and completion requests."""
 
     def __init__(self, tokenizer_file: str | Path | None = None) -> None:
-        from mistral_common.protocol.instruct.validator import ValidationMode
-        from transformers.tokenization_mistral_common import MistralCommonBackend
-        from vllm.tokenizers.mistral import MistralTokenizer
-
         path = str(tokenizer_file or bundled_v7_tokenizer())
-        # Test mode is what vLLM serves with (it refuses any other mode).
-        self.vllm_tokenizer = MistralTokenizer(MistralCommonBackend(tokenizer_path=path, mode=ValidationMode.test))
+        self.path = path
+        self.vllm_tokenizer = upstream_vllm.mistral_tokenizer(path)
         # Finetuning mode accepts a final assistant message: the held conversation.
-        self._history = MistralCommonBackend(tokenizer_path=path, mode=ValidationMode.finetuning)
+        self._history = upstream_vllm.history_backend(path)
         self._raw = self.vllm_tokenizer.tokenizer  # mistral-common's SentencePiece tokenizer
+
+    @classmethod
+    def for_model(cls, model: ModelConfig) -> PromptTokenizer:
+        """The tokenizer of the configured checkpoint (see `tokenizer_file_for`)."""
+        return cls(tokenizer_file_for(model))
 
     @property
     def eos_id(self) -> int:
         return int(self._raw.eos_id)
 
     # ---- chat -------------------------------------------------------------------
-
-    @staticmethod
-    def _prepare(request: ChatCompletionRequest) -> None:
-        """The in-place request fix-ups vLLM applies before rendering (idempotent)."""
-        from vllm.tokenizers import mistral as mt
-
-        mt.maybe_serialize_tool_calls(request)  # type: ignore[arg-type]
-        mt.truncate_tool_call_ids(request)  # type: ignore[arg-type]
-        mt.validate_request_params(request)
 
     @staticmethod
     def _template_kwargs(request: ChatCompletionRequest) -> dict[str, Any]:
@@ -64,10 +59,10 @@ class PromptTokenizer:
     def chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         """Token ids of a chat request's prompt. Raises ValueError on a conversation the
         Mistral template refuses (e.g. two system turns in the wrong place)."""
-        from vllm.renderers.mistral import safe_apply_chat_template
-
-        self._prepare(request)
-        ids = safe_apply_chat_template(self.vllm_tokenizer, list(request.messages), **self._template_kwargs(request))
+        upstream_vllm.prepare_chat_request(request)
+        ids = upstream_vllm.apply_chat_template(
+            self.vllm_tokenizer, list(request.messages), **self._template_kwargs(request)
+        )
         if not isinstance(ids, list):  # tokenize=True always returns ids; guard the contract
             raise TypeError(f"expected token ids from the Mistral chat template, got {type(ids).__name__}")
         return [int(t) for t in ids]
@@ -114,3 +109,51 @@ class PromptTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.vllm_tokenizer.decode(list(ids)))
+
+    def count_message_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """Tokens of stored messages (session caps): each message's text and tool calls as
+        this tokenizer encodes them, plus the two control tokens that frame a message."""
+        total = 0
+        for message in messages:
+            parts = [_text(message.get("content"))]
+            for call in message.get("tool_calls") or []:
+                parts.append(json.dumps(call.get("function", call), ensure_ascii=False, sort_keys=True))
+            text = "".join(parts)
+            total += (len(self._raw.encode(text, bos=False, eos=False)) if text else 0) + 2
+        return total
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(p.get("text", "")) if isinstance(p, Mapping) else str(p) for p in content)
+
+
+# Tokenizer files of Mistral checkpoints, in the order vLLM's mistral mode prefers them.
+TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model")
+# Checkpoints whose tokenizer is the v7 SentencePiece model mistral-common ships.
+V7_CHECKPOINTS = ("Mistral-Large-Instruct-2411",)
+
+
+def tokenizer_file_for(model: ModelConfig) -> Path:
+    """The tokenizer the engines load for `model.source`: `model.tokenizer_file` when set,
+    else the checkpoint folder's own file, else the bundled v7 file for the checkpoints that
+    use it (the gateway runs without the weights). Anything else is refused at start: a
+    wrong tokenizer would silently miscount tokens, pools and prefix hashes."""
+    if model.tokenizer_file:
+        return Path(model.tokenizer_file)
+    if model.source.startswith("embedded:"):
+        return bundled_v7_tokenizer()
+    folder = Path(model.source)
+    if folder.is_dir():
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    if any(name in model.source for name in V7_CHECKPOINTS):
+        return bundled_v7_tokenizer()
+    raise ValueError(
+        f"cannot tell the tokenizer of model.source {model.source!r}: set model.tokenizer_file to the checkpoint's "
+        f"tokenizer ({' or '.join(TOKENIZER_FILES)}) so the gateway counts tokens as the engines do"
+    )

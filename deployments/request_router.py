@@ -17,10 +17,11 @@ unit tests drive). Per request, `choose_replicas`:
    because it is full, Ray marks its queue full and calls us again, and the full replica
    is then left out of the candidates).
 
-When the gateway reports a request finished (`HINTS.finish(request_id, held_tokens)`),
-the listener hashes the held tokens (prompt + reply) and feeds `policy.on_finished` on
-the router's own event loop, so the policy is only ever touched from one thread. Replica
-set changes reach `policy.on_replicas_changed`. Nothing here blocks the event loop.
+When the gateway reports a request of this router's pool finished (it hashes the held
+conversation, prompt + reply, off its event loop), the listener feeds
+`policy.on_finished` on the router's own event loop, so the policy is only ever touched
+from one thread. The subscription ends with the router. Replica set changes reach
+`policy.on_replicas_changed`. Nothing here blocks the event loop.
 
 Replica ids are `ReplicaID.unique_id` strings: the id an engine replica sees as
 `serve.get_replica_context().replica_id.unique_id`, written into `hint.chosen_replica`.
@@ -36,7 +37,7 @@ import asyncio
 import logging
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -126,7 +127,6 @@ def request_from_hint(request_id: str, hint: RoutingHint, block_size: int) -> Ro
         max_tokens=hint.max_tokens,
         session_id=hint.session_id,
         affinity_replica=hint.affinity_replica,
-        text=hint.text,
     )
 
 
@@ -146,14 +146,7 @@ class PolicyRequestRouter(RequestRouter):
         self._last_stats: dict[str, Mapping[str, Any]] = {}
         self._sessions: OrderedDict[str, str] = OrderedDict()  # fallback affinity, no hint
         self._loop: asyncio.AbstractEventLoop | None = None
-        ref = weakref.ref(self)
-
-        def on_finish(hint: RoutingHint, held_token_ids: Sequence[int]) -> None:
-            router = ref()
-            if router is not None:
-                router._on_hint_finished(hint, held_token_ids)
-
-        routing_hints.HINTS.add_listener(on_finish)
+        self._unsubscribe: Callable[[], None] | None = None
 
     def initialize_state(
         self,
@@ -167,7 +160,27 @@ class PolicyRequestRouter(RequestRouter):
         self._block_size = block_size
         self._pool = pool
         self._policy = make_policy(policy, block_size=block_size, **dict(options or {}))
+        if pool is not None:
+            self._subscribe(pool)
         logger.info(f"PolicyRequestRouter: policy={policy} block_size={block_size} pool={pool}")
+
+    def _subscribe(self, pool: str) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        ref = weakref.ref(self)
+        unsubscribe: Callable[[], None] | None = None
+
+        def on_finish(hint: RoutingHint, held_block_hashes: Sequence[int], held_tokens: int) -> None:
+            router = ref()
+            if router is None:  # the router is gone: stop listening
+                if unsubscribe is not None:
+                    unsubscribe()
+                return
+            router._on_hint_finished(hint, held_block_hashes, held_tokens)
+
+        unsubscribe = routing_hints.HINTS.subscribe(pool, on_finish)
+        self._unsubscribe = unsubscribe
+        weakref.finalize(self, unsubscribe)
 
     # --- the decision ------------------------------------------------------------
 
@@ -234,8 +247,6 @@ class PolicyRequestRouter(RequestRouter):
         if hint is not None:
             hint.chosen_replica = chosen_id
             hint.matched_blocks = decision.matched_blocks
-            if self._pool is not None:
-                hint.pool = hint.pool or self._pool
         elif request.session_id:
             self._sessions[request.session_id] = chosen_id
             self._sessions.move_to_end(request.session_id)
@@ -271,17 +282,16 @@ class PolicyRequestRouter(RequestRouter):
         self._known_ids.discard(replica_id.unique_id)
         self._policy.on_replicas_changed(sorted(self._known_ids))
 
-    def _on_hint_finished(self, hint: RoutingHint, held_token_ids: Sequence[int]) -> None:
-        """Runs in the gateway's thread: hash there, then update the policy on our loop."""
+    def _on_hint_finished(self, hint: RoutingHint, held_block_hashes: Sequence[int], held_tokens: int) -> None:
+        """Runs in the gateway's thread; the policy is updated on the router's own loop."""
         replica = hint.chosen_replica
-        if replica is None or replica not in self._known_ids:
-            return  # another pool's request
-        chain = chain_block_hashes(held_token_ids, self._block_size)
-        request = RouteRequest(request_id="", prompt_tokens=len(held_token_ids), session_id=hint.session_id)
+        if replica is None or replica not in self._known_ids or hint.hash_block_size != self._block_size:
+            return
+        request = RouteRequest(request_id="", prompt_tokens=held_tokens, session_id=hint.session_id)
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._policy.on_finished, request, replica, chain)
+        loop.call_soon_threadsafe(self._policy.on_finished, request, replica, list(held_block_hashes))
 
 
 __all__ = [

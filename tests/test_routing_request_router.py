@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import ray.cloudpickle as cloudpickle
 from ray.serve.config import RequestRouterConfig
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -44,7 +47,7 @@ def test_replica_view_from_routing_stats() -> None:
 
 def test_request_from_hint_hashes_the_gateway_tokens() -> None:
     ids = list(range(100))
-    hint = RoutingHint(prompt_token_ids=ids, max_tokens=20, session_id="s1", affinity_replica="r2")
+    hint = RoutingHint(prompt_token_ids=ids, pool="standard", max_tokens=20, session_id="s1", affinity_replica="r2")
     req = request_from_hint("rid", hint, 16)
     assert req.block_hashes == chain_block_hashes(ids, 16) and len(req.block_hashes) == 6
     assert (req.prompt_tokens, req.max_tokens, req.session_id, req.affinity_replica) == (100, 20, "s1", "r2")
@@ -67,8 +70,124 @@ def test_request_from_body_without_hint() -> None:
 def test_request_from_hint_uses_gateway_hashes_of_the_same_block_size() -> None:
     ids = list(range(64))
     pre = chain_block_hashes(ids, 16)
-    same = RoutingHint(prompt_token_ids=ids, block_hashes=pre, hash_block_size=16)
+    same = RoutingHint(prompt_token_ids=ids, pool="standard", block_hashes=pre, hash_block_size=16)
     assert request_from_hint("r", same, 16).block_hashes is pre
     # Hashed at another block size: the router rehashes at the engine's.
-    other = RoutingHint(prompt_token_ids=ids, block_hashes=chain_block_hashes(ids, 32), hash_block_size=32)
+    other = RoutingHint(
+        prompt_token_ids=ids, pool="standard", block_hashes=chain_block_hashes(ids, 32), hash_block_size=32
+    )
     assert list(request_from_hint("r", other, 16).block_hashes) == pre
+
+
+# -- PolicyRequestRouter.choose_replicas with fake running replicas (as Ray tests its routers) --
+
+
+class FakeReplica:
+    """The part of Serve's RunningReplica the router reads."""
+
+    def __init__(self, unique_id: str, stats: dict[str, Any] | None = None) -> None:
+        from ray.serve._private.common import DeploymentID, ReplicaID
+
+        self.replica_id = ReplicaID(unique_id=unique_id, deployment_id=DeploymentID(name="engine-standard"))
+        self.routing_stats = stats or {"num_waiting": 0, "num_running": 0, "kv_usage": 0.0, "max_num_seqs": 16}
+        self.max_ongoing_requests = 64
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+
+def make_router(policy: str = "cache-aware", pool: str = "standard") -> Any:
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from deployments.request_router import PolicyRequestRouter
+
+    router = PolicyRequestRouter(
+        deployment_id=DeploymentID(name=f"engine-{pool}"), handle_source=DeploymentHandleSource.UNKNOWN
+    )
+    router.initialize_state(policy=policy, block_size=16, pool=pool)
+    return router
+
+
+def pending(body: Any, session_id: str = "") -> Any:
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    meta = RequestMetadata(request_id="r", internal_request_id="ir", session_id=session_id)
+    return PendingRequest(args=[body], kwargs={}, metadata=meta)
+
+
+async def test_choose_replicas_follows_the_gateway_hint_and_learns_what_finished() -> None:
+    from cluster.routing import hints
+
+    router = make_router()
+    replicas = [FakeReplica("a"), FakeReplica("b")]
+    router.update_replicas(replicas)
+    ids = list(range(256))
+    body = CompletionRequest.model_validate({"model": "m", "prompt": ids, "request_id": "req-1"})
+    hint = RoutingHint(
+        prompt_token_ids=ids, pool="standard", block_hashes=chain_block_hashes(ids, 16), hash_block_size=16
+    )
+    hints.HINTS.post("req-1", hint)
+    [[first]] = await router.choose_replicas(replicas, pending(body))
+    assert hint.chosen_replica == first.replica_id.unique_id
+    # The gateway reports what the replica now holds; the next request with that prefix follows it.
+    assert hints.HINTS.listeners("standard") >= 1
+    hints.HINTS.finish("req-1", chain_block_hashes(ids, 16), len(ids))
+    await asyncio.sleep(0)  # applied on the router's loop
+    for n in range(5):
+        body2 = CompletionRequest.model_validate({"model": "m", "prompt": ids + [7] * 32, "request_id": f"q{n}"})
+        hint2 = RoutingHint(
+            prompt_token_ids=ids + [7] * 32,
+            pool="standard",
+            block_hashes=chain_block_hashes(ids + [7] * 32, 16),
+            hash_block_size=16,
+        )
+        hints.HINTS.post(f"q{n}", hint2)
+        [[again]] = await router.choose_replicas(replicas, pending(body2))
+        assert again is first and hint2.matched_blocks >= 16  # the finished prefix (and what it routed since)
+        hints.HINTS.pop(f"q{n}")
+
+
+async def test_choose_replicas_without_a_hint_keeps_session_affinity_and_skips_dead_replicas() -> None:
+    router = make_router()
+    replicas = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    router.update_replicas(replicas)
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi " * 50}]})
+    [[chosen]] = await router.choose_replicas(replicas, pending(body, session_id="s1"))
+    for _ in range(3):
+        [[same]] = await router.choose_replicas(replicas, pending(body, session_id="s1"))
+        assert same is chosen
+    assert await router.choose_replicas([], pending(body)) == []
+
+
+async def test_a_finished_request_of_another_pool_is_not_heard() -> None:
+    from cluster.routing import hints
+
+    router = make_router(pool="long")
+    router.update_replicas([FakeReplica("a")])
+    router._loop = asyncio.get_running_loop()
+    seen: list[Any] = []
+    router._policy.on_finished = lambda *a: seen.append(a)  # type: ignore[method-assign]
+    hint = RoutingHint(prompt_token_ids=[1], pool="standard", chosen_replica="a", hash_block_size=16)
+    hints.HINTS.post("other-pool", hint)
+    hints.HINTS.finish("other-pool", [1, 2], 32)
+    await asyncio.sleep(0)
+    assert seen == []
+    hint_long = RoutingHint(prompt_token_ids=[1], pool="long", chosen_replica="a", hash_block_size=16)
+    hints.HINTS.post("same-pool", hint_long)
+    hints.HINTS.finish("same-pool", [1, 2], 32)
+    await asyncio.sleep(0)
+    assert len(seen) == 1
+
+
+def test_a_router_that_is_gone_unsubscribes() -> None:
+    import gc
+
+    from cluster.routing import hints
+
+    before = hints.HINTS.listeners("gone-pool")
+    router = make_router(pool="gone-pool")
+    assert hints.HINTS.listeners("gone-pool") == before + 1
+    del router
+    gc.collect()
+    assert hints.HINTS.listeners("gone-pool") == before

@@ -1,29 +1,26 @@
-"""The /v1/sessions endpoints and the gateway contract of SessionFlow, over HTTP (httpx's
-ASGI transport) against a real redis-server.
+"""The /v1/sessions endpoints and the session step of the real gateway app, over HTTP
+(httpx's ASGI transport) against a real redis-server.
 
-`chat_app` mounts the session router next to a stand-in chat endpoint that calls the
-flow exactly as the gateway must (see cluster/sessions/flow.py); its "engine" echoes how
-many messages it received, which makes the prepended history visible. The real engine
-path is covered by tests/test_e2e_sessions.py.
+`chat_app` is the gateway's own FastAPI app and pipeline (cluster.gateway) with a fake
+engine in place of Ray Serve: it echoes how many messages it received, which makes the
+prepended history visible. The real engine path is covered by tests/test_e2e_sessions.py.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster.auth import TenantAuthenticator, hash_api_key
+from cluster.auth import hash_api_key
 from cluster.config import AuthConfig, SessionConfig
-from cluster.sessions import ApiError, SessionFlow, SessionStore, TruncationPolicy, session_id_from_request
-from cluster.sessions.api import build_session_router, error_response
+from cluster.profiles import load_profile
+from cluster.sessions import SessionFlow, SessionStore, TruncationPolicy
 from cluster.sessions.connection import build_redis
 from cluster.sessions.keys import new_session_id
+from tests.gateway_fakes import FakeEngine, fake_gateway_app
 from tests.redis_server import RedisServer, persistent_redis, redis_server  # noqa: F401  (fixtures)
 
 KEYS = {"acme": "key-acme-123", "globex": "key-globex-456"}
@@ -33,44 +30,14 @@ def bearer(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
-def fake_engine(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"role": "assistant", "content": f"seen {len(messages)}: {messages[-1].get('content')}"}
+def auth_config(enabled: bool = True) -> AuthConfig:
+    return AuthConfig(enabled=enabled, tenants={t: [hash_api_key(k)] for t, k in KEYS.items()}, api_keys_env=None)
 
 
-async def fake_sse(reply: dict[str, Any]) -> AsyncIterator[str]:
-    for piece in (reply["content"][:4], reply["content"][4:]):
-        chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
-    last = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    yield f"data: {json.dumps(last)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def chat_app(flow: SessionFlow, auth: TenantAuthenticator) -> FastAPI:
-    app = FastAPI()
-    app.include_router(build_session_router(flow, lambda: auth))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        try:
-            tenant = auth.authenticate(request.headers.get("authorization"))
-            body = await request.json()
-            sid = session_id_from_request(request.headers, body)
-            if sid is None:  # stateless: the session store is never touched
-                return JSONResponse({"choices": [{"index": 0, "message": fake_engine(body["messages"])}]})
-            prepared = await flow.prepare(tenant, sid, body["messages"])
-            reply = fake_engine(prepared.messages)
-            if body.get("stream"):
-                return StreamingResponse(
-                    flow.stream_and_commit(prepared, fake_sse(reply), replica_id="replica-1"),
-                    media_type="text/event-stream",
-                )
-            await flow.commit(prepared, reply, replica_id="replica-1")
-            return JSONResponse({"choices": [{"index": 0, "message": reply}]})
-        except ApiError as exc:
-            return error_response(exc)
-
-    return app
+def chat_app(flow: SessionFlow, auth: AuthConfig) -> Any:
+    cfg = load_profile("cpu-tiny")
+    cfg.auth = auth
+    return fake_gateway_app(cfg, FakeEngine(), sessions=flow)
 
 
 def make_flow(url: str) -> SessionFlow:
@@ -79,9 +46,8 @@ def make_flow(url: str) -> SessionFlow:
     return SessionFlow(store)
 
 
-def make_auth(enabled: bool = True) -> TenantAuthenticator:
-    cfg = AuthConfig(enabled=enabled, tenants={t: [hash_api_key(k)] for t, k in KEYS.items()}, api_keys_env=None)
-    return TenantAuthenticator.from_config(cfg, environ={})
+def make_auth(enabled: bool = True) -> AuthConfig:
+    return auth_config(enabled)
 
 
 @pytest.fixture

@@ -30,11 +30,18 @@ class ContextTooLong(ValueError):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.limit = limit
-        self.requested = prompt_tokens + (max_tokens if max_tokens is not None else 1)
+        self.completion_tokens = completion_tokens(max_tokens)
+        self.requested = prompt_tokens + self.completion_tokens
         super().__init__(
             f"requested {self.requested} tokens ({prompt_tokens} prompt + "
-            f"{max_tokens if max_tokens is not None else 1} completion) but the largest pool holds {limit}"
+            f"{self.completion_tokens} completion) but the largest pool holds {limit}"
         )
+
+
+def completion_tokens(max_tokens: int | None) -> int:
+    """Positions a request needs for its completion: without max_tokens the engine
+    generates until the context is full, so it needs room for at least one new token."""
+    return max_tokens if max_tokens is not None else 1
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,12 @@ class PoolSelector:
     def is_saturated(self, pool: PoolConfig, load: PoolLoad) -> bool:
         return load.in_flight >= self.capacity(pool, load.replicas)
 
+    @property
+    def pool_names(self) -> list[str]:
+        return [p.name for p in self._pools]
+
     def fits(self, pool: PoolConfig, prompt_tokens: int, max_tokens: int | None) -> bool:
-        # Without max_tokens the engine generates until the context is full; it needs
-        # room for at least one new token.
-        needed = prompt_tokens + (max_tokens if max_tokens is not None else 1)
-        return needed <= pool.max_model_len
+        return prompt_tokens + completion_tokens(max_tokens) <= pool.max_model_len
 
     def select(
         self,

@@ -3,8 +3,6 @@ isolation and no lost turns. Start at flow.py (what the gateway calls); the data
 in keys.py and store.py, the truncation rule in truncation.py."""
 
 from cluster.sessions.errors import (
-    ApiError,
-    HttpError,
     InvalidSessionRequest,
     SessionConflict,
     SessionError,
@@ -18,9 +16,7 @@ from cluster.sessions.store import CommitResult, SessionSnapshot, SessionStore, 
 from cluster.sessions.truncation import TruncationPolicy
 
 __all__ = [
-    "ApiError",
     "CommitResult",
-    "HttpError",
     "InvalidSessionRequest",
     "PreparedTurn",
     "ReplyAccumulator",

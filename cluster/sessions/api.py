@@ -20,7 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from cluster.auth import TenantAuthenticator
-from cluster.sessions.errors import ApiError, InvalidSessionRequest
+from cluster.errors import APIError
+from cluster.sessions.errors import InvalidSessionRequest
 from cluster.sessions.flow import SessionFlow
 from cluster.sessions.store import SessionSnapshot
 
@@ -33,9 +34,8 @@ def _resolve(obj: Any) -> Any:
     return obj() if callable(obj) and not isinstance(obj, SessionFlow | TenantAuthenticator) else obj
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    h = exc.http()
-    return JSONResponse(h.body, status_code=h.status, headers=h.headers)
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def session_body(snap: SessionSnapshot, *, with_messages: bool) -> dict[str, Any]:
@@ -100,7 +100,7 @@ async def create_session(flow: SessionFlow, auth: TenantAuthenticator, request: 
             raise InvalidSessionRequest("request body is not valid JSON") from None
         system, metadata = _parse_create(raw)
         snap = await flow.create(tenant, system_prompt=system, metadata=metadata)
-    except ApiError as exc:
+    except APIError as exc:
         return error_response(exc)
     return JSONResponse(session_body(snap, with_messages=True), status_code=201)
 
@@ -109,7 +109,7 @@ async def read_session(flow: SessionFlow, auth: TenantAuthenticator, session_id:
     """GET /v1/sessions/{session_id}."""
     try:
         snap = await flow.read(_tenant(auth, request), session_id)
-    except ApiError as exc:
+    except APIError as exc:
         return error_response(exc)
     return JSONResponse(session_body(snap, with_messages=True))
 
@@ -120,7 +120,7 @@ async def delete_session(
     """DELETE /v1/sessions/{session_id}."""
     try:
         await flow.delete(_tenant(auth, request), session_id)
-    except ApiError as exc:
+    except APIError as exc:
         return error_response(exc)
     return JSONResponse({"id": session_id, "object": "session.deleted", "deleted": True})
 

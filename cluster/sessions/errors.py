@@ -1,45 +1,17 @@
-"""Typed session errors and their HTTP form (status, OpenAI-style body, headers).
-
-`ApiError` is the project's `cluster.errors.APIError` with its status, type and code
-declared per class, so the gateway answers session and auth errors with the same handler
-as every other refusal; `err.http()` gives the response parts to code outside FastAPI.
-The body has OpenAI's shape so SDK clients surface the message:
-`{"error": {"message": ..., "type": ..., "param": null, "code": ...}}`.
-"""
+"""Typed session errors: `cluster.errors.APIError`s with their status, type and code
+declared per class, so the gateway answers them like every other refusal, with an
+OpenAI-shaped body (`{"error": {"message", "type", "param", "code"}}`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any
 
 from cluster.errors import APIError
 
 
-@dataclass(frozen=True)
-class HttpError:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class ApiError(APIError):
-    """An error a client caused or must react to; `http()` is its response."""
-
-    status = 500
-    type = "server_error"
-    code: str | None = None
-    param: str | None = None
+class SessionError(APIError):
+    """Base of everything cluster.sessions raises on purpose."""
 
     def __init__(self, message: str) -> None:
-        cls = type(self)
-        super().__init__(cls.status, message, type=cls.type, param=cls.param, code=cls.code)
-
-    def http(self) -> HttpError:
-        return HttpError(self.status, self.body(), self.headers)
-
-
-class SessionError(ApiError):
-    """Base of everything cluster.sessions raises on purpose."""
+        super().__init__(message=message)
 
 
 class InvalidSessionRequest(SessionError):
@@ -121,8 +93,6 @@ class SessionStoreUnavailable(SessionError):
 
 
 __all__ = [
-    "ApiError",
-    "HttpError",
     "InvalidSessionRequest",
     "SessionConflict",
     "SessionError",

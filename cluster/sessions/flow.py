@@ -1,43 +1,33 @@
-"""Per-turn orchestration of a stateful chat request; the gateway's only entry point.
+"""One stateful chat turn: prepare (history + new messages) -> generate -> commit.
 
-    sid = session_id_from_request(request.headers, body)      # pops body["session_id"]
-    if sid is None: ... exactly the stateless path ...
-    prepared = await flow.prepare(tenant, sid, body["messages"])
-    body["messages"] = prepared.messages                        # stored history + new turn
-    hint.session_id, hint.affinity_replica = sid, prepared.affinity_replica
+The gateway's session step (cluster.gateway.steps.session) is the caller:
+
+    sid = session_id_from_request(headers, body)         # None: a stateless request
+    prepared = await flow.prepare(tenant, sid, body.messages)
+    body.messages = prepared.messages                     # stored history + new turn
     ... generate on the pool the router picks ...
-    await flow.commit(prepared, reply_message, replica_id=hint.chosen_replica)   # non-streamed
-    # streamed: return flow.stream_and_commit(prepared, sse_pieces, replica_id=lambda: hint.chosen_replica)
-    except ApiError as e: h = e.http(); JSONResponse(h.body, h.status, h.headers)
+    await flow.commit(prepared, reply_message, replica_id=chosen_replica, reply_tokens=n)
 
 What a turn stores: the request's new messages (user message, tool results; a leading
 system message replaces the stored system prompt when it differs) plus the assistant
 reply (content and tool calls), as ONE element appended atomically with a version check.
-
-Streaming rule: the turn is stored when, and only when, the stream reaches its end
-(`data: [DONE]`) with a complete reply (a finish reason, no error event); the store
-happens just before `[DONE]` is forwarded. A client that disconnects earlier, or an engine
-error mid-stream, stores nothing: no partial turn ever exists. If the commit itself fails
-(409 conflict, 503 store down) the stream carries one final `data: {"error": ...}` event
-before `[DONE]`, since the 200 status line has already been sent.
+A streamed reply is committed when, and only when, the stream reached its end with a
+complete reply (a finish reason, no error event), just before `[DONE]`; a client that
+disconnects earlier, or an engine error mid-stream, stores nothing.
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import logging
-from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 from cluster.config import ClusterConfig
-from cluster.sessions.errors import ApiError, InvalidSessionRequest, SessionError, SessionsDisabled
-from cluster.sessions.keys import is_valid_session_id
+from cluster.sessions.errors import InvalidSessionRequest, SessionsDisabled
+from cluster.sessions.keys import check_session_id
 from cluster.sessions.messages import (
     Message,
     TokenCounter,
@@ -46,7 +36,6 @@ from cluster.sessions.messages import (
     normalize_messages,
     split_leading_system,
 )
-from cluster.sessions.reply import ReplyAccumulator
 from cluster.sessions.store import CommitResult, SessionSnapshot, SessionStore, StoredTurn, new_turn_id
 from cluster.telemetry import tracer
 
@@ -82,12 +71,7 @@ def session_id_from_request(headers: Mapping[str, str], body: Any) -> str | None
             f"the {SESSION_HEADER} header and the body's session_id name different sessions", param="session_id"
         )
     sid = header or field
-    if sid and not is_valid_session_id(sid):
-        raise InvalidSessionRequest(
-            "session id must be 8-128 characters of A-Z a-z 0-9 _ - (as returned by POST /v1/sessions)",
-            param="session_id",
-        )
-    return sid or None
+    return check_session_id(sid) if sid else None
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -121,9 +105,6 @@ class SessionFlow:
     def __init__(self, store: SessionStore | None, *, token_counter: TokenCounter = approx_tokens) -> None:
         self.store = store
         self.count_tokens = token_counter
-        # Outcome counts ("prepared", "committed", "session_conflict", "session_not_found",
-        # "session_store_unavailable", ...) for the gateway to export as metrics.
-        self.stats: Counter[str] = Counter()
 
     @classmethod
     def from_config(
@@ -147,7 +128,7 @@ class SessionFlow:
     async def prepare(self, tenant: str, session_id: str, new_messages: Sequence[Any]) -> PreparedTurn:
         """Load the session (refreshing its TTL) and build the prompt: stored system prompt
         (or the request's new one), stored history, then the request's new messages."""
-        with _tracer.start_as_current_span("session.prepare") as span, self._counting("prepared"):
+        with _tracer.start_as_current_span("session.prepare") as span:
             prepared = await self._prepare(tenant, session_id, new_messages)
             span.set_attribute("session.version", prepared.version)
             span.set_attribute("session.history_messages", prepared.history_messages)
@@ -192,7 +173,7 @@ class SessionFlow:
         """Store the turn (new messages + assistant reply) iff the session is still at the
         prepared version: SessionConflict (409) otherwise, SessionStoreUnavailable (503)
         when Redis is down. Safe to call again with the same `prepared` after a 503."""
-        with _tracer.start_as_current_span("session.commit") as span, self._counting("committed"):
+        with _tracer.start_as_current_span("session.commit") as span:
             span.set_attribute("session.version", prepared.version)
             result = await self._commit(prepared, reply, replica_id=replica_id, reply_tokens=reply_tokens)
             span.set_attribute("session.dropped_turns", result.dropped_turns)
@@ -220,66 +201,6 @@ class SessionFlow:
             system_tokens=system_tokens,
         )
 
-    async def stream_and_commit(
-        self,
-        prepared: PreparedTurn,
-        sse: AsyncIterable[str | bytes],
-        *,
-        replica_id: str | Callable[[], str | None] | None = None,
-    ) -> AsyncGenerator[str, None]:
-        """Forward an OpenAI SSE stream event by event and store the turn just before
-        `data: [DONE]` (see the module docstring for the rule)."""
-        acc = ReplyAccumulator()
-        decoder = codecs.getincrementaldecoder("utf-8")()  # a character may span two pieces
-        buffer = ""
-        try:
-            async for piece in sse:
-                buffer += decoder.decode(piece) if isinstance(piece, bytes) else piece
-                buffer = buffer.replace("\r\n", "\n")
-                while "\n\n" in buffer:
-                    event, buffer = buffer.split("\n\n", 1)
-                    payload = _sse_data(event)
-                    if payload == "[DONE]":
-                        error = await self._commit_streamed(prepared, acc, replica_id)
-                        if error is not None:
-                            yield error
-                    elif payload is not None:
-                        try:
-                            acc.add(json.loads(payload))
-                        except (ValueError, AttributeError):
-                            pass  # not a JSON chunk: forward it, store nothing from it
-                    yield event + "\n\n"
-            if buffer.strip():
-                yield buffer
-        finally:
-            # Client gone (GeneratorExit) or done: close the upstream now, not at GC time,
-            # so the engine request is cancelled and the gateway's bookkeeping runs.
-            close = getattr(sse, "aclose", None)
-            if close is not None:
-                await close()
-
-    async def _commit_streamed(
-        self, prepared: PreparedTurn, acc: ReplyAccumulator, replica_id: str | Callable[[], str | None] | None
-    ) -> str | None:
-        if not acc.complete:
-            log.info("session %s: stream ended without a complete reply; turn not stored", prepared.session_id)
-            return None
-        rid = replica_id() if callable(replica_id) else replica_id
-        try:
-            await self.commit(prepared, acc.message(), replica_id=rid, reply_tokens=acc.completion_tokens)
-        except ApiError as exc:
-            return "data: " + json.dumps(exc.http().body) + "\n\n"
-        return None
-
-    @contextmanager
-    def _counting(self, success: str) -> Iterator[None]:
-        try:
-            yield
-        except SessionError as exc:
-            self.stats[exc.code or type(exc).__name__] += 1
-            raise
-        self.stats[success] += 1
-
     # -- session resources (the /v1/sessions endpoints) --------------------------------
 
     async def create(
@@ -299,11 +220,6 @@ class SessionFlow:
     async def aclose(self) -> None:
         if self.store is not None:
             await self.store.aclose()
-
-
-def _sse_data(event: str) -> str | None:
-    lines = [line[5:].lstrip() for line in event.split("\n") if line.startswith("data:")]
-    return "\n".join(lines) if lines else None
 
 
 def _drop_orphan_tool_results(history: list[Message]) -> list[Message]:

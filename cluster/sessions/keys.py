@@ -20,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 
 from cluster.config import TENANT_PATTERN
+from cluster.sessions.errors import InvalidSessionRequest
 
 SESSION_ID_PREFIX = "sess_"
 # Server-generated ids: "sess_" + 32 url-safe characters (192 random bits).
@@ -37,6 +38,16 @@ def is_valid_session_id(session_id: str) -> bool:
     return bool(_SESSION_ID_RE.fullmatch(session_id))
 
 
+def check_session_id(session_id: str) -> str:
+    """The id, or InvalidSessionRequest (400) naming the rule."""
+    if not is_valid_session_id(session_id):
+        raise InvalidSessionRequest(
+            "session id must be 8-128 characters of A-Z a-z 0-9 _ - (as returned by POST /v1/sessions)",
+            param="session_id",
+        )
+    return session_id
+
+
 def is_valid_tenant(tenant: str) -> bool:
     return bool(_TENANT_RE.fullmatch(tenant))
 
@@ -50,8 +61,7 @@ class SessionKeys:
     def of(cls, prefix: str, tenant: str, session_id: str) -> SessionKeys:
         if not is_valid_tenant(tenant):
             raise ValueError(f"invalid tenant name {tenant!r}")
-        if not is_valid_session_id(session_id):
-            raise ValueError(f"invalid session id {session_id!r}")
+        check_session_id(session_id)
         tag = "{" + tenant + ":" + session_id + "}"
         return cls(meta=f"{prefix}:{tag}:meta", turns=f"{prefix}:{tag}:turns")
 

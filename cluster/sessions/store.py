@@ -38,12 +38,11 @@ from cluster.config import ClusterConfig, SessionConfig
 from cluster.sessions import scripts
 from cluster.sessions.connection import build_redis
 from cluster.sessions.errors import (
-    InvalidSessionRequest,
     SessionConflict,
     SessionNotFound,
     SessionStoreUnavailable,
 )
-from cluster.sessions.keys import SessionKeys, is_valid_session_id, new_session_id
+from cluster.sessions.keys import SessionKeys, new_session_id
 from cluster.sessions.messages import Message, canonical_json
 from cluster.sessions.truncation import TruncationPolicy
 
@@ -276,11 +275,6 @@ class SessionStore:
     # -- helpers ----------------------------------------------------------------------
 
     def _keys(self, tenant: str, session_id: str) -> SessionKeys:
-        if not is_valid_session_id(session_id):
-            raise InvalidSessionRequest(
-                "session id must be 8-128 characters of A-Z a-z 0-9 _ - (as returned by POST /v1/sessions)",
-                param="session_id",
-            )
         return SessionKeys.of(self.prefix, tenant, session_id)
 
     @asynccontextmanager

@@ -1,0 +1,84 @@
+"""The gateway: one public model name in front of several engine pools, as a pipeline.
+
+Read `build_pipelines` top to bottom to follow a request; each step is a module in
+`cluster.gateway.steps`. Ray-free: the engines are reached through an `EngineClient`
+(deployments.engine_client on Ray Serve handles; fakes in unit tests) and the FastAPI app
+is `cluster.gateway.app.build_gateway_app`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.auth import TenantAuthenticator
+from cluster.config import ClusterConfig
+from cluster.gateway.engine import EngineClient
+from cluster.gateway.fleet import FleetStatus
+from cluster.gateway.pipeline import Pipeline
+from cluster.gateway.steps.authenticate import Authenticate
+from cluster.gateway.steps.choose_pool import ChoosePool
+from cluster.gateway.steps.dispatch import Dispatch
+from cluster.gateway.steps.finish import Finish
+from cluster.gateway.steps.route import Route
+from cluster.gateway.steps.session import Session
+from cluster.gateway.steps.tokenize import TokenizeChat, TokenizeCompletion
+from cluster.gateway.steps.validate import Validate
+from cluster.routing.hints import HINTS, HintBoard
+from cluster.routing.pool_selector import PoolSelector
+from cluster.sessions import SessionFlow
+from cluster.tokenizer import PromptTokenizer
+
+
+@dataclass
+class Gateway:
+    cfg: ClusterConfig
+    auth: TenantAuthenticator
+    sessions: SessionFlow
+    fleet: FleetStatus
+    chat: Pipeline
+    completions: Pipeline
+    pools: ChoosePool  # shared by both pipelines: one in-flight count per pool
+
+
+def build_gateway(
+    cfg: ClusterConfig,
+    engine: EngineClient,
+    *,
+    sessions: SessionFlow | None = None,
+    tokenizer: PromptTokenizer | None = None,
+    board: HintBoard = HINTS,
+) -> Gateway:
+    tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
+    auth = TenantAuthenticator.from_config(cfg.auth)
+    # Connects lazily: the gateway starts (and serves stateless requests) without Redis.
+    sessions = sessions or SessionFlow.from_config(cfg, token_counter=tokenizer.count_message_tokens)
+    fleet = FleetStatus.from_config(cfg)
+    pools = ChoosePool(PoolSelector(cfg.pools), fleet.snapshot)
+    block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
+
+    def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
+        return Pipeline(
+            [
+                Authenticate(auth),  # bearer key -> tenant (401)
+                Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
+                Session(sessions),  # history prepended; turn committed at the end (409/503)
+                tokenize,  # prompt tokens, counted once as the engine will
+                pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
+                Route(board, block_sizes),  # hint for the pool's router: hashes, affinity
+                Dispatch(engine, cfg.model.served_name),  # call the engines; first chunk or 4xx/503
+                Finish(board, tokenizer),  # tell the router what the replica now caches
+            ]
+        )
+
+    return Gateway(
+        cfg=cfg,
+        auth=auth,
+        sessions=sessions,
+        fleet=fleet,
+        chat=pipeline(TokenizeChat(tokenizer)),
+        completions=pipeline(TokenizeCompletion(tokenizer)),
+        pools=pools,
+    )
+
+
+__all__ = ["Gateway", "build_gateway"]

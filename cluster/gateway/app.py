@@ -1,0 +1,157 @@
+"""The gateway's HTTP surface: a plain FastAPI app over a `Gateway` (cluster.gateway).
+
+Every endpoint is thin: a chat or completion request becomes a `RequestContext` and runs
+through its pipeline; everything else is a read of the gateway's state. Every refusal has
+an OpenAI error body. Request models are parameters (Ray Serve LLM's public models in the
+deployment, vLLM's in unit tests), so this module needs no Ray.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations, and
+# the request model classes are local to build_gateway_app.
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from cluster import errors
+from cluster.gateway import Gateway
+from cluster.gateway.context import RequestContext
+from cluster.sessions import api as session_api
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def _error_response(err: errors.APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every refusal as an OpenAI error body (FastAPI's default is `{"detail": ...}`)."""
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.APIError)
+        return _error_response(exc)
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        details = exc.errors()
+        first = details[0] if details else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(errors.invalid_json(str(first.get("ctx", {}).get("error", "malformed JSON"))))
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", "invalid request"))
+        if param:
+            message = f"{message} (at `{param}`)"
+        return _error_response(errors.bad_request(f"Invalid request: {message}", param=param, code="invalid_parameter"))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(errors.APIError(exc.status_code, str(exc.detail), type=kind))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return _error_response(errors.APIError(500, "internal error; the request was not processed", code="internal"))
+
+    app.add_exception_handler(errors.APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    # A client's id is kept when it is a plain token (it ends up in logs and engine ids).
+    if 8 <= len(given) <= 64 and all(c.isalnum() or c in "-_" for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type) -> FastAPI:
+    cfg = gateway.cfg
+    app = FastAPI(
+        title="mistral-large-serve",
+        version="0.1.0",
+        description=f"OpenAI-compatible API for {cfg.model.served_name}",
+    )
+    install_error_handlers(app)
+
+    def card() -> dict[str, Any]:
+        return {
+            "id": cfg.model.served_name,
+            "object": "model",
+            "owned_by": "mistralai",
+            "permission": [],
+            "metadata": {"max_context": cfg.max_context, "pools": {p.name: p.max_model_len for p in cfg.pools}},
+        }
+
+    async def run(kind: Any, pipeline: Any, body: Any, request: Request) -> Response:
+        ctx = RequestContext(kind=kind, body=body, headers=request.headers, request_id=_request_id(request))
+        ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
+        try:
+            return await pipeline.run(ctx)
+        except errors.APIError as exc:
+            response = _error_response(exc)
+            response.headers[REQUEST_ID_HEADER] = ctx.request_id
+            return response
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: chat_model, request: Request) -> Response:  # type: ignore[valid-type]
+        return await run("chat", gateway.chat, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: completion_model, request: Request) -> Response:  # type: ignore[valid-type]
+        return await run("completions", gateway.completions, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_data(model: str) -> dict[str, Any]:
+        if model != cfg.model.served_name:
+            raise errors.model_not_found(model, cfg.model.served_name)
+        return card()
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request) -> Response:
+        return await session_api.create_session(gateway.sessions, gateway.auth, request)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def read_session(session_id: str, request: Request) -> Response:
+        return await session_api.read_session(gateway.sessions, gateway.auth, session_id, request)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request) -> Response:
+        return await session_api.delete_session(gateway.sessions, gateway.auth, session_id, request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: this gateway's event loop answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: every pool with min_replicas > 0 has a running engine replica
+        (independent of Redis: stateless requests are served without it)."""
+        fleet = gateway.fleet
+        body = {
+            "ready": fleet.ready,
+            "detail": fleet.detail,
+            "replicas": dict(fleet.replicas),
+            "in_flight": dict(gateway.pools.in_flight),
+        }
+        return JSONResponse(body, status_code=200 if fleet.ready else 503)
+
+    return app
+
+
+__all__ = ["REQUEST_ID_HEADER", "build_gateway_app", "install_error_handlers"]

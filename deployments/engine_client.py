@@ -1,0 +1,52 @@
+"""`cluster.gateway.engine.EngineClient` on Ray Serve deployment handles.
+
+Each pool is a ray.serve.llm LLMServer deployment (`engine-<pool>`). Its `chat` /
+`completions` stream what vLLM's OpenAI layer produces: SSE strings (batched into lists by
+Ray), a whole response model for a non-streamed request, or vLLM's `ErrorResponse`. This
+turns them into `EngineChunk` dicts and errors; the pool's RequestRouter picks the replica
+during the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from cluster.gateway import sse
+from cluster.gateway.context import EngineChunk, RequestKind
+from cluster.gateway.engine import EngineError, EngineUnavailable
+from cluster.upstream import vllm as upstream_vllm
+
+
+class ServeEngineClient:
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self._handles = {pool: h.options(stream=True) for pool, h in handles.items()}
+        self._error_type = upstream_vllm.error_response_type()
+
+    async def generate(
+        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+    ) -> AsyncIterator[EngineChunk]:
+        handle = self._handles[pool]
+        if session_id:
+            handle = handle.options(session_id=session_id)
+        try:
+            async for item in getattr(handle, kind).remote(body, None):
+                for part in item if isinstance(item, list) else [item]:
+                    for chunk in self._chunks(part):
+                        yield chunk
+        except (RayError, RayServeException, ConnectionError) as exc:
+            raise EngineUnavailable(f"{type(exc).__name__} from pool {pool!r}") from exc
+
+    def _chunks(self, part: Any) -> list[EngineChunk]:
+        if isinstance(part, str):
+            return [EngineChunk(chunk) for chunk in sse.decode(part)]
+        if isinstance(part, self._error_type):
+            error = part.error  # type: ignore[attr-defined]
+            raise EngineError(int(error.code), str(error.message), type=str(error.type))
+        if hasattr(part, "model_dump"):
+            return [EngineChunk(part.model_dump(mode="json"), whole=True)]
+        raise EngineUnavailable(f"unexpected reply item {type(part).__name__}")

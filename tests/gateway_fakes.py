@@ -1,0 +1,105 @@
+"""Test doubles for the gateway's Ray seam: an `EngineClient` that answers like a vLLM
+engine behind Ray Serve (stream chunks, or one whole response) and, like the pool's
+router, writes the chosen replica into the request's routing hint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cluster.config import ClusterConfig
+from cluster.gateway import Gateway, build_gateway
+from cluster.gateway.app import build_gateway_app
+from cluster.gateway.context import EngineChunk, RequestKind
+from cluster.routing.hints import HINTS, HintBoard
+from cluster.sessions import SessionFlow
+from cluster.tokenizer import PromptTokenizer
+from cluster.upstream import vllm as upstream_vllm
+
+_TOKENIZER: PromptTokenizer | None = None
+
+
+def shared_tokenizer() -> PromptTokenizer:
+    """One tokenizer per test process (loading it takes about a second)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = PromptTokenizer()
+    return _TOKENIZER
+
+
+def echo_reply(body: Any) -> str:
+    """What the fake engine answers: how many messages it was sent, and the last one."""
+    if getattr(body, "messages", None) is not None:
+        messages = body.messages
+        return f"seen {len(messages)}: {messages[-1].get('content')}"
+    return f"completion of {body.prompt!r}"
+
+
+class FakeEngine:
+    """Answers every request with `echo_reply`; records each call. `fail` (an exception
+    to raise before the first chunk) and `fail_after` (chunks before raising) inject
+    failures."""
+
+    def __init__(self, board: HintBoard = HINTS, replica: str = "replica-1") -> None:
+        self.board = board
+        self.replica = replica
+        self.calls: list[tuple[str, RequestKind, Any]] = []
+        self.fail: Callable[[], Exception] | None = None
+        self.fail_after: int | None = None
+
+    async def generate(
+        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+    ) -> AsyncIterator[EngineChunk]:
+        self.calls.append((pool, kind, body))
+        hint = self.board.get(body.request_id)
+        if hint is not None:
+            hint.chosen_replica = self.replica
+        if self.fail is not None:
+            raise self.fail()
+        text = echo_reply(body)
+        created = int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        if not body.stream:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            yield EngineChunk(
+                {
+                    "id": "x",
+                    "object": obj,
+                    "created": created,
+                    "model": body.model,
+                    "choices": [choice],
+                    "usage": usage,
+                },
+                whole=True,
+            )
+            return
+        pieces = [text[:4], text[4:]]
+        for i, piece in enumerate(pieces):
+            if self.fail_after is not None and i >= self.fail_after:
+                from cluster.gateway.engine import EngineUnavailable
+
+                raise EngineUnavailable("replica died")
+            delta = {"content": piece} if kind == "chat" else {}
+            choice = {"index": 0, "delta": delta} if kind == "chat" else {"index": 0, "text": piece}
+            yield EngineChunk({"id": "x", "object": f"{obj}.chunk", "created": created, "choices": [choice]})
+        last: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        last.update({"delta": {}} if kind == "chat" else {"text": ""})
+        yield EngineChunk({"id": "x", "object": f"{obj}.chunk", "created": created, "choices": [last], "usage": usage})
+
+
+def fake_gateway(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None) -> Gateway:
+    gateway = build_gateway(cfg, engine, sessions=sessions, tokenizer=shared_tokenizer(), board=engine.board)
+    # As if the controller had answered: every configured replica is running.
+    gateway.fleet.update({p.name: p.start_replicas for p in cfg.pools}, 1)
+    return gateway
+
+
+def fake_gateway_app(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None) -> Any:
+    chat_model, completion_model = upstream_vllm.request_models()
+    return build_gateway_app(fake_gateway(cfg, engine, sessions), chat_model, completion_model)
