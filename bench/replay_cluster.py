@@ -2,7 +2,7 @@
 cluster over HTTP, and set the result beside the simulator's prediction for the same
 scaled trace, so the simulator's cache model is checked against vLLM's own counters.
 
-    flock /tmp/ray-cluster.lock cluster bench replay \\
+    cluster bench replay \\
         --trace ../shared/traces/mooncake_conversation.jsonl --limit 300 --out out/replay
 
 Scaling: every trace block (512 tokens for Mooncake) becomes `block_size x token_scale`
@@ -23,7 +23,7 @@ from Ray's Prometheus endpoint (vLLM's Ray stat logger exports them there), next
 simulator's token hit rate and the trace's ceiling.
 
 Without --base-url the local cluster is started here (profile cpu-tiny by default) and
-stopped at the end; run it under `flock /tmp/ray-cluster.lock` like every cluster start.
+stopped at the end. Run one cluster per machine at a time: the engines need the cores.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import asyncio
 import json
 import math
 import random
-import re
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import prefix_counters
 from bench.traces import Trace, TraceRequest, read_trace
 
 FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
@@ -78,46 +77,6 @@ def prompt_token_ids(req: TraceRequest, block_size: int, vocab_size: int) -> lis
     for i, block_id in enumerate(req.block_ids):
         ids.extend(block_token_ids(block_id, min(block_size, req.prompt_tokens - i * block_size), vocab_size))
     return ids
-
-
-_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def prometheus_sum(text: str, metric: str) -> float | None:
-    """Sum of every sample of `metric` (e.g. "vllm:prefix_cache_hits") in Prometheus text,
-    whatever prefix or suffix the exporter added ("ray_vllm_prefix_cache_hits_total")."""
-    base = re.escape(metric).replace(":", "[:_]")
-    name_re = re.compile(rf"^(?:.*[_:])?{base}(?:_total)?$")
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _METRIC_LINE.match(line)
-        if not m:
-            continue
-        name = m.group(1)
-        if not name_re.match(name):  # also skips vllm:external_prefix_cache_*
-            continue
-        try:
-            total += float(m.group(3))
-            found = True
-        except ValueError:
-            continue
-    return total if found else None
-
-
-def read_prefix_counters(metrics_url: str) -> tuple[float, float] | None:
-    """(queries, hits) of vLLM's prefix cache, summed over engines; None if not exported."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=10) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    queries = prometheus_sum(text, "vllm:prefix_cache_queries")
-    hits = prometheus_sum(text, "vllm:prefix_cache_hits")
-    if queries is None or hits is None:
-        return None
-    return queries, hits
 
 
 @dataclass
@@ -260,53 +219,6 @@ def summarize_replay(trace: Trace, outcomes: list[Outcome], wall: float) -> dict
     return summary
 
 
-def local_metrics_url() -> str | None:
-    """Ray's Prometheus endpoint of the cluster this process started (or joined)."""
-    import ray
-
-    for node in ray.nodes():
-        port = node.get("MetricsExportPort")
-        if node.get("Alive") and port:
-            return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{port}/metrics"
-    return None
-
-
-def _wait_counters(
-    metrics_url: str, before: tuple[float, float], expect_queries: float, timeout_s: float
-) -> tuple[float, float] | None:
-    """Ray exports metrics every few seconds: wait until the queries counter has grown by
-    the prompt tokens sent (or stopped growing)."""
-    deadline = time.monotonic() + timeout_s
-    last: tuple[float, float] | None = None
-    stable = 0
-    while time.monotonic() < deadline:
-        now = read_prefix_counters(metrics_url)
-        if now is not None:
-            if now[0] - before[0] >= expect_queries:
-                return now
-            stable = stable + 1 if now == last else 0
-            if stable >= 4 and now[0] > before[0]:
-                return now
-            last = now
-        time.sleep(3.0)
-    return last
-
-
-def _wait_quiet(metrics_url: str, timeout_s: float, polls: int = 4) -> tuple[float, float] | None:
-    """The prefix-cache counters once they stop moving (`polls` equal reads, 3 s apart)."""
-    deadline = time.monotonic() + timeout_s
-    last: tuple[float, float] | None = None
-    stable = 0
-    while time.monotonic() < deadline:
-        now = read_prefix_counters(metrics_url)
-        stable = stable + 1 if now is not None and now == last else 0
-        if stable >= polls - 1:
-            return now
-        last = now
-        time.sleep(3.0)
-    return last
-
-
 def replay_and_measure(
     base_url: str,
     metrics_url: str | None,
@@ -329,12 +241,14 @@ def replay_and_measure(
         # The counters are cumulative and Ray exports them every few seconds: wait until
         # everything sent before (the warm-up, earlier traffic) has arrived, so the
         # replay's delta holds the replay alone.
-        before = _wait_quiet(metrics_url, timeout_s=60) or before
+        before = prefix_counters.settle([metrics_url], stable_reads=3, timeout_s=60) or before
     outcomes, wall = asyncio.run(replay(base_url, model, trace, vocab, max_in_flight, progress, api_key))
     summary = summarize_replay(trace, outcomes, wall)
     summary["engine_token_hit_rate"] = None
     if metrics_url:
-        after = _wait_counters(metrics_url, before, summary["prompt_tokens"], timeout_s=60)
+        after = prefix_counters.settle(
+            [metrics_url], baseline=before, expect_queries=summary["prompt_tokens"], stable_reads=4, timeout_s=60
+        )
         if after is None or after[0] <= before[0]:
             print(f"warning: no vLLM prefix-cache counters at {metrics_url}", file=sys.stderr)
         else:
@@ -421,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
 
             cluster = start_local_cluster(cfg)
             base_url = cluster.base_url
-            metrics_url = metrics_url or local_metrics_url()
+            metrics_url = metrics_url or next(iter(prefix_counters.metrics_urls()), None)
         with tqdm(total=len(trace), unit="req", desc="replaying", file=sys.stderr) as bar:
             outcomes, summary = replay_and_measure(
                 base_url,

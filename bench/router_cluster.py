@@ -9,9 +9,9 @@ also reports how often a follow-up turn landed on the replica of the turn before
 (`X-Served-By`) and the request split over replicas.
 
 The cluster is restarted per policy so every policy starts with cold caches. Starting
-it takes minutes on a 2-core machine; run it alone:
+it takes minutes on a small machine; run it alone:
 
-    flock /tmp/ray-cluster.lock .venv/bin/cluster bench router-cluster
+    .venv/bin/cluster bench router-cluster
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench import prefix_counters
 
 DEFAULT_POLICIES = ["cache-aware", "pow2", "char-tree"]
 _WORDS = (
@@ -34,7 +34,6 @@ _WORDS = (
     "tenant budget capacity memory tensor parallel node pod helm chart metric trace alert "
     "runbook deploy scale drain restart health probe config yaml secret key hash index"
 ).split()
-_METRIC = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,48 +139,6 @@ async def replay(
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
 
 
-def scrape_prefix_counters(metrics_urls: list[str]) -> tuple[float, float]:
-    """Sum of vLLM's prefix-cache query and hit counters (tokens) over all engines."""
-    queries = hits = 0.0
-    for url in metrics_urls:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            text = resp.read().decode()
-        for line in text.splitlines():
-            m = _METRIC.match(line)
-            if m is None or "external" in m["name"] or "connector" in m["name"]:
-                continue
-            name = m["name"]
-            if name.endswith(("_created",)):
-                continue
-            if re.search(r"vllm[_:]prefix_cache_queries", name):
-                queries += float(m["value"])
-            elif re.search(r"vllm[_:]prefix_cache_hits", name):
-                hits += float(m["value"])
-    return queries, hits
-
-
-def metrics_urls() -> list[str]:
-    import ray
-
-    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
-
-
-def settle_counters(urls: list[str], baseline: tuple[float, float], timeout_s: float = 90.0) -> tuple[float, float]:
-    """Ray pushes metrics to its agent every few seconds: wait until the counters moved
-    past the baseline and then held still for two reads."""
-    deadline = time.monotonic() + timeout_s
-    last = scrape_prefix_counters(urls)
-    stable = 0
-    while time.monotonic() < deadline:
-        time.sleep(3.0)
-        now = scrape_prefix_counters(urls)
-        stable = stable + 1 if now == last and now[0] > baseline[0] else 0
-        last = now
-        if stable >= 2:
-            break
-    return last
-
-
 def run_policy(policy: str, workload: list[Conversation], args: argparse.Namespace) -> RunResult:
     from cluster.local import start_local_cluster
     from cluster.profiles import load_profile
@@ -193,11 +150,11 @@ def run_policy(policy: str, workload: list[Conversation], args: argparse.Namespa
     cluster = start_local_cluster(cfg, progress=lambda m: print("   " + m, flush=True))
     result.deploy_s = cluster.ready_after_s or 0.0
     try:
-        urls = metrics_urls()
-        before = scrape_prefix_counters(urls)
+        urls = prefix_counters.metrics_urls()
+        before = prefix_counters.read(urls) or (0.0, 0.0)
         print(f"== {policy}: replaying {len(workload)} conversations x {args.turns} turns ...", flush=True)
         asyncio.run(replay(cluster.base_url, cfg.model.served_name, workload, args, result))
-        after = settle_counters(urls, before)
+        after = prefix_counters.settle(urls, baseline=before, stable_reads=2, timeout_s=90) or before
         result.prefix_queries = after[0] - before[0]
         result.prefix_hits = after[1] - before[1]
     finally:

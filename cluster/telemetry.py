@@ -1,6 +1,6 @@
-"""OpenTelemetry tracing for the request path: spans at ingress, routing decision and
-engine call. With no collector endpoint configured the tracer is a no-op, so the hot
-path pays nothing in local runs and tests."""
+"""OpenTelemetry tracing: one span per gateway request (cluster.gateway.steps.trace) with
+the session store's prepare/commit spans inside it. With no collector endpoint
+configured the tracer is a no-op, so the hot path pays nothing in local runs and tests."""
 
 from __future__ import annotations
 

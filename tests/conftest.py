@@ -4,8 +4,7 @@ Redis server of its own (append-only persistence on) and auth on for two tenants
 fixture carries `api_key` and `other_api_key`); every end-to-end test reuses it. It takes ~2 minutes to start on
 2 cores and is only started when an e2e test asks for it.
 
-Run e2e tests one session at a time per machine (`flock /tmp/ray-cluster.lock ...`): the
-engines need the cores.
+Run one e2e session at a time per machine: the engines need the cores.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ finished), not by session affinity.
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -36,24 +37,27 @@ def test_follow_up_turn_lands_on_the_replica_holding_its_prefix(local_cluster: A
     model = str(local_cluster.cfg.model.served_name)
     rng = random.Random(7)
     http = httpx.Client(base_url=local_cluster.base_url, headers=_headers(local_cluster), timeout=300)
-    first_replicas = set()
-    for conv in range(4):
-        # ~400 tokens of conversation-specific text: dozens of 16-token blocks to match.
-        opening = f"Conversation {conv}. " + " ".join(rng.choice(_WORDS) for _ in range(300))
-        messages = [{"role": "user", "content": opening}]
-        r1 = _chat(http, model, messages)
-        first = r1.headers.get("x-served-by")
-        assert first, f"no X-Served-By header: {dict(r1.headers)}"
-        assert r1.headers.get("x-pool") == "standard"
-        first_replicas.add(first)
+    # ~400 tokens of conversation-specific text per opening: dozens of blocks to match.
+    openings = [f"Conversation {c}. " + " ".join(rng.choice(_WORDS) for _ in range(300)) for c in range(4)]
+    # The first turns arrive together, so the router must spread them (cold prompts, and
+    # the prefill backlog it has just sent to one replica).
+    with ThreadPoolExecutor(len(openings)) as pool:
+        firsts = list(pool.map(lambda text: _chat(http, model, [{"role": "user", "content": text}]), openings))
+    served = [r.headers.get("x-served-by") for r in firsts]
+    assert all(served), [dict(r.headers) for r in firsts]
+    assert all(r.headers.get("x-pool") == "standard" for r in firsts)
+    assert len(set(served)) == 2, served  # both standard replicas took first turns
+    for opening, r1, first in zip(openings, firsts, served, strict=True):
         reply = r1.json()["choices"][0]["message"].get("content") or ""
-        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        messages = [
+            {"role": "user", "content": opening},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And then?"},
+        ]
         for _ in range(2):
             r = _chat(http, model, messages)
-            assert r.headers.get("x-served-by") == first, (conv, first, r.headers.get("x-served-by"))
+            assert r.headers.get("x-served-by") == first, (opening[:16], first, r.headers.get("x-served-by"))
             messages += [
                 {"role": "assistant", "content": r.json()["choices"][0]["message"].get("content") or ""},
                 {"role": "user", "content": "Go on."},
             ]
-    # Not a routing requirement, but shows the pool really has more than one replica to choose from.
-    print(f"first turns were served by {sorted(first_replicas)}")

@@ -232,11 +232,10 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
     ],
     ids=["messages-not-list", "negative-max-tokens", "temperature-not-number", "no-messages", "bad-role", "n-zero"],
 )
-def test_invalid_parameters_are_4xx_with_an_openai_body(http: httpx.Client, model: str, patch: dict[str, Any]) -> None:
+def test_invalid_parameters_are_400_with_an_openai_body(http: httpx.Client, model: str, patch: dict[str, Any]) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **patch}
     r = http.post("/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
-    assert r.status_code in (400, 422), r.text
-    _assert_openai_error(r, r.status_code)
+    _assert_openai_error(r, 400)
 
 
 def test_cluster_still_serves_after_bad_requests(client: openai.OpenAI, http: httpx.Client, model: str) -> None:

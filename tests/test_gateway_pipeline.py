@@ -219,7 +219,7 @@ async def gw() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine, Any]]:
 
 async def test_steps_in_request_order(gw: Any) -> None:
     _, _, gateway = gw
-    order = ["authenticate", "validate", "session", "tokenize", "choose_pool", "route", "dispatch", "finish"]
+    order = ["trace", "authenticate", "validate", "session", "tokenize", "choose_pool", "route", "dispatch", "finish"]
     assert gateway.chat.step_names == order and gateway.completions.step_names == order
 
 
@@ -315,3 +315,35 @@ async def test_spill_when_the_smallest_pool_is_saturated() -> None:
 def test_fake_gateway_app_serves_models() -> None:
     app = fake_gateway_app(cfg(), FakeEngine(board=HintBoard()))
     assert app.title == "mistral-large-serve"
+
+
+def _memory_exporter() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):  # the process-wide provider is set once
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_one_span_per_request_child_of_the_clients_traceparent(gw: Any) -> None:
+    client, _, _ = gw
+    exporter = _memory_exporter()
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+    body = {"messages": [{"role": "user", "content": "traced"}], "stream": True}
+    r = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200 and r.text.rstrip().endswith("[DONE]")
+    spans = [s for s in exporter.get_finished_spans() if s.name == "gateway.chat"]
+    assert len(spans) == 1
+    span = spans[0]
+    assert f"{span.context.trace_id:032x}" == trace_id and f"{span.parent.span_id:016x}" == parent_id
+    attrs = dict(span.attributes or {})
+    assert attrs["pool"] == "standard" and attrs["replica"] == "replica-1" and attrs["outcome"] == "ok"
+    assert attrs["attempts"] == 1 and attrs["prompt_tokens"] > 0 and attrs["request.id"] == r.headers["x-request-id"]

@@ -251,7 +251,8 @@ def test_replay_hit_rate_matches_real_engines(local_cluster: Any) -> None:
     """The same scaled conversation trace through the real cluster (gateway, request
     router, vLLM engines) and through the simulator: vLLM's own prefix-cache counters
     agree with the simulator's cache model."""
-    from bench.replay_cluster import local_metrics_url, replay_and_measure, scale_trace, simulate_same
+    from bench.prefix_counters import metrics_urls
+    from bench.replay_cluster import replay_and_measure, scale_trace, simulate_same
 
     cfg = local_cluster.cfg
     spec = SyntheticSpec(
@@ -264,7 +265,7 @@ def test_replay_hit_rate_matches_real_engines(local_cluster: Any) -> None:
     )
     source = synthetic_multiturn(spec)
     trace = scale_trace(source, cfg.pools[0].engine.block_size / source.block_size, max_output=16)
-    metrics_url = local_metrics_url()
+    metrics_url = next(iter(metrics_urls()), None)
     assert metrics_url is not None
     outcomes, real = replay_and_measure(
         local_cluster.base_url,

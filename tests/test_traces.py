@@ -158,7 +158,7 @@ def test_scaled_down_replay_trace_keeps_block_structure(tmp_path: Path) -> None:
 
 
 def test_prometheus_counters_of_vllm() -> None:
-    from bench.replay_cluster import prometheus_sum
+    from bench.prefix_counters import prometheus_sum
 
     text = "\n".join(
         [

@@ -22,6 +22,7 @@ from cluster.gateway.steps.finish import Finish
 from cluster.gateway.steps.route import Route
 from cluster.gateway.steps.session import Session
 from cluster.gateway.steps.tokenize import TokenizeChat, TokenizeCompletion
+from cluster.gateway.steps.trace import Trace
 from cluster.gateway.steps.validate import Validate
 from cluster.routing.hints import HINTS, HintBoard
 from cluster.routing.pool_selector import PoolSelector
@@ -59,6 +60,7 @@ def build_gateway(
     def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
         return Pipeline(
             [
+                Trace(),  # one span per request, parented by the client's traceparent
                 Authenticate(auth),  # bearer key -> tenant (401)
                 Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
                 Session(sessions),  # history prepended; turn committed at the end (409/503)

@@ -57,6 +57,8 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     # finish: "ok" (reply complete), "error" (refused or failed), "cancelled" (client left)
     outcome: str = "pending"
+    # A step's private per-request state, under a key the step owns (e.g. its span).
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stream(self) -> bool:

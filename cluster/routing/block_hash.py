@@ -6,11 +6,10 @@ prefix before it is cached too. Routers hash prompts the same way: block i's has
 blocks 0..i, and a replica's longest cached prefix is the longest run of leading hashes
 it holds. Only full blocks count; the engine never caches a partial tail block.
 
-Hash choice (measured by `bench/router_latency.py`, 2-core CPU): CPython's tuple hash
-over ints costs ~0.26 us per 16-token block (2.1 ms for a 128k-token prompt); blake2b
-over packed bytes costs ~0.9 us. Tuple hashing of ints is deterministic across
-processes (PYTHONHASHSEED only salts str/bytes), so every router and the simulator
-agree. Hashes are masked to 60 bits so each one is a 32-byte Python int in the index
+Hash choice: CPython's tuple hash over ints is a few times cheaper than blake2b over
+packed bytes (`cluster bench router` prints the cost of hashing prompts). Tuple hashing
+of ints is deterministic across processes (PYTHONHASHSEED only salts str/bytes), so
+every router and the simulator agree. Hashes are masked to 60 bits so each one is a 32-byte Python int in the index
 rather than a 40-byte one; 60 bits keep collisions negligible at billions of blocks.
 """
 

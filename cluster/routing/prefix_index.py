@@ -18,9 +18,8 @@ long the prompt).
 Memory. Per replica, one dict from block hash to a *generation* number, plus one list of
 hashes per generation in touch order (eviction walks the oldest list from its head).
 A generation is ~`capacity / generations` touches, so the dict's values are shared int
-objects and a block costs one dict entry, one 32-byte int and a list slot or two:
-measured 79 bytes per block, i.e. 79 MB per million blocks, against 119 MB for an
-OrderedDict exact LRU (`cluster bench router`). Touches are bulk C-level updates (a
+objects and a block costs one dict entry, one 32-byte int and a list slot or two, about
+two thirds of an OrderedDict exact LRU (`cluster bench router` measures both). Touches are bulk C-level updates (a
 chain's blocks all move to the newest generation), so order is exact between
 generations and by first touch within one.
 """
