@@ -230,6 +230,27 @@ class GatewayConfig(_Strict):
         return self
 
 
+class ResilienceConfig(_Strict):
+    """What the gateway does when an engine replica fails, dies or wedges (see
+    cluster.gateway.steps.dispatch and cluster.gateway.migration)."""
+
+    # Engine calls per request before its first chunk (the first try included): each retry
+    # goes to another replica of the pool, the last ones to a larger pool that fits.
+    max_attempts: int = Field(3, ge=1)
+    # Retrying stops once the request is this old; then 503 with Retry-After.
+    retry_deadline_s: float = Field(30.0, gt=0)
+    # A replica that failed a request gets no new requests for this long (every router of
+    # this gateway skips it at once, not one stats period later).
+    exclude_failed_s: float = Field(30.0, gt=0)
+    # Continue a stream cut by a replica failure on another replica (prompt + the tokens
+    # already sent, as token ids), at most this many times per request; 0 turns it off.
+    max_migrations: int = Field(3, ge=0)
+    # An engine with requests in flight and no scheduler step for this long is wedged: its
+    # routing stats say so (routers skip it) and its health check fails (Serve replaces it).
+    wedged_after_s: float = Field(15.0, gt=0)
+    retry_after_s: int = Field(2, ge=1)
+
+
 class TelemetryConfig(_Strict):
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317
     service_name: str = "mistral-large-serve"
@@ -244,6 +265,7 @@ class ClusterConfig(_Strict):
     sessions: SessionConfig = Field(default_factory=SessionConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     http_port: int = Field(8000, ge=1, le=65535)
 

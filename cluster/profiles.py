@@ -13,6 +13,7 @@ from cluster.config import (
     ModelConfig,
     NodeShape,
     PoolConfig,
+    ResilienceConfig,
     RouterConfig,
 )
 
@@ -126,6 +127,8 @@ def cpu_tiny() -> ClusterConfig:
         router=RouterConfig(stats_period_s=1.0),
         # One gateway on a 2-core machine: the engines need the cores.
         gateway=GatewayConfig(min_replicas=1, max_replicas=1),
+        # Tiny CPU steps take milliseconds; 8 s without one is a stall even on a busy box.
+        resilience=ResilienceConfig(wedged_after_s=8.0),
     )
 
 

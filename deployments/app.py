@@ -22,7 +22,7 @@ from autoscaling.serve_autoscaling import serve_autoscaling_config
 from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
 from cluster.serve_config import engine_env
 from cluster.tiny_model import resolve_model_source
-from deployments.engine import PoolEngine
+from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
@@ -96,11 +96,19 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
             "autoscaling_config": serve_autoscaling_config(pool),
             "request_router_config": request_router_config(cfg, pool),
             "max_ongoing_requests": pool.engine.serve_max_ongoing_requests,
+            # A wedged engine fails its check (deployments.engine); Serve replaces a replica
+            # after 3 failed checks in a row, so check often enough to act within seconds.
+            "health_check_period_s": engine_health_check_period_s(cfg),
         },
         runtime_env={"env_vars": engine_env(cfg)},
         server_cls=PoolEngine,
+        experimental_configs={WEDGED_AFTER_KEY: cfg.resilience.wedged_after_s},
         log_engine_metrics=True,
     )
+
+
+def engine_health_check_period_s(cfg: ClusterConfig) -> float:
+    return min(10.0, max(1.0, cfg.resilience.wedged_after_s / 5))
 
 
 def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:

@@ -5,6 +5,12 @@ plus the routing stats our request router reads.
 and must be cheap and never block the replica's event loop: it reads the latest
 scheduler statistics from vLLM's stat-logger hook (deployments.engine_stats) and the
 requests this replica is serving, which it counts itself.
+
+Wedged engine: with requests in flight and no engine-core step for `wedged_after_s`
+(LLMConfig.experimental_configs, from the typed config's resilience section), the
+routing stats say `wedged` (every router skips the replica within a stats period) and
+the health check fails, so Serve replaces the replica; its requests fail over to others
+(cluster.gateway.steps.dispatch retries or migrates them).
 """
 
 from __future__ import annotations
@@ -22,12 +28,37 @@ from deployments.engine_stats import latest_tap
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
+# LLMConfig.experimental_configs key deployments.app sets from resilience.wedged_after_s.
+WEDGED_AFTER_KEY = "mls_wedged_after_s"
+
 
 class PoolEngine(LLMServer):
     """LLMServer that reports num_waiting, num_running, kv_usage, kv_capacity_blocks,
     max_num_seqs and block_size to the request router."""
 
     _unfinished = 0
+    _busy_since = 0.0  # when the replica last went from idle to busy
+
+    @property
+    def wedged_after_s(self) -> float:
+        return float(self._llm_config.experimental_configs.get(WEDGED_AFTER_KEY, 15.0))
+
+    def wedged_for_s(self) -> float:
+        """How long the engine has had work but made no step (0 when it is fine)."""
+        if self._unfinished <= 0:
+            return 0.0
+        tap = latest_tap()
+        last = max(self._busy_since, tap.last_step_at if tap is not None else 0.0)
+        stalled = time.monotonic() - last
+        return stalled if stalled > self.wedged_after_s else 0.0
+
+    async def check_health(self) -> None:
+        await super().check_health()
+        stalled = self.wedged_for_s()
+        if stalled:
+            raise RuntimeError(
+                f"engine wedged: {self._unfinished} request(s) in flight and no engine step for {stalled:.0f} s"
+            )
 
     async def start(self) -> None:
         await super().start()
@@ -65,6 +96,8 @@ class PoolEngine(LLMServer):
         return self._counted(await super().completions(request, raw_request_info))
 
     async def _counted(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        if self._unfinished == 0:
+            self._busy_since = time.monotonic()
         self._unfinished += 1
         try:
             async for item in stream:
@@ -73,7 +106,12 @@ class PoolEngine(LLMServer):
             self._unfinished -= 1
 
     def engine_stats(self) -> dict[str, Any]:
-        """The six routing-stat keys of the common interface."""
+        """The six routing-stat keys of the common interface, plus `wedged`."""
+        stats = self._load_stats()
+        stats["wedged"] = bool(self.wedged_for_s())
+        return stats
+
+    def _load_stats(self) -> dict[str, Any]:
         tap = latest_tap()
         if tap is None or tap.vllm_config is None:
             return {"num_waiting": 0, "num_running": self._unfinished}

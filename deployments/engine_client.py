@@ -43,10 +43,25 @@ class ServeEngineClient:
 
     def _chunks(self, part: Any) -> list[EngineChunk]:
         if isinstance(part, str):
-            return [EngineChunk(chunk) for chunk in sse.decode(part)]
+            chunks = [EngineChunk(chunk) for chunk in sse.decode(part)]
+            for chunk in chunks:
+                error = chunk.data.get("error")
+                if isinstance(error, dict) and _status(error) >= 500:
+                    # The engine failed mid-stream (e.g. its core died): a replica failure.
+                    raise EngineUnavailable(f"engine error {error.get('message', '')}")
+            return chunks
         if isinstance(part, self._error_type):
             error = part.error  # type: ignore[attr-defined]
+            if int(error.code) >= 500:
+                raise EngineUnavailable(f"engine error {error.message}")
             raise EngineError(int(error.code), str(error.message), type=str(error.type))
         if hasattr(part, "model_dump"):
             return [EngineChunk(part.model_dump(mode="json"), whole=True)]
         raise EngineUnavailable(f"unexpected reply item {type(part).__name__}")
+
+
+def _status(error: dict[str, Any]) -> int:
+    try:
+        return int(error.get("code") or 500)
+    except (TypeError, ValueError):
+        return 500

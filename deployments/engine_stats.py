@@ -12,6 +12,7 @@ Only engine processes construct an AsyncLLM, so elsewhere the tap never exists.
 
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Any
 
@@ -26,6 +27,7 @@ class SchedulerStatsTap(upstream_vllm.aggregate_stat_logger_base()):  # type: ig
     def __init__(self, vllm_config: Any = None, engine_indexes: list[int] | None = None) -> None:
         self.vllm_config = vllm_config
         self.latest: dict[int, Any] = {}
+        self.last_step_at = 0.0  # monotonic time of the latest engine-core step
         global _latest
         _latest = weakref.ref(self)
 
@@ -38,6 +40,7 @@ class SchedulerStatsTap(upstream_vllm.aggregate_stat_logger_base()):  # type: ig
     ) -> None:
         if scheduler_stats is not None:
             self.latest[engine_idx] = scheduler_stats
+            self.last_step_at = time.monotonic()
 
     def log_engine_initialized(self) -> None:
         pass

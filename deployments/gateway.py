@@ -41,12 +41,14 @@ class GatewayDeployment:
         if missing:
             raise ValueError(f"gateway got no handle for pools {sorted(missing)}")
         configure_tracing(cfg.telemetry)
-        self.gateway = build_gateway(cfg, ServeEngineClient(pools))
+        self.gateway = build_gateway(
+            cfg, ServeEngineClient(pools), request_models=(ChatCompletionRequest, CompletionRequest)
+        )
         self._status_task: asyncio.Task[None] | None = None
         await self.check_health()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_gateway_app(self.gateway, ChatCompletionRequest, CompletionRequest)
+        return build_gateway_app(self.gateway)
 
     async def check_health(self) -> None:
         # Serve calls this periodically on the replica's loop: keep the status poll alive.

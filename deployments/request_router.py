@@ -43,6 +43,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster.routing import hints as routing_hints
+from cluster.routing import replica_health
 from cluster.routing.block_hash import chain_block_hashes, text_pseudo_tokens
 from cluster.routing.hints import RoutingHint
 from cluster.routing.policy import ReplicaView, RouteRequest
@@ -74,6 +75,11 @@ def replica_view(replica_id: str, stats: Mapping[str, Any] | None, in_flight: in
         kv_capacity_blocks=int(num("kv_capacity_blocks", 0)),
         in_flight=max(0, in_flight),
     )
+
+
+def _wedged(replica: RunningReplica) -> bool:
+    stats = replica.routing_stats or {}
+    return bool(stats.get("wedged"))
 
 
 def _text_of(value: Any) -> str:
@@ -231,10 +237,15 @@ class PolicyRequestRouter(RequestRouter):
         # Leave out replicas Ray knows to be at max_ongoing_requests (it learns that from
         # a rejection), unless that leaves nothing.
         candidates = self.select_available_replicas(candidate_replicas) or candidate_replicas
+        try:
+            request, hint = self._route_request(pending_request)
+        except Exception:  # an odd body must degrade routing, not stall it
+            logger.exception("reading the request for routing failed; routing it as an empty prompt")
+            request, hint = RouteRequest(request_id="", prompt_tokens=0), None
+        candidates = self._healthy(candidates, hint)
         by_id = {r.replica_id.unique_id: r for r in candidates}
         views = [self._view(r) for r in candidates]
         try:
-            request, hint = self._route_request(pending_request)
             decision = self._policy.choose(request, views)
         except Exception:  # a policy bug must degrade routing, not stall every request
             logger.exception(f"routing policy {self._policy.name} failed; sending to the least-loaded replica")
@@ -253,6 +264,15 @@ class PolicyRequestRouter(RequestRouter):
             while len(self._sessions) > _SESSION_MAP_SIZE:
                 self._sessions.popitem(last=False)
         return [[chosen]]
+
+    def _healthy(self, candidates: list[RunningReplica], hint: RoutingHint | None) -> list[RunningReplica]:
+        """Candidates that neither failed recently (in this process), nor this request, nor
+        report a wedged engine; all of them when that leaves none."""
+        excluded = hint.excluded_replicas if hint is not None else ()
+        ids = [r.replica_id.unique_id for r in candidates]
+        usable = replica_health.HEALTH.usable(ids, excluded)
+        kept = [r for r, rid in zip(candidates, ids, strict=True) if rid in usable and not _wedged(r)]
+        return kept or candidates
 
     # --- bookkeeping hooks -------------------------------------------------------
 

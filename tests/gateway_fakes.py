@@ -13,6 +13,7 @@ from cluster.gateway import Gateway, build_gateway
 from cluster.gateway.app import build_gateway_app
 from cluster.gateway.context import EngineChunk, RequestKind
 from cluster.routing.hints import HINTS, HintBoard
+from cluster.routing.replica_health import ReplicaHealth
 from cluster.sessions import SessionFlow
 from cluster.tokenizer import PromptTokenizer
 from cluster.upstream import vllm as upstream_vllm
@@ -43,6 +44,7 @@ class FakeEngine:
 
     def __init__(self, board: HintBoard = HINTS, replica: str = "replica-1") -> None:
         self.board = board
+        self.health = ReplicaHealth()
         self.replica = replica
         self.calls: list[tuple[str, RequestKind, Any]] = []
         self.fail: Callable[[], Exception] | None = None
@@ -94,12 +96,90 @@ class FakeEngine:
 
 
 def fake_gateway(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None) -> Gateway:
-    gateway = build_gateway(cfg, engine, sessions=sessions, tokenizer=shared_tokenizer(), board=engine.board)
+    gateway = build_gateway(
+        cfg,
+        engine,
+        request_models=upstream_vllm.request_models(),
+        sessions=sessions,
+        tokenizer=shared_tokenizer(),
+        board=engine.board,
+        health=engine.health,
+    )
     # As if the controller had answered: every configured replica is running.
     gateway.fleet.update({p.name: p.start_replicas for p in cfg.pools}, 1)
     return gateway
 
 
 def fake_gateway_app(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None) -> Any:
-    chat_model, completion_model = upstream_vllm.request_models()
-    return build_gateway_app(fake_gateway(cfg, engine, sessions), chat_model, completion_model)
+    return build_gateway_app(fake_gateway(cfg, engine, sessions))
+
+
+def next_token(context: list[int]) -> int:
+    """The fake model: each token is a function of the context so far, so a continuation
+    from prompt + sent tokens produces exactly what an uninterrupted stream would have."""
+    return 100 + (sum(context[-3:]) + 7 * len(context)) % 900
+
+
+class TokenEngine:
+    """A pool of fake replicas generating `next_token` sequences, as a router would pick
+    them (the first not excluded by the request's hint or the gateway's health board).
+    `faults[replica]` injects a failure: "before" (before the first chunk) or an int (after
+    that many token chunks); each fault fires once."""
+
+    def __init__(self, replicas: list[str], board: HintBoard, health: ReplicaHealth) -> None:
+        self.replicas = replicas
+        self.board = board
+        self.health = health
+        self.faults: dict[str, str | int] = {}
+        self.calls: list[tuple[str, str, Any, str]] = []  # (pool, kind, body, replica)
+
+    def _choose(self, body: Any) -> tuple[str, list[int]]:
+        hint = self.board.get(body.request_id)
+        assert hint is not None, "the gateway posts a hint before every engine call"
+        usable = [r for r in self.replicas if r not in hint.excluded_replicas and not self.health.is_excluded(r)]
+        replica = (usable or self.replicas)[0]
+        hint.chosen_replica = replica
+        return replica, list(hint.prompt_token_ids)
+
+    async def generate(
+        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+    ) -> AsyncIterator[EngineChunk]:
+        from cluster.gateway.engine import EngineUnavailable
+
+        replica, context = self._choose(body)
+        self.calls.append((pool, kind, body, replica))
+        fault = self.faults.pop(replica, None)
+        if fault == "before":
+            raise EngineUnavailable(f"{replica} died")
+        limit = body.max_tokens if body.max_tokens is not None else 16
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        ids: list[int] = []
+        if not body.stream:
+            for _ in range(limit):
+                ids.append(next_token(context + ids))
+            text = "".join(f"<{t}>" for t in ids)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+            choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+            usage = {"prompt_tokens": len(context), "completion_tokens": limit, "total_tokens": len(context) + limit}
+            yield EngineChunk({"id": "w", "object": obj, "created": 1, "model": body.model, "choices": [choice],
+                               "usage": usage}, whole=True)  # fmt: skip
+            return
+        head = {"id": f"s-{replica}", "object": f"{obj}.chunk" if kind == "chat" else obj, "created": 1,
+                "model": body.model}  # fmt: skip
+        if kind == "chat":
+            yield EngineChunk({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for i in range(limit):
+            if isinstance(fault, int) and i >= fault:
+                raise EngineUnavailable(f"{replica} died mid-stream")
+            t = next_token(context + ids)
+            ids.append(t)
+            finish = "length" if i == limit - 1 else None
+            choice = {"index": 0, "finish_reason": finish}
+            choice.update({"delta": {"content": f"<{t}>"}} if kind == "chat" else {"text": f"<{t}>"})
+            if getattr(body, "return_token_ids", False):
+                choice["token_ids"] = [t]
+            yield EngineChunk({**head, "choices": [choice]})
+        options = getattr(body, "stream_options", None)
+        if options is not None and getattr(options, "include_usage", False):
+            usage = {"prompt_tokens": len(context), "completion_tokens": limit, "total_tokens": len(context) + limit}
+            yield EngineChunk({**head, "choices": [], "usage": usage})

@@ -212,7 +212,7 @@ async def gw() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine, Any]]:
     gateway = fake_gateway(cfg(), engine)
     from cluster.gateway.app import build_gateway_app
 
-    app = build_gateway_app(gateway, ChatRequest, CompletionRequest)
+    app = build_gateway_app(gateway)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         yield client, engine, gateway
 
@@ -268,6 +268,7 @@ async def test_refusals_have_openai_bodies(gw: Any) -> None:
         ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
         ({"messages": []}, 400, None),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, 400, None),
     ]
     for body, status, code in cases:
         r = await client.post("/v1/chat/completions", json=body)

@@ -26,6 +26,7 @@ from cluster.gateway.steps.trace import Trace
 from cluster.gateway.steps.validate import Validate
 from cluster.routing.hints import HINTS, HintBoard
 from cluster.routing.pool_selector import PoolSelector
+from cluster.routing.replica_health import HEALTH, ReplicaHealth
 from cluster.sessions import SessionFlow
 from cluster.tokenizer import PromptTokenizer
 
@@ -39,16 +40,22 @@ class Gateway:
     chat: Pipeline
     completions: Pipeline
     pools: ChoosePool  # shared by both pipelines: one in-flight count per pool
+    # The OpenAI request models the API parses (Ray Serve LLM's in a deployment).
+    chat_model: type
+    completion_model: type
 
 
 def build_gateway(
     cfg: ClusterConfig,
     engine: EngineClient,
     *,
+    request_models: tuple[type, type],
     sessions: SessionFlow | None = None,
     tokenizer: PromptTokenizer | None = None,
     board: HintBoard = HINTS,
+    health: ReplicaHealth = HEALTH,
 ) -> Gateway:
+    """`request_models`: the (chat, completion) request classes."""
     tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
     auth = TenantAuthenticator.from_config(cfg.auth)
     # Connects lazily: the gateway starts (and serves stateless requests) without Redis.
@@ -56,8 +63,10 @@ def build_gateway(
     fleet = FleetStatus.from_config(cfg)
     pools = ChoosePool(PoolSelector(cfg.pools), fleet.snapshot)
     block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
+    chat_model, completion_model = request_models
 
     def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
+        route = Route(board, block_sizes)
         return Pipeline(
             [
                 Trace(),  # one span per request, parented by the client's traceparent
@@ -66,8 +75,16 @@ def build_gateway(
                 Session(sessions),  # history prepended; turn committed at the end (409/503)
                 tokenize,  # prompt tokens, counted once as the engine will
                 pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
-                Route(board, block_sizes),  # hint for the pool's router: hashes, affinity
-                Dispatch(engine, cfg.model.served_name),  # call the engines; first chunk or 4xx/503
+                route,  # hint for the pool's router: hashes, affinity, replicas to avoid
+                Dispatch(  # call the engines: retry before the first chunk, migrate a cut stream
+                    engine,
+                    cfg.model.served_name,
+                    route=route,
+                    pools=pools,
+                    health=health,
+                    resilience=cfg.resilience,
+                    completion_model=completion_model,
+                ),
                 Finish(board, tokenizer),  # tell the router what the replica now caches
             ]
         )
@@ -80,6 +97,8 @@ def build_gateway(
         chat=pipeline(TokenizeChat(tokenizer)),
         completions=pipeline(TokenizeCompletion(tokenizer)),
         pools=pools,
+        chat_model=chat_model,
+        completion_model=completion_model,
     )
 
 

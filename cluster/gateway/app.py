@@ -22,6 +22,7 @@ from cluster import errors
 from cluster.gateway import Gateway
 from cluster.gateway.context import RequestContext
 from cluster.sessions import api as session_api
+from cluster.upstream import vllm as upstream_vllm
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(errors.APIError(exc.status_code, str(exc.detail), type=kind))
 
+    async def on_engine_validation(request: Request, exc: Exception) -> Response:
+        # vLLM's request models check some fields themselves (e.g. stream_options without
+        # stream): a 400 naming the field, like any other invalid parameter.
+        param = getattr(exc, "parameter", None)
+        message = str(exc.args[0]) if exc.args else str(exc)
+        return _error_response(errors.bad_request(f"Invalid request: {message}", param=param, code="invalid_parameter"))
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
         return _error_response(errors.APIError(500, "internal error; the request was not processed", code="internal"))
@@ -64,6 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(upstream_vllm.client_error_type(), on_engine_validation)
     app.add_exception_handler(Exception, on_unexpected)
 
 
@@ -75,8 +84,9 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
-def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type) -> FastAPI:
+def build_gateway_app(gateway: Gateway) -> FastAPI:
     cfg = gateway.cfg
+    chat_model, completion_model = gateway.chat_model, gateway.completion_model
     app = FastAPI(
         title="mistral-large-serve",
         version="0.1.0",

@@ -46,10 +46,13 @@ class RequestContext:
     # choose pool
     pool: str | None = None
     spilled_from: str | None = None
-    # route
+    # route: the hint the pool's router reads, posted under `engine_request_id` (the id the
+    # engine sees; a retry or migration posts a new hint under a new id)
     hint: RoutingHint | None = None
+    engine_request_id: str = ""
     # dispatch
     attempts: int = 0
+    migrations: int = 0
     upstream: AsyncIterator[EngineChunk] | None = None
     whole: dict[str, Any] | None = None  # the non-streamed response
     # stream back / commit

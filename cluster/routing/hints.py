@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from threading import Lock
 
 
@@ -31,6 +31,8 @@ class RoutingHint:
     # router hashes the tokens itself when its block size differs.
     block_hashes: Sequence[int] | None = None
     hash_block_size: int = 0
+    # Replicas this request already failed on (retries and migrations go elsewhere).
+    excluded_replicas: set[str] = field(default_factory=set)
     # Written by the router.
     chosen_replica: str | None = None
     matched_blocks: int = 0  # the policy's predicted cached prefix, in blocks

@@ -81,6 +81,15 @@ class PoolSelector:
     def fits(self, pool: PoolConfig, prompt_tokens: int, max_tokens: int | None) -> bool:
         return prompt_tokens + completion_tokens(max_tokens) <= pool.max_model_len
 
+    def spill_candidates(self, pool: str, prompt_tokens: int, max_tokens: int | None) -> list[str]:
+        """Pools larger than `pool` that accept spill and hold the request, smallest first."""
+        current = next((p.max_model_len for p in self._pools if p.name == pool), 0)
+        return [
+            p.name
+            for p in self._pools
+            if p.max_model_len > current and p.accepts_spill and self.fits(p, prompt_tokens, max_tokens)
+        ]
+
     def select(
         self,
         prompt_tokens: int,

@@ -64,6 +64,14 @@ def error_response_type() -> type:
     return ErrorResponse
 
 
+def client_error_type() -> type:
+    """vLLM's base of request errors its protocol models raise while validating a body
+    (VLLMValidationError: `.parameter` names the field); they are the client's fault."""
+    from vllm.exceptions import VLLMClientError
+
+    return VLLMClientError
+
+
 def aggregate_stat_logger_base() -> type:
     from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 

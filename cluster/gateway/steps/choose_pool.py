@@ -11,6 +11,8 @@ from cluster.gateway.context import RequestContext
 from cluster.gateway.pipeline import Step
 from cluster.routing.pool_selector import ContextTooLong, PoolLoad, PoolSelector
 
+_COUNTED = "choose_pool.counted"
+
 
 class ChoosePool(Step):
     name = "choose_pool"
@@ -34,11 +36,26 @@ class ChoosePool(Step):
             choice = self.selector.select(ctx.select_tokens, ctx.max_tokens, self.loads())
         except ContextTooLong as exc:
             raise errors.context_length_exceeded(exc) from None
-        ctx.pool, ctx.spilled_from = choice.pool, choice.spilled_from
-        self.in_flight[choice.pool] += 1
-        ctx.response_headers["X-Pool"] = choice.pool
+        ctx.spilled_from = choice.spilled_from
         ctx.response_headers["X-Prompt-Tokens"] = str(len(ctx.prompt_ids))
+        self.move(ctx, choice.pool)
+
+    def move(self, ctx: RequestContext, pool: str) -> None:
+        """Serve the request from `pool` (here, or a retry's spill): the in-flight count
+        follows it."""
+        counted = ctx.extras.pop(_COUNTED, None)
+        if counted is not None:
+            self.in_flight[counted] = max(0, self.in_flight[counted] - 1)
+        self.in_flight[pool] += 1
+        ctx.extras[_COUNTED] = pool
+        ctx.pool = pool
+        ctx.response_headers["X-Pool"] = pool
+
+    def spill_pools(self, ctx: RequestContext) -> list[str]:
+        """Larger pools that accept spill and hold this request, smallest first."""
+        return self.selector.spill_candidates(ctx.pool or "", ctx.select_tokens, ctx.max_tokens)
 
     def on_finish(self, ctx: RequestContext) -> None:
-        if ctx.pool is not None:
-            self.in_flight[ctx.pool] = max(0, self.in_flight[ctx.pool] - 1)
+        counted = ctx.extras.pop(_COUNTED, None)
+        if counted is not None:
+            self.in_flight[counted] = max(0, self.in_flight[counted] - 1)

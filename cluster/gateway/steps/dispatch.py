@@ -1,53 +1,143 @@
-"""Step 7: call the chosen pool's engines and wait for their first answer.
+"""Step 7: call the engines, with retry before the first token and stream migration after.
 
-Errors before the first chunk become the response's status (the engine's own 4xx, or 503
-with Retry-After when no replica could serve it), never a 500. Afterwards the pipeline
-streams the rest (`ctx.upstream`).
+Before the first chunk: a failed attempt (the replica died, was unreachable, or its engine
+failed with a 5xx) marks the replica failed, so every router of this gateway skips it at
+once, and the request is routed again, to another replica of its pool and, for the last
+attempt, to a larger pool that holds it; within `resilience.max_attempts` and
+`retry_deadline_s`. Only then is the answer 503 with Retry-After. The engine's own 4xx
+(e.g. an invalid parameter) is answered as is. A non-streamed request is retried from the
+start the same way (its single chunk is its first).
+
+After the first chunk: a stream cut by a replica failure continues on another replica
+(cluster.gateway.migration); when that is impossible the pipeline ends the stream with an
+error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
+from cluster.config import ResilienceConfig
 from cluster.gateway.context import EngineChunk, RequestContext
 from cluster.gateway.engine import EngineClient, EngineUnavailable
+from cluster.gateway.migration import SentTokens, StreamMigrator
 from cluster.gateway.pipeline import Step
+from cluster.gateway.steps.choose_pool import ChoosePool
+from cluster.gateway.steps.route import Route
+from cluster.routing.replica_health import ReplicaHealth
 
 
 class Dispatch(Step):
     name = "dispatch"
 
-    def __init__(self, engine: EngineClient, served_name: str) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        served_name: str,
+        *,
+        route: Route,
+        pools: ChoosePool,
+        health: ReplicaHealth,
+        resilience: ResilienceConfig,
+        completion_model: type,
+    ) -> None:
         self.engine = engine
         self.served_name = served_name
+        self.route = route
+        self.pools = pools
+        self.health = health
+        self.cfg = resilience
+        self.migrator = StreamMigrator(completion_model, resilience.max_migrations)
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.pool is not None, "dispatch runs after choose_pool"
         body = ctx.body
-        body.request_id = ctx.request_id  # the key the router finds the hint under
         body.model = self.served_name
-        ctx.attempts += 1
-        stream = self.engine.generate(ctx.pool, ctx.kind, body, session_id=ctx.session_id)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            raise EngineUnavailable("the engine returned an empty reply") from None
+        sent = SentTokens(client_wants_ids=bool(getattr(body, "return_token_ids", False)))
+        if ctx.stream and self.cfg.max_migrations > 0:
+            body.return_token_ids = True  # the token ids a migration continues from
+        first, stream = await self._first_chunk(ctx)
         if ctx.replica:
             ctx.response_headers["X-Served-By"] = ctx.replica
         if first.whole:
             ctx.whole = first.data
             await _aclose(stream)
         else:
-            ctx.upstream = _prepend(first, stream)
+            ctx.upstream = self._resilient(ctx, sent, first, stream)
 
+    # -- before the first chunk: retry ------------------------------------------------
 
-async def _prepend(first: EngineChunk, rest: AsyncIterator[EngineChunk]) -> AsyncIterator[EngineChunk]:
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await _aclose(rest)
+    async def _first_chunk(self, ctx: RequestContext) -> tuple[EngineChunk, AsyncIterator[EngineChunk]]:
+        deadline = ctx.started_at + self.cfg.retry_deadline_s
+        failure: EngineUnavailable | None = None
+        while ctx.attempts < self.cfg.max_attempts and time.monotonic() < deadline:
+            if ctx.attempts > 0:
+                await self._reroute(ctx, last=ctx.attempts == self.cfg.max_attempts - 1)
+            ctx.attempts += 1
+            ctx.body.request_id = ctx.engine_request_id or ctx.request_id  # where the router finds the hint
+            stream = self.engine.generate(ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id)
+            try:
+                return await anext(stream), stream
+            except StopAsyncIteration:
+                failure = EngineUnavailable("the engine returned an empty reply")
+            except EngineUnavailable as exc:
+                failure = exc
+            self._failed(ctx)
+        reason = failure.message if failure is not None else "no attempt left"
+        raise EngineUnavailable(
+            f"{reason} (after {ctx.attempts} attempt(s) in {time.monotonic() - ctx.started_at:.1f} s)",
+            retry_after_s=self.cfg.retry_after_s,
+        )
+
+    def _failed(self, ctx: RequestContext) -> None:
+        replica = ctx.replica
+        if replica is not None and ctx.hint is not None:
+            self.health.mark_failed(replica, self.cfg.exclude_failed_s)
+            ctx.hint.excluded_replicas.add(replica)
+            ctx.hint.chosen_replica = None
+
+    async def _reroute(self, ctx: RequestContext, *, last: bool) -> None:
+        """Another replica of the pool; on the last attempt a larger pool that holds the
+        request, if there is one."""
+        pool = ctx.pool or ""
+        if last:
+            spill = self.pools.spill_pools(ctx)
+            if spill:
+                self.pools.move(ctx, spill[0])
+                pool = spill[0]
+        await self.route.post(ctx, pool, f"{ctx.request_id}-{ctx.attempts}", ctx.prompt_ids)
+
+    # -- after the first chunk: migration ---------------------------------------------
+
+    async def _resilient(
+        self, ctx: RequestContext, sent: SentTokens, first: EngineChunk, stream: AsyncIterator[EngineChunk]
+    ) -> AsyncIterator[EngineChunk]:
+        current = stream
+        try:
+            yield EngineChunk(sent.observe(first.data))
+            while True:
+                try:
+                    async for item in current:
+                        yield EngineChunk(sent.observe(item.data))
+                    return
+                except EngineUnavailable as cut:
+                    self._failed(ctx)
+                    reason = self.migrator.why_not(ctx, sent)
+                    if reason is not None:
+                        raise EngineUnavailable(f"{cut.message}; {reason}") from cut
+                    await _aclose(current)
+                    current = await self._migrate(ctx, sent)
+        finally:
+            await _aclose(current)
+
+    async def _migrate(self, ctx: RequestContext, sent: SentTokens) -> AsyncIterator[EngineChunk]:
+        ctx.migrations += 1
+        request_id = f"{ctx.request_id}-m{ctx.migrations}"
+        await self.route.post(ctx, ctx.pool or "", request_id, [*ctx.prompt_ids, *sent.ids])
+        body = self.migrator.continuation(ctx, sent, self.served_name, request_id)
+        stream = self.engine.generate(ctx.pool or "", "completions", body, session_id=ctx.session_id)
+        return self.migrator.reshape(ctx, sent, stream, len(sent.ids))
 
 
 async def _aclose(stream: AsyncIterator[EngineChunk]) -> None:

@@ -38,7 +38,7 @@ class Finish(Step):
         try:
             task = asyncio.get_running_loop().create_task(self._report(ctx))
         except RuntimeError:  # no loop (closed at interpreter exit): nothing to report to
-            self.board.pop(ctx.request_id)
+            self.board.pop(ctx.engine_request_id)
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -46,10 +46,10 @@ class Finish(Step):
     async def _report(self, ctx: RequestContext) -> None:
         try:
             held_hashes, held_tokens = await asyncio.to_thread(self.held_blocks, ctx)
-            self.board.finish(ctx.request_id, held_hashes, held_tokens)
+            self.board.finish(ctx.engine_request_id, held_hashes, held_tokens)
         except Exception:
             log.exception("reporting what request %s left cached failed", ctx.request_id)
-            self.board.pop(ctx.request_id)
+            self.board.pop(ctx.engine_request_id)
 
     def held_blocks(self, ctx: RequestContext) -> tuple[list[int], int]:
         """Block hashes of the held conversation and its length in tokens."""

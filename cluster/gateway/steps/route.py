@@ -27,20 +27,30 @@ class Route(Step):
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.pool is not None, "route runs after choose_pool"
-        block_size = self.block_sizes[ctx.pool]
-        hashes = await asyncio.to_thread(chain_block_hashes, ctx.prompt_ids, block_size)
+        await self.post(ctx, ctx.pool, ctx.request_id, ctx.prompt_ids)
+
+    async def post(self, ctx: RequestContext, pool: str, engine_request_id: str, token_ids: list[int]) -> None:
+        """(Re)post the request's hint for `pool` under `engine_request_id`, keeping the
+        replicas it already failed on; the previous hint is withdrawn."""
+        block_size = self.block_sizes[pool]
+        hashes = await asyncio.to_thread(chain_block_hashes, token_ids, block_size)
+        excluded = set(ctx.hint.excluded_replicas) if ctx.hint is not None else set()
+        if ctx.engine_request_id:
+            self.board.pop(ctx.engine_request_id)
         ctx.hint = RoutingHint(
-            prompt_token_ids=ctx.prompt_ids,
-            pool=ctx.pool,
+            prompt_token_ids=token_ids,
+            pool=pool,
             max_tokens=ctx.max_tokens or 0,
             session_id=ctx.session_id,
             affinity_replica=ctx.session.affinity_replica if ctx.session else None,
             block_hashes=hashes,
             hash_block_size=block_size,
+            excluded_replicas=excluded,
         )
-        self.board.post(ctx.request_id, ctx.hint)
+        ctx.engine_request_id = engine_request_id
+        self.board.post(engine_request_id, ctx.hint)
 
     def on_finish(self, ctx: RequestContext) -> None:
         # The finish step reports (and removes) hints of requests the engine processed.
         if ctx.hint is not None and ctx.reply.chunks == 0:
-            self.board.pop(ctx.request_id)
+            self.board.pop(ctx.engine_request_id)
