@@ -30,6 +30,14 @@ the trace's `output_block_ids` when it has them (synthetic conversations), other
 under fresh ids that occupy the LRU but never hit. A prompt found entirely in the cache
 still computes its last token, as vLLM does.
 
+Async scheduling (vLLM 0.29's default: a batch queue of two, v1/engine/core.py
+step_with_batch_queue): the engine forms step k+1 while step k runs, from the state it
+knew when step k was launched. So a request can join a step only if it arrived before
+the previous step started (one step of admission delay), and the KV blocks and batch
+slots of a request that finished in step k are free for step k+2, not k+1 (late
+release). An idle engine schedules an arrival at once, as vLLM does. With
+`async_scheduling=False` the model is vLLM's synchronous scheduler.
+
 Speed: a step in which every running sequence only decodes and nothing else can change
 (no admission possible, no preemption) is extended into a run of up to k steps in one
 event, ending at the first finish, the first step that would need a preemption, or the
@@ -112,8 +120,13 @@ class ReplicaModel:
         fresh_id: Callable[[], int],
         decode_runs: bool = True,
         reserve_full_sequence: bool = True,
+        async_scheduling: bool = True,
     ) -> None:
         self.replica_id = replica_id
+        self.async_scheduling = async_scheduling
+        self._late: list[Seq] = []  # finished, blocks still held until the next batch is formed
+        self._last_start = 0.0  # start of the last step (of a decode run: of its last step)
+        self._last_end = -1.0
         self.reserve_full_sequence = reserve_full_sequence
         self.decode_runs = decode_runs  # False: one event per step (for validation)
         self.step_time = step_time
@@ -148,13 +161,32 @@ class ReplicaModel:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def flush_late(self) -> None:
+        """Release the blocks of finished sequences still held (the engine went idle, or
+        the batch they were invisible to has been formed)."""
+        for seq in self._late:
+            self.kv.release(seq.refs, seq.private)
+            seq.refs = []
+            seq.private = 0
+        self._late = []
+
     def private_blocks(self) -> int:
-        return sum(s.private for s in self.running)
+        return sum(s.private for s in self.running) + sum(s.private for s in self._late)
 
     # -- one step or a decode run ------------------------------------------------------
 
     def start_step(self, now: float, bound: float) -> float:
         """Form the next batch at `now`; return when the step (or decode run) ends."""
+        back_to_back = now == self._last_end
+        if not back_to_back:
+            self.flush_late()  # idle engine: everything it finished is processed
+        # Async scheduling: this batch was formed when the previous step was launched.
+        cutoff = self._last_start if (self.async_scheduling and back_to_back) else now
+        end = self._form_step(now, bound, cutoff)
+        self._last_end = end
+        return end
+
+    def _form_step(self, now: float, bound: float, cutoff: float) -> float:
         B = self.block_size
         kv = self.kv
         running = self.running
@@ -193,10 +225,15 @@ class ReplicaModel:
             i += 1
 
         admitted = 0
+        held = len(self._late)  # slots of finished sequences the scheduler still counts
+        blocked = False  # a waiting request arrived too late for this batch
         if not preempted:
             waiting = self.waiting
-            while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            while waiting and budget > 0 and len(running) + held < self.max_num_seqs:
                 seq = waiting[0]
+                if seq.req.arrival_s > cutoff:
+                    blocked = True
+                    break
                 n = self._admit(seq, budget)
                 if n == 0:
                     break
@@ -210,7 +247,12 @@ class ReplicaModel:
         if not sched:
             if self.waiting and preempted:
                 # Everything running was preempted this step; vLLM admits on the next step.
-                return self.start_step(now, bound)
+                return self._form_step(now, bound, cutoff)
+            if self._late or cutoff < now:
+                # An empty batch: the engine waits for the step in flight, processes its
+                # outputs and schedules again, with everything it now knows.
+                self.flush_late()
+                return self._form_step(now, bound, now)
             head = self.waiting[0] if self.waiting else None
             raise RuntimeError(
                 f"replica {self.replica_id}: nothing schedulable"
@@ -222,11 +264,19 @@ class ReplicaModel:
                 )
             )
 
+        # The batch is formed: blocks of sequences finished before it are free from now on.
+        released = bool(self._late)
+        self.flush_late()
         dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0
         end = now + dt
+        self._last_start = now
         steps = 1
-        if self.decode_runs and not chunks and not preempted and admitted == 0 and n_dec == len(running):
-            steps, end = self._extend_decode_run(now + dt, bound, n_dec, dec_kv)
+        # A decode run needs a state that cannot change between its steps: with async
+        # scheduling, blocks freed now or a request admissible from the next step on
+        # could change the next batch.
+        stable = not (released and self.waiting) and not blocked
+        if self.decode_runs and stable and not chunks and not preempted and admitted == 0 and n_dec == len(running):
+            steps, end, self._last_start = self._extend_decode_run(now + dt, bound, n_dec, dec_kv, now)
         self._pending = sched
         self._pending_decode_steps = steps if not chunks else 0
         self.steps += steps
@@ -266,13 +316,14 @@ class ReplicaModel:
             seq.hit_tokens = cached
         return n
 
-    def _extend_decode_run(self, t: float, bound: float, n: int, s: int) -> tuple[int, float]:
-        """Steps 2..k of a pure-decode run whose first step ends at t."""
+    def _extend_decode_run(self, t: float, bound: float, n: int, s: int, t0: float) -> tuple[int, float, float]:
+        """Steps 2..k of a pure-decode run whose first step runs [t0, t]; returns the
+        steps, the run's end and the start of its last step."""
         B = self.block_size
         running = self.running
         k_max = min(seq.output - seq.generated for seq in running)
         if k_max <= 1:
-            return 1, t
+            return 1, t, t0
         # Each sequence needs a new block every B tokens; the run stops before the step
         # whose allocation would need a preemption.
         firsts = []
@@ -291,10 +342,12 @@ class ReplicaModel:
             k_max = steps_at[avail] - 1
         step_ms = self.step_time.step_ms
         j = 1
+        last_start = t0
         while j < k_max:
             dt = step_ms((), n, s + j * n) / 1000.0
             if t + dt > bound:
                 break
+            last_start = t
             t += dt
             j += 1
         if j > 1:
@@ -306,7 +359,7 @@ class ReplicaModel:
                     total += c
             if not self.kv.allocate(total):
                 raise AssertionError("decode run allocated more blocks than it counted")
-        return j, t
+        return j, t, last_start
 
     def _preempt(self, seq: Seq) -> None:
         self.kv.release(seq.refs, seq.private)
@@ -388,9 +441,12 @@ class ReplicaModel:
             if kv.register(h):
                 seq.refs.append(h)
                 seq.private -= 1
-        kv.release(seq.refs, seq.private)
-        seq.refs = []
-        seq.private = 0
+        if self.async_scheduling:
+            self._late.append(seq)  # cached now; its blocks free once the next batch is formed
+        else:
+            kv.release(seq.refs, seq.private)
+            seq.refs = []
+            seq.private = 0
         return list(seq.hashes[:full]) + labels
 
     # -- what the router sees ------------------------------------------------------------
