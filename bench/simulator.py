@@ -39,10 +39,11 @@ PolicyFactory = Callable[..., RoutingPolicy]
 INF = float("inf")
 
 
-def default_step_time(cfg: ClusterConfig, pool: PoolConfig) -> StepTime:
+def default_step_time(cfg: ClusterConfig, pool: PoolConfig, **options: Any) -> StepTime:
+    """The calibrated model; options go to StepTimeModel.for_pool (allreduce_scaling, ...)."""
     from bench.step_time import StepTimeModel
 
-    return StepTimeModel.for_pool(cfg, pool)
+    return StepTimeModel.for_pool(cfg, pool, **options)
 
 
 def default_policy_factory(name: str, *, block_size: int, seed: int, **options: Any) -> RoutingPolicy:
