@@ -10,7 +10,7 @@ StepTimeModel.for_pool). The simulated engine is vLLM 0.29 (chunked prefill, asy
 scheduling, CUDA graphs, custom all-reduce), the published one 0.5.4, so the simulator
 should come out faster; how much is the point of the check.
 
-    python -m bench.published_check
+    cluster bench published-check      # or python -m bench.published_check
 """
 
 from __future__ import annotations
@@ -141,13 +141,14 @@ def format_check(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="h100x8-bf16")
     parser.add_argument("--allreduce-scaling", default=None, help="vllm (default), ring or flat-latency")
     parser.add_argument("--step-overhead-ms", type=float, default=None)
     parser.add_argument("--sync-scheduling", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {}
     if args.allreduce_scaling:
         kw["allreduce_scaling"] = args.allreduce_scaling
@@ -158,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     for note in result["notes"]:
         print(f"  {note}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
