@@ -9,9 +9,11 @@ tensor parallelism adds two all-reduces of the hidden state per layer. So a step
 
 with T the tokens in the step, S the sequences (one logits row each) and L the layers.
 
-Each term comes from the measured tables under bench/calibration/ (bench/profile_layers.py,
-bench/profile_allreduce.py) when one exists for the pool's GPU, tensor-parallel size and
+Each layer term comes from the measured tables under bench/calibration/
+(bench/profile_layers.py) when one exists for the pool's GPU, tensor-parallel size and
 weight dtype; otherwise from a roofline estimate, and `StepTimeModel.source` says which.
+The all-reduce follows the path vLLM 0.29 takes per message and TP (bench/vllm_allreduce.py:
+NCCL and the one-GPU parts measured, the NVLink kernels modelled).
 The simulator calls `step_ms` millions of times: everything that depends on T alone is
 precomputed into lists, and the rest is a bisect and a few multiplications.
 """
