@@ -277,6 +277,103 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return table
 
 
+def measure_local(args: argparse.Namespace) -> dict[str, Any]:
+    """The parts of vLLM's all-reduce paths that one GPU can time, per message of
+    `tokens x 12288 x bf16`, each call replayed 20 times from a CUDA graph:
+
+    - add_rmsnorm_us: residual add + RMSNorm (torch.compile fuses it into one kernel, as
+      vLLM's fused_add_rms_norm is one): the kernel that FlashInfer's fused all-reduce +
+      RMSNorm removes from the step;
+    - copy_in_out_us: two device copies of the message, the copy into and out of the
+      symmetric buffer that vLLM's symm-mem all-reduce pays (symm_mem.py);
+    - kernel_floor_us: one tiny kernel inside a graph (launch + tail): what any extra
+      kernel costs a step.
+    """
+    import torch
+
+    smoke = bool(args.smoke)
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    hidden = 64 if smoke else HIDDEN
+    sizes = [1, 16] if smoke else DECODE_TOKENS + PREFILL_TOKENS
+    calls = 20
+
+    def add_rmsnorm(x: Any, r: Any, w: Any) -> Any:
+        r = r + x
+        rf = r.float()
+        return (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w, r
+
+    fused = add_rmsnorm
+    mode = "eager"
+    if device.type == "cuda":
+        try:
+            fused = torch.compile(add_rmsnorm, dynamic=True)
+            mode = "torch.compile(dynamic=True)"
+        except Exception:  # noqa: BLE001 - eager kernels then, and the JSON says so
+            fused = add_rmsnorm
+
+    def time_us(fn: Any) -> float:
+        fn()
+        fn()
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            return (time.perf_counter() - t0) * 1e6 / calls
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(args.trials):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / calls)
+        return statistics.median(samples)
+
+    tiny = torch.zeros(1, device=device, dtype=dtype)
+    floor = time_us(lambda: tiny.add_(1))
+    norm_us: list[float] = []
+    copy_us: list[float] = []
+    nbytes: list[int] = []
+    w = torch.ones(hidden, device=device, dtype=dtype)
+    for tokens in sizes:
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        r = torch.randn_like(x)
+        buf, out = torch.empty_like(x), torch.empty_like(x)
+        norm_us.append(round(time_us(lambda x=x, r=r: fused(x, r, w)), 3))
+        copy_us.append(round(time_us(lambda x=x, buf=buf, out=out: (buf.copy_(x), out.copy_(buf))), 3))
+        nbytes.append(x.numel() * x.element_size())
+        print(f"tokens={tokens:5d} add+rmsnorm {norm_us[-1]:8.2f} us  copy in+out {copy_us[-1]:8.2f} us", flush=True)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return {
+        "kind": "all-reduce local parts (one GPU)",
+        "gpu_name": name,
+        "gpu_key": "h200" if "H200" in name else ("h100" if "H100" in name else device.type),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "elementwise": mode,
+        "calls_per_graph": calls,
+        "message": f"tokens x {hidden} x {str(dtype).removeprefix('torch.')}",
+        "tokens": sizes,
+        "bytes": nbytes,
+        "add_rmsnorm_us": norm_us,
+        "copy_in_out_us": copy_us,
+        "kernel_floor_us": round(floor, 3),
+    }
+
+
 def print_table(table: dict[str, Any]) -> None:
     fit = table["fit"]
     print(
@@ -297,6 +394,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=7, help="median over this many timed trials")
     parser.add_argument("--smoke", action="store_true", help="2 CPU processes over gloo: checks the script only")
     parser.add_argument("--refit", type=Path, help="recompute fit and table of an existing JSON, no measuring")
+    parser.add_argument("--local", action="store_true", help="one GPU: time the memory-bound parts (measure_local)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,6 +403,13 @@ def run(args: argparse.Namespace) -> int:
         table.update(build_table(table["measured"]))
         args.refit.write_text(json.dumps(table, indent=1) + "\n")
         print_table(table)
+        return 0
+    if args.local:
+        local = measure_local(args)
+        path = Path(args.out) / f"allreduce_local_{local['gpu_key']}.json"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(local, indent=1) + "\n")
+        print(f"kernel floor {local['kernel_floor_us']} us; wrote {path}")
         return 0
     table = measure(args)
     path = Path(args.out) / f"allreduce_{table['gpu_key']}.json"

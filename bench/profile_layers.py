@@ -260,7 +260,15 @@ class Layer:
 # ---------------------------------------------------------------------------------------
 # Attention through SDPA.
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# The Hopper-class kernel: cuDNN's fused attention runs on sm90 at FlashAttention-3 rates
+# (vLLM runs FA3 there, v1/attention/backends/fa_utils.py); FA2 and efficient reach half.
+HOPPER_BACKEND = "cudnn"
 
 
 def decode_attention(backend: str, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
@@ -276,12 +284,29 @@ def decode_attention(backend: str, q: torch.Tensor, kc: torch.Tensor, vc: torch.
 
 
 def prefill_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (1, H, chunk, D) over k, v (1, H, ctx + chunk, D): causal aligned bottom-right."""
+    """q (1, H, chunk, D) over k, v (1, H or KV heads, ctx + chunk, D): causal aligned
+    bottom-right (the chunk's last query sees everything), as chunked prefill needs."""
     chunk, total = q.shape[2], k.shape[2]
+    gqa: dict[str, Any] = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     with sdpa_kernel(BACKENDS[backend]):
         if chunk == total:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(chunk, total))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        if backend == "cudnn":
+            return _split_prefill(q, k, v, gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(chunk, total), **gqa)
+
+
+def _split_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: dict[str, Any]) -> torch.Tensor:
+    """Chunked prefill for a backend that SDPA gives no bottom-right mask (CausalBias
+    dispatches only flash and efficient): the chunk over the cached context (no mask) plus
+    the chunk over itself (square causal), the FLOPs and bytes of the bottom-right mask.
+    A timing stand-in: the two halves are summed by one elementwise kernel where an exact
+    merge would weight them by their log-sum-exp (SDPA does not return it); FA3 does all
+    of it in one kernel, so this time bounds the real one from above."""
+    ctx = k.shape[2] - q.shape[2]
+    a = F.scaled_dot_product_attention(q, k[:, :, :ctx], v[:, :, :ctx], **gqa)
+    b = F.scaled_dot_product_attention(q, k[:, :, ctx:], v[:, :, ctx:], is_causal=True, **gqa)
+    return a + b
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,22 +423,40 @@ class Profiler:
         self.timer.sync()
 
     def _available_backends(self) -> list[str]:
+        """Backends that run both attention shapes and agree with the math kernel. Also
+        records which run prefill with the cache's own KV heads (GQA, as vLLM's kernels
+        read them) rather than K/V expanded to every query head."""
         found: list[str] = []
         s = self.s
+        torch.manual_seed(1)
         q = torch.randn(2, s.q_heads, s.head_dim, device=self.device, dtype=torch.bfloat16)
         kc = torch.randn(2, s.kv_heads, 64, s.head_dim, device=self.device, dtype=torch.bfloat16)
-        qp = torch.randn(1, s.q_heads, 16, s.head_dim, device=self.device, dtype=torch.bfloat16)
-        kp = torch.randn(1, s.q_heads, 48, s.head_dim, device=self.device, dtype=torch.bfloat16)
-        for name in ("flash", "efficient", "math"):
+        qp = torch.randn(1, s.q_heads, 48, s.head_dim, device=self.device, dtype=torch.bfloat16)
+        kg = torch.randn(1, s.kv_heads, 48, s.head_dim, device=self.device, dtype=torch.bfloat16)
+        kp = kg.repeat_interleave(s.q_heads // s.kv_heads, dim=1)
+        ref_d = decode_attention("math", q, kc, kc)
+        ref_p = prefill_attention("math", qp, kp, kp)
+        self.gqa_native: set[str] = set()
+        for name in ("flash", "efficient", "cudnn", "math"):
             if name == "math" and found:
                 continue
             try:
-                decode_attention(name, q, kc, kc)
-                prefill_attention(name, qp, kp, kp)
-                found.append(name)
-            except RuntimeError:
+                ok = torch.allclose(decode_attention(name, q, kc, kc).float(), ref_d.float(), atol=2e-2)
+                ok = ok and torch.allclose(prefill_attention(name, qp, kp, kp).float(), ref_p.float(), atol=2e-2)
+                prefill_attention(name, qp[:, :, :16], kp, kp)  # the chunked (ctx > 0) path runs
+            except RuntimeError as exc:
+                self.log(f"attention backend {name} unavailable: {str(exc)[:120]}")
                 continue
-        self.log(f"attention backends: {found}")
+            if not ok:
+                self.log(f"attention backend {name} disagrees with the math kernel; left out")
+                continue
+            found.append(name)
+            try:
+                if torch.allclose(prefill_attention(name, qp, kg, kg).float(), ref_p.float(), atol=2e-2):
+                    self.gqa_native.add(name)
+            except RuntimeError:
+                pass
+        self.log(f"attention backends: {found}; GQA-native prefill: {sorted(self.gqa_native)}")
         return found
 
     def _inputs(self, tokens: int, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -477,8 +520,9 @@ class Profiler:
             self.log(f"dense T={t:5d}: {ms:.4f} ms/layer")
         return {"tokens": tokens_done, "ms": ms_done}
 
-    def decode(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Attention-only and whole-layer decode graphs over (batch, context)."""
+    def decode(self, whole_layer: bool = True) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Attention-only and whole-layer decode graphs over (batch, context); the last
+        item holds every backend's attention time per cell."""
         s, g = self.s, self.g
         n = len(self.layers)
         cap = g.decode_max_kv_tokens
@@ -489,11 +533,14 @@ class Profiler:
         attn_ms: list[list[float | None]] = []
         layer_ms: list[list[float | None]] = []
         winner: list[list[str | None]] = []
+        each: dict[str, list[list[float | None]]] = {name: [] for name in self.backends}
         for b in g.decode_batch:
             arow: list[float | None] = []
             lrow: list[float | None] = []
             wrow: list[str | None] = []
-            for ctx in g.decode_context:
+            for name in self.backends:
+                each[name].append([None] * len(g.decode_context))
+            for ci, ctx in enumerate(g.decode_context):
                 if b * ctx > cap or self.out_of_time():
                     arow.append(None)
                     lrow.append(None)
@@ -525,6 +572,7 @@ class Profiler:
                     except RuntimeError as exc:
                         self.notes.append(f"{backend} decode failed at B={b} ctx={ctx}: {exc}"[:200])
                         continue
+                    each[backend][-1][ci] = round(ms, 5)
                     if best is None or ms < best[0]:
                         best = (ms, backend)
                 if best is None:
@@ -551,37 +599,54 @@ class Profiler:
                         vc[:, :, ctx - 1] = v
                         h, r = layer.post_attn(decode_attention(backend, q, kc, vc), r)
 
-                lms = self.timer.time_ms(whole) / n
+                lms = self.timer.time_ms(whole) / n if whole_layer else float("nan")
                 arow.append(round(best[0], 5))
-                lrow.append(round(lms, 5))
+                lrow.append(round(lms, 5) if whole_layer else None)
                 wrow.append(backend)
-                self.log(f"decode B={b:3d} ctx={ctx:6d}: attention {best[0]:.4f} ({backend}), layer {lms:.4f} ms")
+                times = ", ".join(f"{k} {v[-1][ci]:.4f}" for k, v in each.items() if v[-1][ci] is not None)
+                self.log(f"decode B={b:3d} ctx={ctx:6d}: attention {times} ms; layer {lms:.4f} ms")
             attn_ms.append(arow)
             layer_ms.append(lrow)
             winner.append(wrow)
         del kbufs, vbufs
         grid = {"batch": g.decode_batch, "context": g.decode_context}
-        return {**grid, "ms": attn_ms}, {**grid, "ms": layer_ms}, {**grid, "backend": winner}
+        return (
+            {**grid, "ms": attn_ms},
+            {**grid, "ms": layer_ms},
+            {**grid, "backend": winner},
+            {**grid, "ms_by_backend": each},
+        )
 
-    def prefill(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def prefill(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(best ms, winning backend, ms of every backend) per (chunk, context) cell."""
         s, g = self.s, self.g
         ms_rows: list[list[float | None]] = []
         winner: list[list[str | None]] = []
+        each: dict[str, list[list[float | None]]] = {b: [] for b in self.backends}
         for chunk in g.prefill_chunk:
             row: list[float | None] = []
             wrow: list[str | None] = []
+            for b in self.backends:
+                each[b].append([])
             for ctx in g.prefill_context:
+                cell_ms: dict[str, float] = {}
                 if self.out_of_time():
                     row.append(None)
                     wrow.append(None)
+                    for b in self.backends:
+                        each[b][-1].append(None)
                     continue
                 total = ctx + chunk
                 q = torch.randn(1, s.q_heads, chunk, s.head_dim, device=self.device, dtype=torch.bfloat16)
-                # K/V expanded to the query heads: FLOPs are GQA's, the kernels need equal heads.
-                k = torch.randn(1, s.q_heads, total, s.head_dim, device=self.device, dtype=torch.bfloat16)
-                v = torch.randn_like(k)
+                # The cache's KV heads where the kernel takes GQA, else K/V expanded to the
+                # query heads (same FLOPs, more bytes read).
+                kg = torch.randn(1, s.kv_heads, total, s.head_dim, device=self.device, dtype=torch.bfloat16)
+                vg = torch.randn_like(kg)
+                rep = s.q_heads // s.kv_heads
+                kx, vx = kg.repeat_interleave(rep, dim=1), vg.repeat_interleave(rep, dim=1)
                 best: tuple[float, str] | None = None
                 for backend in self.backends:
+                    k, v = (kg, vg) if backend in self.gqa_native else (kx, vx)
 
                     def attn(
                         backend: str = backend, q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v
@@ -593,21 +658,22 @@ class Profiler:
                     except RuntimeError as exc:
                         self.notes.append(f"{backend} prefill failed at chunk={chunk} ctx={ctx}: {exc}"[:200])
                         continue
+                    cell_ms[backend] = ms
                     if best is None or ms < best[0]:
                         best = (ms, backend)
-                del q, k, v
+                del q, k, v, kg, vg, kx, vx
                 row.append(None if best is None else round(best[0], 5))
                 wrow.append(None if best is None else best[1])
+                for b in self.backends:
+                    each[b][-1].append(round(cell_ms[b], 5) if b in cell_ms else None)
                 if best:
                     flops = 4 * s.q_heads * s.head_dim * chunk * (ctx + chunk / 2)
-                    self.log(
-                        f"prefill chunk={chunk:5d} ctx={ctx:6d}: {best[0]:.4f} ms ({best[1]}, "
-                        f"{flops / best[0] / 1e9:.0f} TFLOP/s)"
-                    )
+                    rates = ", ".join(f"{b} {flops / t / 1e9:.0f}" for b, t in cell_ms.items())
+                    self.log(f"prefill chunk={chunk:5d} ctx={ctx:6d}: {best[0]:.4f} ms ({best[1]}); TFLOP/s {rates}")
             ms_rows.append(row)
             winner.append(wrow)
         grid = {"chunk": g.prefill_chunk, "context": g.prefill_context}
-        return {**grid, "ms": ms_rows}, {**grid, "backend": winner}
+        return {**grid, "ms": ms_rows}, {**grid, "backend": winner}, {**grid, "ms_by_backend": each}
 
     def lm_head(self) -> dict[str, list[Any]]:
         out_t: list[int] = []
@@ -661,8 +727,8 @@ class Profiler:
         ceil = self.ceilings()
         self.log(f"ceilings: {ceil}")
         dense = self.dense()
-        attn, layer, decode_backend = self.decode()
-        prefill, prefill_backend = self.prefill()
+        attn, layer, decode_backend, decode_each = self.decode()
+        prefill, prefill_backend, prefill_each = self.prefill()
         lm = self.lm_head()
         spec = {"h100": 3350.0, "h200": 4800.0}.get(self.gpu_key())
         # Decode streams weights and KV in: the read-only rate is its ceiling.
@@ -691,6 +757,7 @@ class Profiler:
                 "layers_in_graph": self.g.layers_in_graph,
                 "reps_median_of": self.g.reps,
                 "attention": f"torch SDPA backends tried {self.backends}; faster per cell kept",
+                "gqa_native_prefill": sorted(self.gqa_native),
                 "decode_max_kv_tokens": self.g.decode_max_kv_tokens,
                 "allreduce": "excluded (see allreduce_*.json)",
             },
@@ -701,6 +768,8 @@ class Profiler:
             "decode_backend": decode_backend,
             "prefill_attn_ms": prefill,
             "prefill_backend": prefill_backend,
+            "decode_attn_by_backend": decode_each,
+            "prefill_attn_by_backend": prefill_each,
             "lm_head_ms": lm,
             "attn_fixed_ms": fixed,
             "decode_vs_hbm_floor": {
@@ -711,6 +780,44 @@ class Profiler:
             "notes": self.notes + [f"graph capture failed, timed eagerly: {m}" for m in self.timer.graph_failures[:5]],
             "wall_s": round((_dt.datetime.now(_dt.UTC) - started).total_seconds(), 1),
         }
+
+    def attention_into(self, table: dict[str, Any]) -> dict[str, Any]:
+        """Re-measure decode and prefill attention into an existing table (same GPU kind,
+        TP and grid), keeping its dense, LM-head and whole-layer figures and the replaced
+        attention under `previous_attention`, so old and new kernels stay comparable."""
+        started = _dt.datetime.now(_dt.UTC)
+        attn, _, decode_backend, decode_each = self.decode(whole_layer=False)
+        prefill, prefill_backend, prefill_each = self.prefill()
+        out = dict(table)
+        out["previous_attention"] = {
+            "date": table.get("date"),
+            "attention": table.get("settings", {}).get("attention"),
+            "decode_attn_ms": table["decode_attn_ms"],
+            "prefill_attn_ms": table["prefill_attn_ms"],
+            "attn_fixed_ms": table["attn_fixed_ms"],
+        }
+        out.update(
+            decode_attn_ms=attn,
+            decode_backend=decode_backend,
+            prefill_attn_ms=prefill,
+            prefill_backend=prefill_backend,
+            decode_attn_by_backend=decode_each,
+            prefill_attn_by_backend=prefill_each,
+            attn_fixed_ms=attn["ms"][0][0],
+            attention_date=started.isoformat(timespec="seconds"),
+            attention_gpu_name=torch.cuda.get_device_name(0) if self.device.type == "cuda" else "cpu",
+            attention_software={
+                "torch": torch.__version__,
+                "cudnn": torch.backends.cudnn.version() if self.device.type == "cuda" else None,
+            },
+        )
+        out["settings"] = {
+            **table.get("settings", {}),
+            "attention": f"torch SDPA backends tried {self.backends}; faster per cell kept",
+            "gqa_native_prefill": sorted(self.gqa_native),
+        }
+        out["notes"] = list(table.get("notes", [])) + self.notes
+        return out
 
     def gpu_key(self) -> str:
         if self.device.type != "cuda":
@@ -726,6 +833,57 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
         if x <= xs[i]:
             return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
     return ys[-1] * x / xs[-1]
+
+
+def transfer_attention(target: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """Carry a re-measurement (`source`, made by --attention-into on another GPU of the
+    same TP) over to `target`: where the source's fastest kernel changed, target's cell is
+    scaled by the source's new / previous time of that cell. Both GPUs ran the previous
+    kernels on the same shapes, so the ratio is the new kernel's gain, and target's own
+    GPU difference (HBM bandwidth for decode) stays in its cells; where the same kernel
+    still wins on the same data layout, target keeps its own measurement rather than
+    taking the source's noise (prefill's layout changed where the source read K/V in GQA
+    form and target expanded it). Used for the H100 tables while only an H200 is lent."""
+    prev = source["previous_attention"]
+    if source["settings"]["tp"] != target["settings"]["tp"]:
+        raise ValueError("attention transfer needs tables of the same TP (same per-GPU heads)")
+    out = dict(target)
+    out["previous_attention"] = {
+        "date": target.get("date"),
+        "attention": target.get("settings", {}).get("attention"),
+        "decode_attn_ms": target["decode_attn_ms"],
+        "prefill_attn_ms": target["prefill_attn_ms"],
+        "attn_fixed_ms": target["attn_fixed_ms"],
+    }
+    for key, backend_key in (("decode_attn_ms", "decode_backend"), ("prefill_attn_ms", "prefill_backend")):
+        new, old, mine = source[key]["ms"], prev[key]["ms"], target[key]["ms"]
+        if len(new) != len(mine) or any(len(a) != len(b) for a, b in zip(new, mine, strict=True)):
+            raise ValueError(f"{key}: grids differ")
+        won_new, won_before = source[backend_key]["backend"], target[backend_key]["backend"]
+        gqa_src = set(source["settings"].get("gqa_native_prefill", []))
+        relaid = key == "prefill_attn_ms" and gqa_src != set(target["settings"].get("gqa_native_prefill", []))
+        scaled = [
+            [
+                m if m is None or n is None or o is None or (wn == wb and not relaid) else round(m * n / o, 5)
+                for m, n, o, wn, wb in zip(mr, nr, orow, wnr, wbr, strict=True)
+            ]
+            for mr, nr, orow, wnr, wbr in zip(mine, new, old, won_new, won_before, strict=True)
+        ]
+        out[key] = {**target[key], "ms": scaled}
+        out[backend_key] = source[backend_key]
+    out["attn_fixed_ms"] = out["decode_attn_ms"]["ms"][0][0]
+    out["attention_transferred_from"] = {
+        "gpu_name": source.get("attention_gpu_name"),
+        "date": source.get("attention_date"),
+        "software": source.get("attention_software"),
+        "how": "cell x (source new / source previous), see transfer_attention",
+    }
+    out["settings"] = {
+        **target.get("settings", {}),
+        "attention": source["settings"]["attention"],
+        "gqa_native_prefill": source["settings"].get("gqa_native_prefill", []),
+    }
+    return out
 
 
 def print_summary(table: dict[str, Any]) -> None:
@@ -754,9 +912,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="fuse elementwise work with torch.compile (GPU only)",
     )
+    parser.add_argument(
+        "--transfer-attention",
+        nargs=2,
+        type=Path,
+        metavar=("SOURCE", "TARGET"),
+        default=None,
+        help="no GPU: rewrite TARGET's attention cells by SOURCE's re-measurement (transfer_attention)",
+    )
+    parser.add_argument(
+        "--attention-into",
+        type=Path,
+        default=None,
+        help="re-measure only the attention tables of this layer table (its TP and weights), write it to --out",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.transfer_attention:
+        src, dst = args.transfer_attention
+        table = transfer_attention(json.loads(dst.read_text()), json.loads(src.read_text()))
+        dst.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"rewrote {dst} from {src}")
+        return 0
+    if args.attention_into:
+        existing = json.loads(args.attention_into.read_text())
+        args.tp = existing["settings"]["tp"]
+        args.weights = "fp8" if existing["settings"]["weight_dtype"] == "fp8" else "bf16"
+        args.compile = False  # attention has no elementwise work to fuse
+        prof = Profiler(args)
+        table = prof.attention_into(existing)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / args.attention_into.name
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {path}")
+        return 0
     prof = Profiler(args)
     table = prof.run()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,24 @@ because trace block ids are the only content identity a trace gives. KV capacity
 profile's MemoryPlan tokens divided by that block size, and a sequence holds
 ceil(kv_tokens / block_size) blocks (its reply packs into the prompt's last block), so
 coarse blocks cost at most one block of capacity per running sequence. Full prompt
-blocks are registered in the prefix cache as soon as they are computed; at finish the
+blocks are registered in the prefix cache when the step that computes them is scheduled,
+as vLLM caches them at allocation (kv_cache_manager.py), so a request admitted later in
+the same batch already shares them; at finish the
 prompt's partial last block is registered under its trace id (a later identical prompt
 reuses it, as vLLM reuses its 16-token sub-blocks) and the reply's full blocks under
-the trace's `output_block_ids` when it has them (synthetic conversations), otherwise
-under fresh ids that occupy the LRU but never hit. A prompt found entirely in the cache
-still computes its last token, as vLLM does.
+the trace's `output_block_ids` when it has them (synthetic conversations, or inferred
+from a later turn by bench.traces.infer_reply_blocks), otherwise under fresh ids that
+occupy the LRU but never hit. A preempted sequence caches its reply's full blocks the
+same way and resumes from every cached block of its own. A prompt found entirely in the
+cache still computes its last token, as vLLM does.
+
+Async scheduling (vLLM 0.29's default: a batch queue of two, v1/engine/core.py
+step_with_batch_queue): the engine forms step k+1 while step k runs, from the state it
+knew when step k was launched. So a request can join a step only if it arrived before
+the previous step started (one step of admission delay), and the KV blocks and batch
+slots of a request that finished in step k are free for step k+2, not k+1 (late
+release). An idle engine schedules an arrival at once, as vLLM does. With
+`async_scheduling=False` the model is vLLM's synchronous scheduler.
 
 Speed: a step in which every running sequence only decodes and nothing else can change
 (no admission possible, no preemption) is extended into a run of up to k steps in one
@@ -73,6 +85,8 @@ class Seq:
         "first_token_s",
         "finish_s",
         "preemptions",
+        "resume",
+        "reply_labels",
         "epoch",
         "replica",
     )
@@ -88,13 +102,15 @@ class Seq:
         self.computed = 0  # tokens whose KV is in the cache
         self.refs: list[int] = []  # hashed blocks this sequence references
         self.private = 0  # blocks only this sequence uses
-        self.next_reg = 0  # next prompt block to register once computed
+        self.next_reg = 0  # next prompt block to register once scheduled
         self.admitted = False
         self.hit_blocks = 0
         self.hit_tokens = 0
         self.first_token_s = -1.0
         self.finish_s = -1.0
         self.preemptions = 0
+        self.resume: list[int] = []  # after a preemption: chained hashes of its cached blocks
+        self.reply_labels: list[int] = []  # hashes its reply blocks were cached under
         self.epoch = -1  # stats epoch it was routed in (for in-flight counts)
         self.replica = ""
 
@@ -112,8 +128,13 @@ class ReplicaModel:
         fresh_id: Callable[[], int],
         decode_runs: bool = True,
         reserve_full_sequence: bool = True,
+        async_scheduling: bool = True,
     ) -> None:
         self.replica_id = replica_id
+        self.async_scheduling = async_scheduling
+        self._late: list[Seq] = []  # finished, blocks still held until the next batch is formed
+        self._last_start = 0.0  # start of the last step (of a decode run: of its last step)
+        self._last_end = -1.0
         self.reserve_full_sequence = reserve_full_sequence
         self.decode_runs = decode_runs  # False: one event per step (for validation)
         self.step_time = step_time
@@ -148,13 +169,32 @@ class ReplicaModel:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def flush_late(self) -> None:
+        """Release the blocks of finished sequences still held (the engine went idle, or
+        the batch they were invisible to has been formed)."""
+        for seq in self._late:
+            self.kv.release(seq.refs, seq.private)
+            seq.refs = []
+            seq.private = 0
+        self._late = []
+
     def private_blocks(self) -> int:
-        return sum(s.private for s in self.running)
+        return sum(s.private for s in self.running) + sum(s.private for s in self._late)
 
     # -- one step or a decode run ------------------------------------------------------
 
     def start_step(self, now: float, bound: float) -> float:
         """Form the next batch at `now`; return when the step (or decode run) ends."""
+        back_to_back = now == self._last_end
+        if not back_to_back:
+            self.flush_late()  # idle engine: everything it finished is processed
+        # Async scheduling: this batch was formed when the previous step was launched.
+        cutoff = self._last_start if (self.async_scheduling and back_to_back) else now
+        end = self._form_step(now, bound, cutoff)
+        self._last_end = end
+        return end
+
+    def _form_step(self, now: float, bound: float, cutoff: float) -> float:
         B = self.block_size
         kv = self.kv
         running = self.running
@@ -183,6 +223,7 @@ class ReplicaModel:
                 break
             if need > 0:
                 seq.private += need
+            self._register_prompt_blocks(seq, seq.computed + n)
             sched.append((seq, n))
             budget -= n
             if n == 1 and seq.generated > 0:
@@ -193,16 +234,22 @@ class ReplicaModel:
             i += 1
 
         admitted = 0
+        held = len(self._late)  # slots of finished sequences the scheduler still counts
+        blocked = False  # a waiting request arrived too late for this batch
         if not preempted:
             waiting = self.waiting
-            while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            while waiting and budget > 0 and len(running) + held < self.max_num_seqs:
                 seq = waiting[0]
+                if seq.req.arrival_s > cutoff:
+                    blocked = True
+                    break
                 n = self._admit(seq, budget)
                 if n == 0:
                     break
                 waiting.popleft()
                 running.append(seq)
                 admitted += 1
+                self._register_prompt_blocks(seq, seq.computed + n)
                 sched.append((seq, n))
                 budget -= n
                 chunks.append((n, seq.computed))
@@ -210,7 +257,12 @@ class ReplicaModel:
         if not sched:
             if self.waiting and preempted:
                 # Everything running was preempted this step; vLLM admits on the next step.
-                return self.start_step(now, bound)
+                return self._form_step(now, bound, cutoff)
+            if self._late or cutoff < now:
+                # An empty batch: the engine waits for the step in flight, processes its
+                # outputs and schedules again, with everything it now knows.
+                self.flush_late()
+                return self._form_step(now, bound, now)
             head = self.waiting[0] if self.waiting else None
             raise RuntimeError(
                 f"replica {self.replica_id}: nothing schedulable"
@@ -222,11 +274,19 @@ class ReplicaModel:
                 )
             )
 
+        # The batch is formed: blocks of sequences finished before it are free from now on.
+        released = bool(self._late)
+        self.flush_late()
         dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0
         end = now + dt
+        self._last_start = now
         steps = 1
-        if self.decode_runs and not chunks and not preempted and admitted == 0 and n_dec == len(running):
-            steps, end = self._extend_decode_run(now + dt, bound, n_dec, dec_kv)
+        # A decode run needs a state that cannot change between its steps: with async
+        # scheduling, blocks freed now or a request admissible from the next step on
+        # could change the next batch.
+        stable = not (released and self.waiting) and not blocked
+        if self.decode_runs and stable and not chunks and not preempted and admitted == 0 and n_dec == len(running):
+            steps, end, self._last_start = self._extend_decode_run(now + dt, bound, n_dec, dec_kv, now)
         self._pending = sched
         self._pending_decode_steps = steps if not chunks else 0
         self.steps += steps
@@ -234,21 +294,43 @@ class ReplicaModel:
         self.busy = True
         return end
 
+    def _register_prompt_blocks(self, seq: Seq, upto_tokens: int) -> None:
+        """Make the full prompt blocks below upto_tokens shareable (at schedule time)."""
+        if seq.next_reg >= seq.full_blocks:
+            return
+        upto = min(upto_tokens, seq.prompt) // self.block_size
+        kv = self.kv
+        hashes = seq.hashes
+        for b in range(seq.next_reg, upto):
+            h = hashes[b]
+            if kv.register(h):
+                seq.refs.append(h)
+                seq.private -= 1
+        if upto > seq.next_reg:
+            seq.next_reg = upto
+
     def _admit(self, seq: Seq, budget: int) -> int:
         """Reserve KV for a waiting sequence's first chunk; 0 when it does not fit."""
         B = self.block_size
         kv = self.kv
         total = seq.prompt + seq.generated
-        matched = kv.match(seq.hashes)
-        cached = min(matched * B, seq.prompt)
-        shared = min(matched, seq.full_blocks)
+        # A preempted sequence resumes from its own cached blocks, prompt and reply alike
+        # (vLLM's recompute finds them in the prefix cache); otherwise the prompt's.
+        chain = seq.resume if seq.resume else seq.hashes
+        matched = kv.match(chain)
+        if seq.resume:
+            cached = min(matched * B, total)
+            shared = matched
+        else:
+            cached = min(matched * B, seq.prompt)
+            shared = min(matched, seq.full_blocks)
         if cached >= total:
             cached = total - 1  # the last token is always computed (it yields the next one)
         if shared * B > cached:
             shared = cached // B
         n = min(total - cached, budget)
         need = -(-(cached + n) // B) - shared
-        hits = seq.hashes[:shared]
+        hits = chain[:shared]
         # vLLM 0.29 admits only when the whole sequence would fit now
         # (scheduler_reserve_full_isl, default on), then allocates chunk by chunk.
         whole = -(-total // B) - shared if self.reserve_full_sequence else need
@@ -259,20 +341,21 @@ class ReplicaModel:
         seq.refs = list(hits)
         seq.private = need
         seq.computed = cached
-        seq.next_reg = shared
+        seq.next_reg = min(shared, seq.full_blocks)
         if not seq.admitted:
             seq.admitted = True
             seq.hit_blocks = matched
             seq.hit_tokens = cached
         return n
 
-    def _extend_decode_run(self, t: float, bound: float, n: int, s: int) -> tuple[int, float]:
-        """Steps 2..k of a pure-decode run whose first step ends at t."""
+    def _extend_decode_run(self, t: float, bound: float, n: int, s: int, t0: float) -> tuple[int, float, float]:
+        """Steps 2..k of a pure-decode run whose first step runs [t0, t]; returns the
+        steps, the run's end and the start of its last step."""
         B = self.block_size
         running = self.running
         k_max = min(seq.output - seq.generated for seq in running)
         if k_max <= 1:
-            return 1, t
+            return 1, t, t0
         # Each sequence needs a new block every B tokens; the run stops before the step
         # whose allocation would need a preemption.
         firsts = []
@@ -291,10 +374,12 @@ class ReplicaModel:
             k_max = steps_at[avail] - 1
         step_ms = self.step_time.step_ms
         j = 1
+        last_start = t0
         while j < k_max:
             dt = step_ms((), n, s + j * n) / 1000.0
             if t + dt > bound:
                 break
+            last_start = t
             t += dt
             j += 1
         if j > 1:
@@ -306,9 +391,15 @@ class ReplicaModel:
                     total += c
             if not self.kv.allocate(total):
                 raise AssertionError("decode run allocated more blocks than it counted")
-        return j, t
+        return j, t, last_start
 
     def _preempt(self, seq: Seq) -> None:
+        # Cache the reply's full blocks too, so the recompute after re-admission finds them.
+        full = seq.full_blocks
+        reply = max(0, seq.computed // self.block_size - full)
+        labels = self._reply_labels(seq, reply)[:reply]
+        self._register_labels(seq, labels)
+        seq.resume = list(seq.hashes[:full]) + labels
         self.kv.release(seq.refs, seq.private)
         seq.refs = []
         seq.private = 0
@@ -320,8 +411,6 @@ class ReplicaModel:
 
     def finish_step(self, now: float) -> list[Seq]:
         """Apply the pending step's results at its end time `now`; return finished sequences."""
-        B = self.block_size
-        kv = self.kv
         finished: list[Seq] = []
         k = self._pending_decode_steps
         for seq, n in self._pending:
@@ -341,16 +430,6 @@ class ReplicaModel:
                     self.emitted_tokens += 1
                     if seq.first_token_s < 0:
                         seq.first_token_s = now
-                if seq.next_reg < seq.full_blocks:
-                    upto = min(seq.computed, seq.prompt) // B
-                    hashes = seq.hashes
-                    for b in range(seq.next_reg, upto):
-                        h = hashes[b]
-                        if kv.register(h):
-                            seq.refs.append(h)
-                            seq.private -= 1
-                    if upto > seq.next_reg:
-                        seq.next_reg = upto
             if seq.generated >= seq.output:
                 finished.append(seq)
         self._pending = []
@@ -366,32 +445,49 @@ class ReplicaModel:
     def release_finished(self, seq: Seq) -> list[int]:
         """Cache a finished sequence's blocks and release them; return the chained hashes
         of every block it leaves cached (prompt, then reply), for the router."""
-        B = self.block_size
         kv = self.kv
         full = seq.full_blocks
-        reply_blocks = max(0, seq.computed // B - full)
-        labels: list[int]
+        labels = self._reply_labels(seq, max(0, seq.computed // self.block_size - full))
+        self._register_labels(seq, labels)
+        if self.async_scheduling:
+            self._late.append(seq)  # cached now; its blocks free once the next batch is formed
+        else:
+            kv.release(seq.refs, seq.private)
+            seq.refs = []
+            seq.private = 0
+        return list(seq.hashes[:full]) + labels
+
+    def _reply_labels(self, seq: Seq, reply_blocks: int) -> list[int]:
+        """Chained hashes for the blocks past the prompt's full ones: from the trace's
+        output_block_ids when it names them, else the prompt's partial block id (a later
+        identical prompt reuses it, as vLLM reuses its 16-token sub-blocks) followed by
+        fresh ids that never hit. Kept on the sequence, so a preempted one that resumes
+        caches its reply under the same hashes again."""
+        B = self.block_size
+        full = seq.full_blocks
         if seq.req.output_block_ids:
             seed = output_chain_seed(seq.hashes, seq.prompt, B)
-            labels = chain_block_ids(seq.req.output_block_ids[:reply_blocks], seed)
-        else:
-            labels = []
-            if seq.prompt % B:
-                labels.append(seq.hashes[-1])
-            extra = reply_blocks - len(labels)
-            if extra > 0:
-                seed = labels[-1] if labels else (seq.hashes[full - 1] if full else 0)
-                labels.extend(chain_block_ids([self._fresh_id() for _ in range(extra)], seed))
+            return chain_block_ids(seq.req.output_block_ids[:reply_blocks], seed)
+        labels = seq.reply_labels
+        if not labels and seq.prompt % B:
+            labels.append(seq.hashes[-1])
+        extra = reply_blocks - len(labels)
+        if extra > 0:
+            seed = labels[-1] if labels else (seq.hashes[full - 1] if full else 0)
+            labels.extend(chain_block_ids([self._fresh_id() for _ in range(extra)], seed))
+        return list(labels[: max(reply_blocks, 1 if seq.prompt % B else 0)])
+
+    def _register_labels(self, seq: Seq, labels: Sequence[int]) -> None:
+        """Register private blocks under these hashes (ones it already shares stay)."""
+        kv = self.kv
         for h in labels:
             if seq.private <= 0:
                 break
+            if h in seq.refs:
+                continue
             if kv.register(h):
                 seq.refs.append(h)
                 seq.private -= 1
-        kv.release(seq.refs, seq.private)
-        seq.refs = []
-        seq.private = 0
-        return list(seq.hashes[:full]) + labels
 
     # -- what the router sees ------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.traces import SyntheticSpec, Trace, read_trace, synthetic_multiturn
+from bench.traces import SyntheticSpec, Trace, infer_reply_blocks, read_trace, synthetic_multiturn
 
 # What forked workers read (set before the pool starts; fork shares it without pickling).
 _JOB: dict[str, Any] = {}
@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", default="out/sim", help="output directory")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--no-reply-reuse",
+        action="store_true",
+        help="do not infer reply blocks from later turns (replies then never hit the cache)",
+    )
+    p.add_argument("--sync-scheduling", action="store_true", help="vLLM's synchronous scheduler instead of async")
 
 
 def _load_cfg(args: argparse.Namespace) -> Any:
@@ -69,7 +75,10 @@ def _load_trace(args: argparse.Namespace) -> Trace:
         trace = synthetic_multiturn(spec)
     else:
         trace = read_trace(args.trace, block_size=args.block_size)
-    return trace.head(args.limit) if args.limit else trace
+    trace = trace.head(args.limit) if args.limit else trace
+    if not args.no_reply_reuse and trace.has_prefix_info:
+        trace, _ = infer_reply_blocks(trace)
+    return trace
 
 
 def _parse_pool_replicas(text: str) -> dict[str, int]:
@@ -97,6 +106,7 @@ def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
         seed=job["seed"],
         stats_period_s=job["stats_period"],
         spill=job["spill"],
+        async_scheduling=job["async_scheduling"],
     )
     last = [0]
 
@@ -157,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         f"per request, block hit ceiling {stats.block_hit_ceiling:.1%}"
     )
     print(f"profile {cfg.profile}: replicas {replicas}; {len(policies)} policies x {len(scales)} rate scales")
+    sched = "synchronous" if args.sync_scheduling else "async (vLLM 0.29 default)"
+    print(f"scheduling {sched}; reply blocks {trace.meta.get('reply_blocks', 'not inferred')}")
 
     _JOB.update(
         cfg=cfg,
@@ -165,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stats_period=args.stats_period,
         spill=not args.no_spill,
+        async_scheduling=not args.sync_scheduling,
     )
     tasks = [(p, s) for s in scales for p in policies]
     started = time.perf_counter()
@@ -225,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stats_period_s": args.stats_period if args.stats_period is not None else cfg.router.stats_period_s,
         "spill": not args.no_spill,
+        "async_scheduling": not args.sync_scheduling,
         "wall_s": wall,
         "runs": rows,
     }

@@ -39,10 +39,11 @@ PolicyFactory = Callable[..., RoutingPolicy]
 INF = float("inf")
 
 
-def default_step_time(cfg: ClusterConfig, pool: PoolConfig) -> StepTime:
+def default_step_time(cfg: ClusterConfig, pool: PoolConfig, **options: Any) -> StepTime:
+    """The calibrated model; options go to StepTimeModel.for_pool (allreduce_scaling, ...)."""
     from bench.step_time import StepTimeModel
 
-    return StepTimeModel.for_pool(cfg, pool)
+    return StepTimeModel.for_pool(cfg, pool, **options)
 
 
 def default_policy_factory(name: str, *, block_size: int, seed: int, **options: Any) -> RoutingPolicy:
@@ -136,6 +137,7 @@ class ClusterSimulator:
         policy_factory: PolicyFactory = default_policy_factory,
         spill: bool = True,
         decode_runs: bool = True,
+        async_scheduling: bool = True,
     ) -> None:
         unknown = set(replicas) - {p.name for p in cfg.pools}
         if unknown:
@@ -178,6 +180,7 @@ class ClusterSimulator:
                     max_num_batched_tokens=e.max_num_batched_tokens,
                     fresh_id=self._fresh_id,
                     decode_runs=decode_runs,
+                    async_scheduling=async_scheduling,
                 )
                 for i in range(n)
             ]
@@ -228,6 +231,8 @@ class ClusterSimulator:
                     self._finish(rep, seq, epoch, since_snap, session_replica)
                 if rep.has_work():
                     heapq.heappush(heap, (rep.start_step(now, min(t_arr, t_snap)), ri))
+                else:
+                    rep.flush_late()  # idle: the last outputs are processed
             elif t_snap <= t_arr:
                 take_snapshot()
                 epoch += 1

@@ -9,9 +9,11 @@ tensor parallelism adds two all-reduces of the hidden state per layer. So a step
 
 with T the tokens in the step, S the sequences (one logits row each) and L the layers.
 
-Each term comes from the measured tables under bench/calibration/ (bench/profile_layers.py,
-bench/profile_allreduce.py) when one exists for the pool's GPU, tensor-parallel size and
+Each layer term comes from the measured tables under bench/calibration/
+(bench/profile_layers.py) when one exists for the pool's GPU, tensor-parallel size and
 weight dtype; otherwise from a roofline estimate, and `StepTimeModel.source` says which.
+The all-reduce follows the path vLLM 0.29 takes per message and TP (bench/vllm_allreduce.py:
+NCCL and the one-GPU parts measured, the NVLink kernels modelled).
 The simulator calls `step_ms` millions of times: everything that depends on T alone is
 precomputed into lists, and the rest is a bisect and a few multiplications.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.profile_allreduce import ring_us
+from bench.vllm_allreduce import LocalParts, NcclCurve, VllmAllReduce, algorithm
 from cluster.architecture import DTYPE_BYTES, ModelArchitecture
 from cluster.config import ClusterConfig, PoolConfig
 
@@ -58,9 +61,11 @@ GPU_SPECS: dict[str, GpuSpec] = {
     "cpu": GpuSpec("cpu", 20.0, 0.2, 0.2, 0.1, 10.0, 20.0, 20.0),
 }
 
-# Host-side work per step that vLLM does not overlap with the GPU (scheduling, input
-# preparation, sampling). Not measurable without vLLM itself; an estimate, kept visible.
-DEFAULT_STEP_OVERHEAD_MS = 1.0
+# Host-side work per step that the GPU waits for. vLLM 0.29 schedules step k+1 and
+# prepares its inputs while step k runs (async scheduling, on by default), so what is
+# left is the hand-off between the two: copying the sampled tokens back, the launch of
+# the next graph. Not measurable without vLLM itself; an estimate, kept visible.
+DEFAULT_STEP_OVERHEAD_MS = 0.3
 
 
 def gpu_key(cfg: ClusterConfig) -> str:
@@ -151,20 +156,26 @@ class Grid2D:
 
 
 # ---------------------------------------------------------------------------------------
-# All-reduce: alpha-beta ring model, measured points where they exist.
+# All-reduce: vLLM's own algorithm choice (default), or NCCL-only bounds for comparison.
 
 
-ALLREDUCE_SCALINGS = ("ring", "flat-latency")
+ALLREDUCE_SCALINGS = ("vllm", "ring", "flat-latency")
+DEFAULT_ALLREDUCE_SCALING = "vllm"
 
 
 @dataclass
 class AllReduceModel:
     """Time of one all-reduce of `nbytes` across `tp` GPUs.
 
-    Where a measured curve for this group size exists it is interpolated (log-log).
-    Otherwise the group size is extrapolated from the fit, and `source` says so:
+    - "vllm" (default): the path vLLM 0.29 takes per message and TP on Hopper (custom
+      one-/two-shot P2P, symmetric-memory multimem, NCCL beyond) and the RMSNorm it
+      fuses, from bench/vllm_allreduce.py: NCCL and the local parts measured, the NVLink
+      kernels modelled; `source` is "modelled".
 
-    - "ring" (default): t = 2(n-1) * (alpha + nbytes / (n * beta)). Every ring step pays
+    The NCCL-only alternatives: where a measured curve for this group size exists it is
+    interpolated (log-log); otherwise the group size is extrapolated from the fit:
+
+    - "ring": t = 2(n-1) * (alpha + nbytes / (n * beta)). Every ring step pays
       alpha, so NCCL's fixed per-call cost, fitted into alpha at n=2, grows 7x at n=8:
       pessimistic for small (decode) messages.
     - "flat-latency": the measured curve of the largest measured group, plus only the
@@ -175,11 +186,12 @@ class AllReduceModel:
     tp: int
     alpha_us: float
     beta_gbps: float
-    source: str  # "measured" | "extrapolated" | "analytic" | "none"
+    source: str  # "modelled" | "measured" | "extrapolated" | "analytic" | "none"
     measured_bytes: list[float] = field(default_factory=list)
     measured_us: list[float] = field(default_factory=list)
     scaling: str = "ring"
     measured_tp: int = 0  # group size of measured_bytes/us (== tp when source is "measured")
+    vllm: VllmAllReduce | None = None  # the "vllm" scaling's model
 
     def ring_us(self, nbytes: float) -> float:
         return ring_us(self.tp, nbytes, self.alpha_us, self.beta_gbps)
@@ -195,6 +207,8 @@ class AllReduceModel:
     def time_us(self, nbytes: float) -> float:
         if self.tp <= 1 or nbytes <= 0:
             return 0.0
+        if self.vllm is not None:
+            return self.vllm.time_us(nbytes)
         if self.measured_bytes and self.measured_tp == self.tp:
             return self._curve_us(nbytes)
         if self.scaling == "flat-latency" and self.measured_bytes:
@@ -203,13 +217,32 @@ class AllReduceModel:
             return self._curve_us(nbytes) + extra
         return self.ring_us(nbytes)
 
+    def algorithm(self, nbytes: float) -> str:
+        """Which path serves this message (vLLM's choice, or the NCCL-only label)."""
+        return algorithm(self.tp, nbytes) if self.vllm is not None else f"nccl-{self.scaling}"
+
     @classmethod
-    def load(cls, path: Path, tp: int, scaling: str = "ring") -> AllReduceModel:
+    def analytic(cls, tp: int, gpu: GpuSpec) -> AllReduceModel:
+        """No tables: vLLM's paths with a guessed NCCL curve (flagged analytic)."""
+        nccl = NcclCurve(latency_us=2 * gpu.allreduce_alpha_us, bus_gbps=gpu.link_gbps * 0.8)
+        vllm = VllmAllReduce(tp, nccl) if tp > 1 and gpu.key != "cpu" else None
+        return cls(
+            tp, gpu.allreduce_alpha_us, gpu.link_gbps * 0.8, "analytic" if tp > 1 else "none", scaling="vllm", vllm=vllm
+        )
+
+    @classmethod
+    def load(
+        cls, path: Path, tp: int, scaling: str = DEFAULT_ALLREDUCE_SCALING, local_path: Path | None = None
+    ) -> AllReduceModel:
+        """From an NCCL profile (profile_allreduce.py); for the "vllm" scaling also the
+        one-GPU local parts at local_path when that file exists."""
         if scaling not in ALLREDUCE_SCALINGS:
             raise ValueError(f"all-reduce scaling {scaling!r}; known: {ALLREDUCE_SCALINGS}")
         data = json.loads(path.read_text())
         fit = data["fit"]
         curves = {int(n): c for n, c in data.get("measured", {}).items() if c.get("us")}
+        if scaling == "vllm":
+            return cls._vllm(tp, fit, curves, local_path)
         if not curves:
             return cls(tp, fit["alpha_us"], fit["beta_gbps"], "extrapolated", scaling=scaling)
         # This group size if measured, else the largest measured one below it.
@@ -220,6 +253,38 @@ class AllReduceModel:
         source = "measured" if m == tp else "extrapolated"
         return cls(
             tp, fit["alpha_us"], fit["beta_gbps"], source, [float(b) for b in curves[m]["bytes"]], us, scaling, m
+        )
+
+    @classmethod
+    def _vllm(
+        cls, tp: int, fit: dict[str, Any], curves: dict[int, dict[str, Any]], local_path: Path | None
+    ) -> AllReduceModel:
+        if curves:
+            # NCCL beyond vLLM's own kernels: the largest measured group's small-message
+            # latency and large-message bus bandwidth.
+            m = max(curves)
+            xs, ts = [float(b) for b in curves[m]["bytes"]], _running_max([float(t) for t in curves[m]["us"]])
+            nccl = NcclCurve(latency_us=ts[0], bus_gbps=2 * (m - 1) / m * xs[-1] / ts[-1] / 1e3)
+        else:
+            nccl = NcclCurve(latency_us=2 * fit["alpha_us"], bus_gbps=fit["beta_gbps"])
+        local = None
+        if local_path is not None and local_path.exists():
+            d = json.loads(local_path.read_text())
+            local = LocalParts(
+                bytes=[float(b) for b in d["bytes"]],
+                add_rmsnorm_us=_running_max([float(x) for x in d["add_rmsnorm_us"]]),
+                copy_in_out_us=_running_max([float(x) for x in d["copy_in_out_us"]]),
+                kernel_floor_us=float(d["kernel_floor_us"]),
+            )
+        model = VllmAllReduce(tp, nccl, local) if tp > 1 else None
+        return cls(
+            tp,
+            fit["alpha_us"],
+            fit["beta_gbps"],
+            "modelled",
+            scaling="vllm",
+            measured_tp=max(curves, default=0),
+            vllm=model,
         )
 
 
@@ -253,9 +318,7 @@ class StepTimeModel:
         self.layer_table = layer_table
         self.source = "measured" if layer_table is not None else "analytic"
         if allreduce is None:
-            allreduce = AllReduceModel(
-                tp, gpu.allreduce_alpha_us, gpu.link_gbps * 0.8, "analytic" if tp > 1 else "none"
-            )
+            allreduce = AllReduceModel.analytic(tp, gpu)
         self.allreduce = allreduce
         L = arch.num_layers
         self._layers = L
@@ -281,7 +344,7 @@ class StepTimeModel:
         *,
         calibration_dir: Path | None = None,
         step_overhead_ms: float = DEFAULT_STEP_OVERHEAD_MS,
-        allreduce_scaling: str = "ring",
+        allreduce_scaling: str = DEFAULT_ALLREDUCE_SCALING,
     ) -> StepTimeModel:
         """The model of one replica of `pool`: measured tables for its GPU, TP size and
         weight dtype where committed, else the roofline (flagged in `source`/`describe`).
@@ -311,14 +374,22 @@ class StepTimeModel:
             for candidate in (key, "h200" if key == "h100" else "h100"):
                 ar_path = directory / f"allreduce_{candidate}.json"
                 if ar_path.exists():
-                    allreduce = AllReduceModel.load(ar_path, tp, allreduce_scaling)
-                    how = ""
-                    if allreduce.source != "measured":
-                        how = f" ({allreduce_scaling} from TP={allreduce.measured_tp})"
-                    notes.append(f"all-reduce {allreduce.source}{how} at TP={tp} from {ar_path.name}")
+                    local_path = directory / f"allreduce_local_{candidate}.json"
+                    allreduce = AllReduceModel.load(ar_path, tp, allreduce_scaling, local_path)
+                    if allreduce.vllm is not None:
+                        parts = f"local parts from {local_path.name}" if allreduce.vllm.local else "no local parts"
+                        how = (
+                            f" (vLLM 0.29 paths, NVLink kernels modelled; NCCL from TP={allreduce.measured_tp} "
+                            f"{ar_path.name}; {parts})"
+                        )
+                    elif allreduce.source != "measured":
+                        how = f" ({allreduce_scaling} from TP={allreduce.measured_tp}, {ar_path.name})"
+                    else:
+                        how = f" ({ar_path.name})"
+                    notes.append(f"all-reduce {allreduce.source}{how} at TP={tp}")
                     break
             else:
-                notes.append("ANALYTIC: no all-reduce table; ring model with guessed alpha/beta")
+                notes.append("ANALYTIC: no all-reduce table; vLLM paths with a guessed NCCL curve")
         return cls(
             arch=cfg.model.architecture,
             tp=tp,

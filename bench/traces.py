@@ -11,7 +11,8 @@ counts as a hit.
 `output_block_ids` optionally names the full blocks that prompt + reply form beyond the
 prompt's full blocks (what an engine caches once the reply is generated). The synthetic
 generator sets them, so a conversation's next turn (previous prompt + reply + new user
-tokens) can hit the previous reply's blocks; Mooncake and Azure traces do not know them.
+tokens) can hit the previous reply's blocks; Mooncake and Azure traces do not know them,
+but `infer_reply_blocks` reads them off a later turn that contains the reply.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import csv
 import json
 import math
 import random
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -136,6 +138,51 @@ def output_chain_seed(prompt_chain: Sequence[int], prompt_tokens: int, block_siz
     full block (a partial last prompt block is rewritten by the reply)."""
     full = prompt_tokens // block_size
     return prompt_chain[full - 1] if full else 0
+
+
+def infer_reply_blocks(trace: Trace, max_candidates: int = 64) -> tuple[Trace, int]:
+    """Name the reply blocks of requests whose conversation continues later in the trace.
+
+    vLLM caches a finished request's generated tokens too (its blocks fill and are hashed
+    as it decodes), so a follow-up turn (previous prompt + reply + new user tokens) hits
+    the previous reply where it lands on the same replica. A Mooncake-style trace has no
+    output block ids, but the follow-up's own prompt holds them: for a request with F >= 1
+    full prompt blocks, the earliest later request whose first F ids are the same and whose
+    prompt holds at least this prompt + reply carries, at positions F .. (prompt +
+    output) // block_size - 1, exactly the blocks this request's prompt + reply fill.
+    Requests that already name output blocks, or have no such follow-up, are left alone.
+    Returns the trace and how many requests got reply blocks."""
+    bs = trace.block_size
+    reqs = trace.requests
+    chains = [chain_block_ids(r.block_ids) for r in reqs]
+    # Chained hash of a block -> requests holding it as a full prompt block, in trace order.
+    holders: dict[int, list[int]] = {}
+    for i, (r, chain) in enumerate(zip(reqs, chains, strict=True)):
+        for h in chain[: r.prompt_tokens // bs]:
+            holders.setdefault(h, []).append(i)
+    out: list[TraceRequest] = []
+    found = 0
+    for i, (r, chain) in enumerate(zip(reqs, chains, strict=True)):
+        full = r.prompt_tokens // bs
+        upto = (r.prompt_tokens + r.output_tokens) // bs
+        if r.output_block_ids or full == 0 or upto <= full:
+            out.append(r)
+            continue
+        later = holders.get(chain[full - 1], [])
+        k = bisect_right(later, i)
+        ids: tuple[int, ...] = ()
+        for j in later[k : k + max_candidates]:
+            follow = reqs[j]
+            if follow.arrival_s >= r.arrival_s and follow.prompt_tokens >= r.prompt_tokens + r.output_tokens:
+                ids = follow.block_ids[full:upto]
+                break
+        if ids:
+            found += 1
+            out.append(replace(r, output_block_ids=ids))
+        else:
+            out.append(r)
+    meta = {**trace.meta, "reply_blocks": f"inferred for {found} requests"}
+    return Trace(trace.name, bs, out, trace.has_prefix_info, meta), found
 
 
 def _unique_ids(start: int, count: int) -> tuple[int, ...]:

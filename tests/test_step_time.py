@@ -16,12 +16,15 @@ import pytest
 from bench import profile_allreduce, profile_layers
 from bench.profile_allreduce import HIDDEN, build_table, fit_alpha_beta, ring_us
 from bench.step_time import CALIBRATION_DIR, GPU_SPECS, AllReduceModel, Grid2D, StepTimeModel, layer_table_name
+from bench.vllm_allreduce import NcclCurve, VllmAllReduce, algorithm, fuses_rmsnorm
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
 
 GPU_PROFILES = ["h100x8-bf16", "h100x4-fp8", "h200x4-fp8"]
 COMMITTED_LAYER_TABLES = sorted(CALIBRATION_DIR.glob("layers_*.json"))
-COMMITTED_ALLREDUCE_TABLES = sorted(CALIBRATION_DIR.glob("allreduce_*.json"))
+# NCCL profiles (profile_allreduce.py); allreduce_local_*.json hold the one-GPU parts.
+COMMITTED_ALLREDUCE_TABLES = sorted(p for p in CALIBRATION_DIR.glob("allreduce_*.json") if "_local_" not in p.name)
+COMMITTED_LOCAL_PARTS = sorted(CALIBRATION_DIR.glob("allreduce_local_*.json"))
 
 
 def _increasing(rng: random.Random, n: int, start: float, step: float) -> list[float]:
@@ -73,9 +76,11 @@ def synthetic_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _model(profile: str, calibration_dir: Path | None = None) -> tuple[ClusterConfig, StepTimeModel]:
+def _model(
+    profile: str, calibration_dir: Path | None = None, scaling: str = "vllm"
+) -> tuple[ClusterConfig, StepTimeModel]:
     cfg = load_profile(profile)
-    return cfg, StepTimeModel.for_pool(cfg, cfg.pools[0], calibration_dir=calibration_dir)
+    return cfg, StepTimeModel.for_pool(cfg, cfg.pools[0], calibration_dir=calibration_dir, allreduce_scaling=scaling)
 
 
 # -- flags ------------------------------------------------------------------------------
@@ -97,11 +102,20 @@ def test_cpu_profile_is_analytic_without_allreduce() -> None:
 
 
 def test_synthetic_tables_are_used_and_the_allreduce_is_extrapolated_to_tp8(synthetic_dir: Path) -> None:
-    _, model = _model("h100x8-bf16", calibration_dir=synthetic_dir)
+    _, model = _model("h100x8-bf16", calibration_dir=synthetic_dir, scaling="ring")
     assert model.source == "measured"
     # Measured at TP=2 only (on an H200: same NVLink generation as the H100): TP=8 is extrapolated.
     assert model.allreduce.source == "extrapolated"
     assert "extrapolated" in model.describe()
+
+
+def test_default_allreduce_is_vllms_paths_and_says_modelled(synthetic_dir: Path) -> None:
+    _, model = _model("h100x8-bf16", calibration_dir=synthetic_dir)
+    assert model.allreduce.source == "modelled" and model.allreduce.vllm is not None
+    assert "NVLink kernels modelled" in model.describe()
+    # No local-parts file in this directory: no fused-RMSNorm credit, and it says so.
+    assert "no local parts" in model.describe()
+    assert model.allreduce.algorithm(HIDDEN * 2) == "custom-1shot"
 
 
 def test_unusable_table_is_flagged(tmp_path: Path) -> None:
@@ -258,11 +272,11 @@ def test_allreduce_model_interpolates_measured_and_extrapolates_other_sizes(tmp_
     table = synthetic_allreduce_table(rng, 5.0, 250.0)
     path = tmp_path / "allreduce_h200.json"
     path.write_text(json.dumps(table))
-    at2 = AllReduceModel.load(path, 2)
+    at2 = AllReduceModel.load(path, 2, "ring")
     assert at2.source == "measured"
     for b, us in zip(at2.measured_bytes, at2.measured_us, strict=True):
         assert at2.time_us(b) == pytest.approx(us, rel=1e-9)
-    at8 = AllReduceModel.load(path, 8)
+    at8 = AllReduceModel.load(path, 8, "ring")
     assert at8.source == "extrapolated" and at8.measured_tp == 2
     fit = table["fit"]
     assert at8.time_us(1e6) == pytest.approx(ring_us(8, 1e6, fit["alpha_us"], fit["beta_gbps"]))
@@ -301,3 +315,61 @@ def test_profiler_smoke_output_is_a_table_the_model_loads(tmp_path: Path) -> Non
     _, model = _model("h100x8-bf16", calibration_dir=tmp_path)
     assert model.source == "measured"
     assert model.step_ms([(16, 0)], 4, 4 * 64) > 0
+
+
+# -- vLLM's all-reduce paths ------------------------------------------------------------
+
+
+def test_vllm_algorithm_follows_its_sm90_thresholds() -> None:
+    """The path per message and TP, as all_reduce_utils.py / custom_all_reduce.cuh /
+    symm_mem.py choose it on an NVSwitch sm90 node (bytes = tokens x 12288 x 2)."""
+    tok = HIDDEN * 2
+    kib, mib = 1024, 1024 * 1024
+    # TP=8: one-shot below 256 KB (10 tokens), then symmetric-memory multimem up to
+    # 64 MB (2,730 tokens), NCCL beyond.
+    assert algorithm(8, 10 * tok) == "custom-1shot"
+    assert algorithm(8, 256 * kib) == "symm-mem-multimem"
+    assert algorithm(8, 2730 * tok) == "symm-mem-multimem"
+    assert algorithm(8, 64 * mib) == "nccl"
+    # TP=4: one-shot below 512 KB, two-shot to 32 MB; symm-mem's limit is the same, so NCCL next.
+    assert algorithm(4, 512 * kib - 16) == "custom-1shot"
+    assert algorithm(4, 512 * kib) == "custom-2shot"
+    assert algorithm(4, 32 * mib) == "nccl"
+    # TP=2: one-shot all the way to 64 MB.
+    assert algorithm(2, 60 * mib) == "custom-1shot"
+    # FlashInfer's all-reduce + RMSNorm fusion: up to 1 MB at TP=8, 2 MB at TP=4.
+    assert fuses_rmsnorm(8, mib) and not fuses_rmsnorm(8, mib + 1)
+    assert fuses_rmsnorm(4, 2 * mib) and not fuses_rmsnorm(4, 2 * mib + 1)
+
+
+def test_vllm_allreduce_uses_the_nccl_curve_only_beyond_its_own_kernels() -> None:
+    nccl = NcclCurve(latency_us=12.0, bus_gbps=300.0)
+    ar = VllmAllReduce(8, nccl)
+    big = 8192 * HIDDEN * 2
+    assert ar.time_us(big) == pytest.approx(nccl.time_us(8, big))
+    small = HIDDEN * 2
+    assert ar.time_us(small) < nccl.time_us(8, small)
+    assert VllmAllReduce(1, nccl).time_us(small) == 0.0
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_committed_vllm_allreduce_never_falls_with_message_size(tp: int) -> None:
+    """With the committed NCCL profile and local parts: more bytes never cost less, and
+    the fused calls are cheaper than the same all-reduce without the fusion."""
+    assert COMMITTED_LOCAL_PARTS
+    key = COMMITTED_LOCAL_PARTS[0].name.removeprefix("allreduce_local_").removesuffix(".json")
+    model = AllReduceModel.load(CALIBRATION_DIR / f"allreduce_{key}.json", tp, "vllm", COMMITTED_LOCAL_PARTS[0])
+    assert model.vllm is not None and model.vllm.local is not None
+    sizes = [t * HIDDEN * 2 for t in range(1, 9000, 7)]
+    times = [model.time_us(b) for b in sizes]
+    assert all(b >= a - 1e-9 for a, b in zip(times, times[1:], strict=False))
+    assert all(t > 0 for t in times)
+    unfused = VllmAllReduce(tp, model.vllm.nccl, model.vllm.local, fuse_rmsnorm=False)
+    assert model.time_us(HIDDEN * 2) < unfused.time_us(HIDDEN * 2)
+
+
+def test_vllm_allreduce_is_faster_than_the_ring_bound_for_decode() -> None:
+    cfg, vllm_model = _model("h100x8-bf16")
+    _, ring_model = _model("h100x8-bf16", scaling="ring")
+    for b in (1, 16, 64):
+        assert vllm_model.step_ms([], b, b * 2048) < ring_model.step_ms([], b, b * 2048)
