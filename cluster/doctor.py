@@ -38,6 +38,7 @@ WEIGHTS_INIT_CONTAINER = "fetch-weights"
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 # Serve's message for replicas waiting for resources (deployment_state.py, PENDING_ALLOCATION).
 SERVE_PENDING_ALLOCATION = "to be scheduled"
+ENGINE_PREFIX = "engine-"  # engine deployments are "engine-<pool>" (deployments/gateway.py)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ class Thresholds:
 
     pending: timedelta = timedelta(minutes=5)  # a node may be on its way (cluster autoscaler)
     not_ready: timedelta = timedelta(minutes=10)  # raylet and the Serve proxy are up within minutes
-    autoscaler: timedelta = timedelta(minutes=10)  # Serve asked for resources, no pod was requested
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,10 @@ def check_rayservice(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
             f"RayService {_name(rs)} is not Ready ({ready.get('reason', '?')}): no Serve endpoint takes traffic",
             f"{RUNBOOKS}/README.md",
             objects=(f"rayservice/{_name(rs)}",),
-            evidence=(f"condition Ready=False {ready.get('reason', '')}: {ready.get('message', '')}".strip(),),
+            evidence=(
+                f"condition Ready=False, reason {ready.get('reason', '?')}"
+                + (f": {ready['message']}" if ready.get("message") else ""),
+            ),
         )
     ]
 
@@ -492,45 +495,69 @@ def check_autoscaler(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
                     evidence=tuple(_event_text(e) for e in failed[-2:]),
                 )
             )
-    # 3. Serve waits for resources, yet no pod is pending or starting and groups have room.
+    # 3. Serve waits for resources, yet no worker pod is starting and the pool's groups have room.
     waiting = _deployments_waiting_for_resources(snap)
-    if waiting:
-        starting = [
-            p for p in snap.pods if _component(p) == "ray-worker" and p.get("status", {}).get("phase") == "Pending"
-        ]
+    if waiting and not any(_starting(p, snap.captured_at, th) for p in snap.pods if _component(p) == "ray-worker"):
         groups = _worker_groups(snap)
         pods_per_group = {g["groupName"]: 0 for g in groups}
         for p in snap.pods:
             g = _labels(p).get(RAY_GROUP_LABEL)
             if g in pods_per_group and p.get("status", {}).get("phase") in ("Pending", "Running"):
                 pods_per_group[g] += 1
-        room = [g for g in groups if pods_per_group[g["groupName"]] < int(g.get("maxReplicas", 0))]
-        if not starting and room:
+        wanted = [g for g in groups if _pool_of_group(g) in {_pool_of_deployment(d) for d, _ in waiting}] or groups
+        room = [g for g in wanted if pods_per_group[g["groupName"]] < int(g.get("maxReplicas", 0))]
+        objects = tuple(f"deployment/{d}" for d, _ in waiting)
+        evidence = tuple(m for _, m in waiting)
+        if room:
+            sizes = ", ".join(
+                f"{g['groupName']} has {pods_per_group[g['groupName']]}/{g['maxReplicas']} pods" for g in room
+            )
             findings.append(
                 Finding(
                     "critical",
                     "autoscaler-stuck",
-                    "Serve replicas wait for resources but no worker pod is being created, although "
-                    + ", ".join(
-                        f"{g['groupName']} has {pods_per_group[g['groupName']]}/{g['maxReplicas']} pods" for g in room
-                    ),
+                    f"Serve replicas wait for resources but no worker pod is being created, although {sizes}",
                     f"{RUNBOOKS}/autoscaler-stuck.md",
-                    objects=tuple(f"deployment/{d}" for d, _ in waiting),
-                    evidence=tuple(m for _, m in waiting),
+                    objects=objects,
+                    evidence=evidence,
                 )
             )
-        elif not starting:
+        else:
             findings.append(
                 Finding(
                     "warning",
                     "pools-at-max-pods",
-                    "Serve replicas wait for resources and every worker group is at maxReplicas",
+                    "Serve replicas wait for resources and their worker groups are at maxReplicas: "
+                    + ", ".join(g["groupName"] for g in wanted),
                     f"{RUNBOOKS}/queue-growing.md",
-                    objects=tuple(f"deployment/{d}" for d, _ in waiting),
-                    evidence=tuple(m for _, m in waiting),
+                    objects=objects,
+                    evidence=evidence,
                 )
             )
     return findings
+
+
+def _starting(pod: Obj, now: datetime, th: Thresholds) -> bool:
+    """Pending, or Running and not Ready for less than the NotReady threshold (raylet joining)."""
+    phase = pod.get("status", {}).get("phase")
+    if phase == "Pending":
+        return True
+    ready = _condition(pod, "Ready") or {}
+    return (
+        phase == "Running"
+        and ready.get("status") != "True"
+        and _age(ready.get("lastTransitionTime"), now) < th.not_ready
+    )
+
+
+def _pool_of_group(group: Obj) -> str | None:
+    return ((group.get("template") or {}).get("metadata") or {}).get("labels", {}).get(POOL_LABEL)
+
+
+def _pool_of_deployment(name: str) -> str | None:
+    """The pool of an engine deployment, named by deployments.gateway.engine_deployment_name."""
+    deployment = name.rsplit("/", 1)[-1]
+    return deployment.removeprefix(ENGINE_PREFIX) if deployment.startswith(ENGINE_PREFIX) else None
 
 
 def _deployments_waiting_for_resources(snap: ClusterSnapshot) -> list[tuple[str, str]]:
@@ -624,8 +651,8 @@ def check_disruption_budgets(snap: ClusterSnapshot, th: Thresholds) -> list[Find
     ]
 
 
+# Most specific first: a cause (head OOMKilled) is listed before its symptom (RayService not Ready).
 CHECKS = (
-    check_rayservice,
     check_image_pulls,
     check_weights_fetch,
     check_head_oom,
@@ -636,6 +663,7 @@ CHECKS = (
     check_redis,
     check_serve,
     check_disruption_budgets,
+    check_rayservice,
 )
 
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cluster import cli
-from cluster.doctor import ClusterSnapshot, Finding, Thresholds, diagnose, report
+from cluster.doctor import ClusterSnapshot, Finding, Thresholds, _pool_of_deployment, diagnose, report
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "doctor"
@@ -143,7 +143,7 @@ def test_autoscaler_stuck_without_a_crashing_sidecar() -> None:
     raw["pods"] = load_raw("healthy")["pods"]  # the sidecar runs
     findings = diagnose(ClusterSnapshot.from_json(raw))
     assert codes(findings) == {"autoscaler-stuck"}
-    assert "gpu-standard has 2/16 pods" in findings[0].summary
+    assert findings[0].summary.endswith("although gpu-standard has 2/16 pods")
     # The same wait with every group at maxReplicas is a capacity ceiling, not a stuck autoscaler.
     for group in raw["rayservice"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         group["maxReplicas"] = sum(
@@ -152,6 +152,26 @@ def test_autoscaler_stuck_without_a_crashing_sidecar() -> None:
     findings = diagnose(ClusterSnapshot.from_json(raw))
     assert codes(findings) == {"pools-at-max-pods"}
     assert findings[0].runbook == "runbooks/queue-growing.md"
+
+
+def test_a_waiting_pool_is_matched_to_its_own_worker_group() -> None:
+    from deployments.gateway import engine_deployment_name  # the names the app really deploys
+
+    assert _pool_of_deployment(f"mistral-large/{engine_deployment_name('long')}") == "long"
+    assert _pool_of_deployment("mistral-large/gateway") is None
+    raw = load_raw("autoscaler-stuck")
+    raw["pods"] = load_raw("healthy")["pods"]
+    (finding,) = diagnose(ClusterSnapshot.from_json(raw))
+    assert "gpu-standard" in finding.summary and "gpu-long" not in finding.summary  # engine-standard waits
+
+
+def test_a_worker_still_joining_is_not_a_stuck_autoscaler() -> None:
+    raw = load_raw("autoscaler-stuck")
+    raw["pods"] = load_raw("workers-not-ready")["pods"]  # Running, NotReady since 08:02 (> 10 min)
+    assert "autoscaler-stuck" in codes(diagnose(ClusterSnapshot.from_json(raw)))
+    assert "autoscaler-stuck" not in codes(
+        diagnose(ClusterSnapshot.from_json(raw), Thresholds(not_ready=timedelta(hours=3)))
+    )
 
 
 def test_pending_pods_are_not_reported_as_a_stuck_autoscaler() -> None:
