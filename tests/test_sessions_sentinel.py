@@ -5,15 +5,22 @@ Sentinels (Debian's `redis-sentinel`, quorum 2, down-after 1 s). The store is bu
 typed config exactly as the gateway builds it (`sessions.sentinel_master`, the URL listing the
 Sentinels), so commits WAIT for one replica (the default with Sentinel). Conversations go
 through SessionFlow (the gateway's prepare -> commit) and retry a 503 as a client would.
+
+The bound without replica acks (`sessions.commit_replicas: 0`): a failover loses the turns
+acknowledged but not yet replicated. On one machine replication is too fast to show it by
+chance, so one test routes replication through links that hold the master's stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,7 +61,8 @@ class SentinelServer:
                     f"logfile {self.dir / 'sentinel.log'}",
                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}",
                     f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}",
-                    f"sentinel failover-timeout {MASTER_NAME} 10000",
+                    # A split vote retries after 2x this: keep it short for the tests.
+                    f"sentinel failover-timeout {MASTER_NAME} 4000",
                     f"sentinel parallel-syncs {MASTER_NAME} 1",
                 ]
                 # What Sentinel would learn from the master's INFO within 10 s, told up front.
@@ -116,27 +124,99 @@ class Topology:
         raise AssertionError("no failover within the timeout:\n" + self.sentinels[0].log())
 
 
-def _replicate(replica: RedisServer, master: RedisServer) -> None:
+class ReplicationLink:
+    """A TCP forwarder a replica replicates through. `hold()` keeps what the master sends
+    from reaching the replica; `cut()` then drops it and closes the link, as if the master
+    died with the writes still unsent: the deterministic form of replication lag."""
+
+    def __init__(self, master_port: int) -> None:
+        self.master_port = master_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.held = threading.Event()
+        self.held_bytes = 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                replica, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                master = socket.create_connection(("127.0.0.1", self.master_port), timeout=1)
+                master.settimeout(None)
+            except OSError:
+                replica.close()
+                continue
+            self.sockets += [replica, master]
+            threading.Thread(target=self._pump, args=(replica, master, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(master, replica, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_master: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_master and self.held.is_set():
+                    self.held_bytes += len(data)  # never delivered
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def hold(self) -> None:
+        self.held.set()
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.sockets.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def _replicate(replica: RedisServer, master_port: int) -> None:
     client = redis.Redis(port=replica.port, decode_responses=True)
-    client.replicaof("127.0.0.1", master.port)
+    client.replicaof("127.0.0.1", master_port)
     deadline = time.monotonic() + 10
     while client.info("replication").get("master_link_status") != "up":
         if time.monotonic() > deadline:
-            raise RuntimeError(f"replica {replica.port} never linked to {master.port}")
+            raise RuntimeError(f"replica {replica.port} never linked to {master_port}")
         time.sleep(0.05)
 
 
-@pytest.fixture
-def topology() -> Iterator[Topology]:
+def _wait_replicated(master: RedisServer, replicas: int) -> None:
+    """Until `replicas` replicas have acknowledged the master's whole stream."""
+    client = redis.Redis(port=master.port, decode_responses=True)
+    deadline = time.monotonic() + 10
+    while True:
+        info = client.info("replication")
+        offsets = [int(v["offset"]) for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        if sum(o >= int(info["master_repl_offset"]) for o in offsets) >= replicas:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replicas did not catch up: {info}")
+        time.sleep(0.05)
+
+
+def _topology(links: list[ReplicationLink] | None = None) -> Iterator[Topology]:
     master = RedisServer().start()
     # Full syncs start at once (the default waits 5 s for more replicas to join one transfer).
     redis.Redis(port=master.port).config_set("repl-diskless-sync-delay", 0)
     replicas = [RedisServer().start() for _ in range(2)]
-    for r in replicas:
-        _replicate(r, master)
+    if links is not None:
+        links += [ReplicationLink(master.port) for _ in replicas]
+    for i, r in enumerate(replicas):
+        _replicate(r, links[i].port if links is not None else master.port)
     sentinels = [SentinelServer(master.port, [r.port for r in replicas], quorum=2).start() for _ in range(3)]
     topo = Topology(master, replicas, sentinels, {s.port: s for s in [master, *replicas]})
-    # Wait until every Sentinel knows both replicas (learned from the master's INFO).
     deadline = time.monotonic() + 15
     while any(len(redis.Redis(port=s.port).sentinel_slaves(MASTER_NAME)) < 2 for s in sentinels):
         if time.monotonic() > deadline:
@@ -147,10 +227,28 @@ def topology() -> Iterator[Topology]:
     finally:
         for s in sentinels:
             s.cleanup()
+        for link in links or []:
+            link.close()
         for r in [master, *replicas]:
             if r.proc is not None and r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGCONT)  # a test may have stopped it
             r.cleanup()
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    yield from _topology()
+
+
+@pytest.fixture
+def links() -> list[ReplicationLink]:
+    return []
+
+
+@pytest.fixture
+def lagging_topology(links: list[ReplicationLink]) -> Iterator[Topology]:
+    """Replicas replicate through ReplicationLinks (`links`), so a test can stall them."""
+    yield from _topology(links)
 
 
 def sentinel_config(topo: Topology, **overrides: object) -> ClusterConfig:
@@ -304,3 +402,53 @@ def test_commit_timeout_must_fit_in_the_socket_timeout() -> None:
     assert SessionConfig().replicas_to_ack == 0  # a single Redis has no replica to wait for
     assert SessionConfig(sentinel_master=MASTER_NAME).replicas_to_ack == 1
     assert SessionConfig(sentinel_master=MASTER_NAME, commit_replicas=2).replicas_to_ack == 2
+
+
+@pytest.mark.parametrize("commit_replicas", [1, 0])
+async def test_replication_lag_at_failover_loses_acknowledged_turns_only_without_replica_acks(
+    lagging_topology: Topology, links: list[ReplicationLink], commit_replicas: int
+) -> None:
+    """The bound, made deterministic: the replicas lag (their links hold what the master
+    sends) when the master dies mid-turn. With commit_replicas 1 that turn is refused (503),
+    retried after the failover and stored: nothing acknowledged is lost. With 0 it is
+    acknowledged at once and lost with the master: asynchronous replication loses the
+    acknowledged turns the replicas had not received."""
+    topo = lagging_topology
+    cfg = sentinel_config(topo, commit_replicas=commit_replicas, commit_replica_timeout_ms=300)
+    flow = SessionFlow.from_config(cfg)
+    assert flow.store is not None
+    sid = (await flow.store.create(TENANT)).session_id
+    acked: list[str] = []
+    stats: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    await _conversation(flow, sid, 3, acked, stats, deadline)
+    await asyncio.to_thread(_wait_replicated, topo.master, 2)
+
+    for link in links:
+        link.hold()
+    prepared = await flow.prepare(TENANT, sid, [{"role": "user", "content": "the lagging turn"}])
+    reply = {"role": "assistant", "content": "reply"}
+    if commit_replicas:
+        with pytest.raises(SessionStoreUnavailable, match="confirmed by 0 of 1"):
+            await flow.commit(prepared, reply)
+    else:
+        await flow.commit(prepared, reply)
+        acked.append("the lagging turn")
+    old = topo.master
+    old.stop(kill=True)
+    for link in links:
+        link.cut()
+    assert all(link.held_bytes > 0 for link in links)  # the turn was sent and never arrived
+    new = await asyncio.to_thread(topo.wait_for_new_master, old)
+    assert new in topo.replicas
+
+    if commit_replicas:  # the client retries its 503: the same turn, now on the new master
+        await _retrying(lambda: flow.commit(prepared, reply), "commit_503", stats, deadline)
+        acked.append("the lagging turn")
+    snap = await flow.store.read(TENANT, sid)
+    stored = [t.messages[0]["content"] for t in snap.turns]
+    if commit_replicas:
+        assert stored == acked  # nothing acknowledged is lost
+    else:
+        assert stored == acked[:-1]  # the acknowledged lagging turn is gone
+    await flow.store.aclose()
