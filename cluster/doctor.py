@@ -35,6 +35,7 @@ HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 AUTOSCALER_CONTAINER = "autoscaler"  # KubeRay's AutoscalerContainerName
 WEIGHTS_INIT_CONTAINER = "fetch-weights"
+WEIGHTS_VOLUME = "weights"  # mls.rayVolumes: a PVC (weights.source pvc) or the fetch's emptyDir
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 # Serve's message for replicas waiting for resources (deployment_state.py, PENDING_ALLOCATION).
 SERVE_PENDING_ALLOCATION = "to be scheduled"
@@ -236,30 +237,65 @@ def check_image_pulls(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
     ]
 
 
+def _weights_claim(pod: Obj) -> str | None:
+    for v in pod.get("spec", {}).get("volumes") or []:
+        if v.get("name") == WEIGHTS_VOLUME and "persistentVolumeClaim" in v:
+            return str(v["persistentVolumeClaim"].get("claimName"))
+    return None
+
+
+def _weights_unavailable(pod: Obj, events: list[Obj]) -> list[str]:
+    """Why the pod cannot get its weights: the fetch init container fails (objectStore), or
+    the weights volume cannot be bound, attached or mounted (pvc)."""
+    out = []
+    for cs in _container_statuses(pod, init=True):
+        if cs.get("name") != WEIGHTS_INIT_CONTAINER:
+            continue
+        for which, st in _states(cs):
+            if st["kind"] == "terminated" and int(st.get("exitCode", 0)) != 0:
+                out.append(
+                    f"{_name(pod)}/{WEIGHTS_INIT_CONTAINER} {which}: exit {st.get('exitCode')} "
+                    f"{st.get('reason', '')} {str(st.get('message', '')).strip()[:300]}".rstrip()
+                    + f", restarts {cs.get('restartCount', 0)}"
+                )
+                break
+    claim = _weights_claim(pod)
+    if claim is None or pod.get("status", {}).get("phase") != "Pending":
+        return out
+    scheduled = _condition(pod, "PodScheduled") or {}
+    if scheduled.get("status") == "False" and claim in str(scheduled.get("message", "")):
+        out.append(f"{_name(pod)}: unschedulable on its weights claim {claim}: {scheduled.get('message', '')}")
+    volume_events = [
+        e
+        for e in _events_for(events, "Pod", _name(pod))
+        if e.get("reason") in ("FailedMount", "FailedAttachVolume")
+        and (
+            f"[{WEIGHTS_VOLUME}" in str(e.get("message", ""))
+            or claim in str(e.get("message", ""))
+            or "Multi-Attach" in str(e.get("message", ""))
+        )
+    ]
+    if volume_events:
+        out.append(f"{_name(pod)}: weights volume (claim {claim}) not mounted")
+        out += [_event_text(e) for e in volume_events[-2:]]
+    return out
+
+
 def check_weights_fetch(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
     hits: list[str] = []
     evidence: list[str] = []
     for pod in _ray_pods(snap):
-        for cs in _container_statuses(pod, init=True):
-            if cs.get("name") != WEIGHTS_INIT_CONTAINER:
-                continue
-            for which, st in _states(cs):
-                failed = st["kind"] == "terminated" and int(st.get("exitCode", 0)) != 0
-                if failed:
-                    hits.append(_obj_ref(pod))
-                    evidence.append(
-                        f"{_name(pod)}/{WEIGHTS_INIT_CONTAINER} {which}: exit {st.get('exitCode')} "
-                        f"{st.get('reason', '')} {str(st.get('message', '')).strip()[:300]}".rstrip()
-                        + f", restarts {cs.get('restartCount', 0)}"
-                    )
-                    break
+        why = _weights_unavailable(pod, snap.events)
+        if why:
+            hits.append(_obj_ref(pod))
+            evidence += why
     if not hits:
         return []
     return [
         Finding(
             "critical",
             "weights-fetch-failing",
-            f"the {WEIGHTS_INIT_CONTAINER} init container fails in {len(hits)} pod(s): the engines never start",
+            f"{len(hits)} Ray pod(s) cannot get the model weights: their engines never start",
             f"{RUNBOOKS}/weights-fetch.md",
             objects=tuple(hits),
             evidence=tuple(evidence),
@@ -314,6 +350,9 @@ def check_pending_gpu_pods(snap: ClusterSnapshot, th: Thresholds) -> list[Findin
         scheduled = _condition(pod, "PodScheduled")
         if scheduled is None or scheduled.get("status") != "False" or scheduled.get("reason") != "Unschedulable":
             continue
+        claim = _weights_claim(pod)
+        if claim and claim in str(scheduled.get("message", "")):
+            continue  # the weights volume, not GPU capacity: check_weights_fetch names it
         age = _age(scheduled.get("lastTransitionTime") or pod["metadata"].get("creationTimestamp"), snap.captured_at)
         oldest = max(oldest, age)
         objects.append(_obj_ref(pod))

@@ -40,6 +40,7 @@ SCENARIOS: dict[str, tuple[set[str], str]] = {
     ),
     "image-pull": ({"image-pull-failing"}, "runbooks/image-pull.md"),
     "weights-fetch": ({"weights-fetch-failing"}, "runbooks/weights-fetch.md"),
+    "weights-mount": ({"weights-fetch-failing"}, "runbooks/weights-fetch.md"),
     "redis-down": ({"redis-down"}, "runbooks/redis-down.md"),
     "autoscaler-stuck": ({"autoscaler-down", "autoscaler-stuck"}, "runbooks/autoscaler-stuck.md"),
     "pdb-blocks-drains": ({"pdb-blocks-drains"}, "runbooks/drain-blocked.md"),
@@ -129,6 +130,30 @@ def test_image_pull_and_weights_fetch_cite_the_container_state() -> None:
     assert "mistral-large-serve:0.1.1" in pull.evidence[0] and "ImagePullBackOff" in pull.evidence[0]
     (fetch,) = diagnose(load("weights-fetch"))
     assert "fetch-weights" in fetch.evidence[0] and "exit 1" in fetch.evidence[0] and "restarts 5" in fetch.evidence[0]
+
+
+def test_a_weights_volume_that_cannot_mount_is_named() -> None:
+    (finding,) = diagnose(load("weights-mount"))
+    text = "\n".join(finding.evidence)
+    assert "claim mistral-large-weights" in text and "Multi-Attach error" in text
+    # A claim that does not exist keeps the pod unschedulable: named as weights, not GPU capacity.
+    raw = load_raw("weights-mount")
+    pod = next(p for p in raw["pods"] if p["metadata"]["name"].endswith("w8j4t"))
+    pod["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "lastProbeTime": None,
+            "lastTransitionTime": "2026-12-01T10:05:30Z",
+            "message": '0/14 nodes are available: persistentvolumeclaim "mistral-large-weights" not found. '
+            "preemption: 0/14 nodes are available: 14 Preemption is not helpful for scheduling.",
+        }
+    ]
+    raw["events"] = load_raw("healthy")["events"]
+    (finding,) = diagnose(ClusterSnapshot.from_json(raw))
+    assert finding.code == "weights-fetch-failing"
+    assert 'persistentvolumeclaim "mistral-large-weights" not found' in finding.evidence[0]
 
 
 def test_redis_down_says_why_the_pod_is_not_running() -> None:
