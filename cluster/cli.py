@@ -244,15 +244,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Exit 0: nothing found, 1: warnings only, 2: a critical finding."""
+    """Exit 0: nothing found, 1: warnings only, 2: a critical finding, 3: cluster unreadable."""
     from cluster.doctor import ClusterSnapshot, diagnose, report
 
     if args.from_file:
         snap = ClusterSnapshot.load(Path(args.from_file))
     else:
-        from cluster.doctor_collect import collect
+        from cluster.doctor_collect import ClusterUnreachable, collect
 
-        snap = collect(args.namespace, args.release, context=args.context, name=args.name)
+        try:
+            snap = collect(args.namespace, args.release, context=args.context, name=args.name)
+        except ClusterUnreachable as exc:
+            print(f"cluster doctor: cannot read the cluster: {exc}", file=sys.stderr)
+            return 3
     if args.save:
         Path(args.save).write_text(json.dumps(snap.to_json(), indent=1) + "\n")
     findings = diagnose(snap)

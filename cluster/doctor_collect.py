@@ -27,7 +27,26 @@ def rayservice_name(release: str) -> str:
     return full[:40].rstrip("-")
 
 
+class ClusterUnreachable(Exception):
+    """No kubeconfig, the API server does not answer, or it refuses a read (RBAC)."""
+
+
 def collect(namespace: str, release: str, *, context: str | None = None, name: str | None = None) -> ClusterSnapshot:
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return _collect(namespace, release, context=context, name=name)
+    except ConfigException as exc:
+        raise ClusterUnreachable(f"no usable kubeconfig or in-cluster service account: {exc}") from exc
+    except ApiException as exc:
+        raise ClusterUnreachable(f"the API server refused a read: {exc.status} {exc.reason}") from exc
+    except HTTPError as exc:
+        raise ClusterUnreachable(f"the API server does not answer: {exc}") from exc
+
+
+def _collect(namespace: str, release: str, *, context: str | None, name: str | None) -> ClusterSnapshot:
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
@@ -116,4 +135,4 @@ def _serve_status(core: Any, namespace: str, snap: ClusterSnapshot) -> tuple[dic
         return None, f"Serve status through services/{service}: {exc}"
 
 
-__all__ = ["collect", "rayservice_name"]
+__all__ = ["ClusterUnreachable", "collect", "rayservice_name"]

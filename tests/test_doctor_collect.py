@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from cluster.doctor import diagnose
-from cluster.doctor_collect import collect, rayservice_name
+from cluster import cli
+from cluster.doctor_collect import ClusterUnreachable, collect, rayservice_name
 from tests.test_doctor import load_raw
 
 NS, RELEASE = "llm", "mls"
@@ -42,6 +43,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.server.requests.append(self.path)
         snap = self.server.snapshot
+        if snap.get("forbidden"):  # RBAC: the caller may not list pods
+            return self._send(403, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403})
         selector = parse_qs(url.query).get("labelSelector", [""])[0]
         base = f"/api/v1/namespaces/{NS}"
         rs = snap["rayservice"]
@@ -150,3 +153,18 @@ def test_rayservice_name_follows_the_chart_fullname() -> None:
     assert rayservice_name("mistral-large-serve-prod") == "mistral-large-serve-prod"
     # 40 characters at most, no trailing dash (mls.fullname: trunc 40 | trimSuffix "-")
     assert rayservice_name("a-very-long-release-name-for-production") == "a-very-long-release-name-for-production"
+
+
+def test_an_unreachable_api_server_is_exit_3(api_server: FakeApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    api_server.shutdown()
+    api_server.server_close()  # nothing listens on the kubeconfig's server any more
+    with pytest.raises(ClusterUnreachable, match="does not answer"):
+        collect(NS, RELEASE)
+    assert cli.main(["doctor", "--release", RELEASE, "-n", NS]) == 3
+    assert "cluster doctor: cannot read the cluster: the API server does not answer" in capsys.readouterr().err
+
+
+def test_a_refused_read_is_exit_3(api_server: FakeApiServer) -> None:
+    api_server.snapshot = {**load_raw("healthy"), "forbidden": True}
+    with pytest.raises(ClusterUnreachable, match="refused a read: 403"):
+        collect(NS, RELEASE)
