@@ -19,8 +19,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 
-from cluster.doctor import diagnose
 from cluster import cli
+from cluster.doctor import diagnose
 from cluster.doctor_collect import ClusterUnreachable, collect, rayservice_name
 from tests.test_doctor import load_raw
 
