@@ -105,6 +105,12 @@ def parse_time(value: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def rayservice_name(release: str) -> str:
+    """The chart's fullname (mls.fullname in _helpers.tpl) without fullnameOverride."""
+    full = release if "mistral-large-serve" in release else f"{release}-mistral-large-serve"
+    return full[:40].rstrip("-")
+
+
 # ---- object helpers ------------------------------------------------------------------
 
 
@@ -182,7 +188,7 @@ def check_rayservice(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
             Finding(
                 "critical",
                 "rayservice-missing",
-                f"no RayService {snap.release}-mistral-large-serve in namespace {snap.namespace}",
+                f"no RayService {rayservice_name(snap.release)} in namespace {snap.namespace}",
                 f"{RUNBOOKS}/README.md",
                 evidence=("helm status / helm list -n <namespace>: is the release installed here?",),
             )
@@ -248,9 +254,10 @@ def _weights_unavailable(pod: Obj, events: list[Obj]) -> list[str]:
     """Why the pod cannot get its weights: the fetch init container fails (objectStore), or
     the weights volume cannot be bound, attached or mounted (pvc)."""
     out = []
+    initialized = (_condition(pod, "Initialized") or {}).get("status") == "True"
     for cs in _container_statuses(pod, init=True):
-        if cs.get("name") != WEIGHTS_INIT_CONTAINER:
-            continue
+        if cs.get("name") != WEIGHTS_INIT_CONTAINER or initialized:
+            continue  # a fetch that failed before and then completed is not failing
         for which, st in _states(cs):
             if st["kind"] == "terminated" and int(st.get("exitCode", 0)) != 0:
                 out.append(
@@ -730,4 +737,4 @@ def _minutes(d: timedelta) -> str:
     return f"{int(d.total_seconds() // 60)} min"
 
 
-__all__ = ["CHECKS", "ClusterSnapshot", "Finding", "Thresholds", "diagnose", "parse_time", "report"]
+__all__ = ["CHECKS", "ClusterSnapshot", "Finding", "Thresholds", "diagnose", "parse_time", "rayservice_name", "report"]

@@ -14,17 +14,11 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from cluster.doctor import INSTANCE_LABEL, ClusterSnapshot
+from cluster.doctor import INSTANCE_LABEL, ClusterSnapshot, rayservice_name
 
 KUBERAY_GROUP, KUBERAY_VERSION = "ray.io", "v1"
 SERVE_STATUS_PATH = "api/serve/applications/"
 DASHBOARD_PORT_NAME = "dashboard"  # KubeRay's head Service port for 8265
-
-
-def rayservice_name(release: str) -> str:
-    """The chart's fullname (mls.fullname in _helpers.tpl) without fullnameOverride."""
-    full = release if "mistral-large-serve" in release else f"{release}-mistral-large-serve"
-    return full[:40].rstrip("-")
 
 
 class ClusterUnreachable(Exception):
@@ -135,4 +129,4 @@ def _serve_status(core: Any, namespace: str, snap: ClusterSnapshot) -> tuple[dic
         return None, f"Serve status through services/{service}: {exc}"
 
 
-__all__ = ["ClusterUnreachable", "collect", "rayservice_name"]
+__all__ = ["ClusterUnreachable", "collect"]

@@ -156,6 +156,17 @@ def test_a_weights_volume_that_cannot_mount_is_named() -> None:
     assert 'persistentvolumeclaim "mistral-large-weights" not found' in finding.evidence[0]
 
 
+def test_a_fetch_that_failed_once_and_then_completed_is_not_reported() -> None:
+    raw = load_raw("weights-fetch")
+    pod = next(p for p in raw["pods"] if p["metadata"]["name"].endswith("r5nq2"))
+    for c in pod["status"]["conditions"]:
+        if c["type"] == "Initialized":
+            c.update(status="True", reason=None, message=None)
+    (fetch,) = pod["status"]["initContainerStatuses"]
+    fetch["state"] = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2026-12-01T10:26:00Z"}}
+    assert "weights-fetch-failing" not in codes(diagnose(ClusterSnapshot.from_json(raw)))
+
+
 def test_redis_down_says_why_the_pod_is_not_running() -> None:
     (finding,) = diagnose(load("redis-down"))
     assert finding.severity == "critical"

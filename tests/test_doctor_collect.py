@@ -9,6 +9,7 @@ client's models keep every field the diagnosis reads.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,9 +21,11 @@ import pytest
 import yaml
 
 from cluster import cli
-from cluster.doctor import diagnose
-from cluster.doctor_collect import ClusterUnreachable, collect, rayservice_name
+from cluster.doctor import diagnose, rayservice_name
+from cluster.doctor_collect import ClusterUnreachable, collect
+from tests import helm_tools
 from tests.test_doctor import load_raw
+from tests.test_helm import CHART, EXAMPLES_DIR
 
 NS, RELEASE = "llm", "mls"
 HEAD_SERVICE = "mls-mistral-large-serve-x7k2p-head-svc"
@@ -148,11 +151,17 @@ def test_an_unreachable_serve_status_is_reported_not_raised(api_server: FakeApiS
     assert {f.code for f in diagnose(snap)} == {"serve-status-unavailable"}
 
 
-def test_rayservice_name_follows_the_chart_fullname() -> None:
-    assert rayservice_name("mls") == "mls-mistral-large-serve"
-    assert rayservice_name("mistral-large-serve-prod") == "mistral-large-serve-prod"
-    # 40 characters at most, no trailing dash (mls.fullname: trunc 40 | trimSuffix "-")
-    assert rayservice_name("a-very-long-release-name-for-production") == "a-very-long-release-name-for-production"
+@pytest.mark.parametrize("release", ["mls", "mistral-large-serve-prod", "a-very-long-release-name-for-production"])
+def test_rayservice_name_is_the_charts(release: str) -> None:
+    """The name the collector reads is the one the chart renders (mls.fullname)."""
+    proc = subprocess.run(
+        [str(helm_tools.helm()), "template", release, str(CHART), "-f", str(EXAMPLES_DIR / "cpu-demo.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (rayservice,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "RayService"]
+    assert rayservice_name(release) == rayservice["metadata"]["name"]
 
 
 def test_an_unreachable_api_server_is_exit_3(api_server: FakeApiServer, capsys: pytest.CaptureFixture[str]) -> None:
