@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo serve test lint
+.PHONY: install system-deps demo serve test lint
 
-install: $(VENV)/.installed
+install: system-deps $(VENV)/.installed
+
+# Debian packages the tests run for real: redis-server, and redis-sentinel for the Sentinel
+# failover tests. apt-get only when a binary is missing (sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server redis-sentinel; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

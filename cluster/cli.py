@@ -5,11 +5,13 @@ cluster serve [--profile P | --config F] [--port N]
 cluster render [--profile P | --config F] [--format serve|helm-values]
 cluster plan [--profile P | --config F]  memory arithmetic (all GPU profiles by default)
 cluster bench <name> ...                 benchmarks (bench/)
+cluster doctor --release R [-n NS]       what is wrong with a release on Kubernetes, and the runbook
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import statistics
 import sys
@@ -238,6 +240,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- doctor ---------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0: nothing found, 1: warnings only, 2: a critical finding, 3: cluster unreadable."""
+    from cluster.doctor import ClusterSnapshot, diagnose, report
+
+    if args.from_file:
+        snap = ClusterSnapshot.load(Path(args.from_file))
+    else:
+        from cluster.doctor_collect import ClusterUnreachable, collect
+
+        try:
+            snap = collect(args.namespace, args.release, context=args.context, name=args.name)
+        except ClusterUnreachable as exc:
+            print(f"cluster doctor: cannot read the cluster: {exc}", file=sys.stderr)
+            return 3
+    if args.save:
+        Path(args.save).write_text(json.dumps(snap.to_json(), indent=1) + "\n")
+    findings = diagnose(snap)
+    print(report(snap, findings))
+    if any(f.severity == "critical" for f in findings):
+        return 2
+    return 1 if findings else 0
+
+
 # ---- entry point ----------------------------------------------------------------------
 
 
@@ -264,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--exit", action="store_true", help="stop after the demo instead of serving on")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="diagnose a release on Kubernetes and name the runbook to open")
+    p.add_argument("--release", default="mls", help="Helm release name (default: mls)")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+    p.add_argument("--name", default=None, help="RayService name (default: the chart's fullname)")
+    p.add_argument("--save", metavar="FILE", help="also write what was read as JSON (for a ticket or a test)")
+    p.add_argument("--from-file", metavar="FILE", help="diagnose a snapshot written by --save instead")
+    p.set_defaults(func=cmd_doctor)
 
     try:
         from bench.cli import register  # the benchmarks' own subcommands

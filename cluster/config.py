@@ -182,6 +182,28 @@ class SessionConfig(_Strict):
     truncate_to_fraction: float = Field(default=0.75, gt=0, lt=1)
     tls_ca_file: str | None = None  # CA bundle for rediss:// (the system store otherwise)
     sentinel_password_env: str | None = None  # password of the Sentinel nodes, if they need one
+    # Durability across a failover: a turn is acknowledged only once this many replicas have
+    # it (Redis WAIT after the commit); fewer within the timeout -> 503, and the retried
+    # commit (same turn id) is recognised. None: 1 with Sentinel, else 0. With 0 a failover
+    # can lose the turns of the last replication lag (asynchronous replication).
+    commit_replicas: int | None = Field(default=None, ge=0)
+    commit_replica_timeout_ms: int = Field(default=1000, ge=1)
+
+    @property
+    def replicas_to_ack(self) -> int:
+        if self.commit_replicas is not None:
+            return self.commit_replicas
+        return 1 if self.sentinel_master else 0
+
+    @model_validator(mode="after")
+    def _check_commit_timeout(self) -> SessionConfig:
+        # WAIT blocks the connection: the socket must outlive it or every slow ack is a timeout.
+        if self.replicas_to_ack and self.commit_replica_timeout_ms >= self.socket_timeout_s * 1000:
+            raise ValueError(
+                f"sessions.commit_replica_timeout_ms ({self.commit_replica_timeout_ms}) must be below "
+                f"sessions.socket_timeout_s ({self.socket_timeout_s} s): WAIT holds the connection that long"
+            )
+        return self
 
 
 # Tenant names end up inside Redis keys: no ':', '{' or '}'.

@@ -13,6 +13,13 @@ Retries are safe: every commit carries a turn id, the session remembers its last
 `remembered_turn_ids` ids, and a commit whose id is already stored (a retry after a lost
 reply) returns success without appending again.
 
+Durability (Redis replication is asynchronous): with `replicas_to_ack` > 0 every commit
+is followed, on the same connection, by `WAIT replicas_to_ack replica_timeout_ms`; the turn
+is acknowledged only when that many replicas have it, so a Sentinel failover (which promotes
+the replica with the most replicated data) keeps it. Fewer acks in time -> 503: the turn is
+on the master but not acknowledged; a retried commit with the same turn id re-waits without
+appending again. With 0, a failover loses the turns of the last replication lag.
+
 Every read and commit refreshes the TTL of both keys (sessions expire `ttl_s` after their
 last use). Commits apply the truncation rule of cluster.sessions.truncation atomically.
 Redis failures become `SessionStoreUnavailable` (HTTP 503 with Retry-After).
@@ -127,6 +134,8 @@ class SessionStore:
         prefix: str = "mls",
         retry_after_s: int = 5,
         remembered_turn_ids: int = 32,
+        replicas_to_ack: int = 0,
+        replica_timeout_ms: int = 1000,
     ) -> None:
         self.redis = redis
         self.ttl_ms = max(1, int(ttl_s * 1000))
@@ -134,6 +143,8 @@ class SessionStore:
         self.prefix = prefix
         self.retry_after_s = retry_after_s
         self.remembered_turn_ids = remembered_turn_ids
+        self.replicas_to_ack = replicas_to_ack
+        self.replica_timeout_ms = replica_timeout_ms
         self._read = redis.register_script(scripts.READ)
         self._create = redis.register_script(scripts.CREATE)
         self._commit = redis.register_script(scripts.COMMIT)
@@ -150,6 +161,8 @@ class SessionStore:
             policy=TruncationPolicy(s.max_turns, max_tokens, s.truncate_to_fraction),
             prefix=s.key_prefix,
             retry_after_s=s.retry_after_s,
+            replicas_to_ack=s.replicas_to_ack,
+            replica_timeout_ms=s.commit_replica_timeout_ms,
         )
 
     # -- operations ------------------------------------------------------------------
@@ -247,13 +260,33 @@ class SessionStore:
             self.remembered_turn_ids,
         ]
         async with self._guard():
-            status, version, dropped, turns, tokens = await self._commit(keys=keys.as_list(), args=args)
+            if self.replicas_to_ack:
+                (status, version, dropped, turns, tokens), acked = await self._commit_and_wait(keys, args)
+            else:
+                status, version, dropped, turns, tokens = await self._commit(keys=keys.as_list(), args=args)
+                acked = 0
+        if status in (1, 2) and acked < self.replicas_to_ack:
+            exc = SessionStoreUnavailable(
+                f"turn written but confirmed by {acked} of {self.replicas_to_ack} replica(s) within "
+                f"{self.replica_timeout_ms} ms; not acknowledged (a retry with the same turn id is safe)",
+                retry_after_s=self.retry_after_s,
+            )
+            self._mark(False, exc)
+            raise exc
         if status == -1:
             raise SessionNotFound(session_id)
         if status == -2:
             assert expected_version is not None
             raise SessionConflict(session_id, expected_version, int(version))
         return CommitResult(int(version), int(dropped), int(turns), int(tokens), duplicate=status == 2)
+
+    async def _commit_and_wait(self, keys: SessionKeys, args: list[Any]) -> tuple[list[Any], int]:
+        # One pipeline = one connection: WAIT counts the replicas that have this connection's writes.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._commit(keys=keys.as_list(), args=args, client=pipe)
+            pipe.execute_command("WAIT", self.replicas_to_ack, self.replica_timeout_ms)
+            result, acked = await pipe.execute()
+        return list(result), int(acked)
 
     async def delete(self, tenant: str, session_id: str) -> None:
         keys = self._keys(tenant, session_id)
