@@ -13,6 +13,23 @@ from cluster.config import ClusterConfig
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_NAME = "mistral-large"
 
+# Deployment names of deployments.app (deployments.gateway defines them; importing it here
+# would pull Ray into the CLI; tests/test_serve_config.py checks they agree).
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+def engine_deployment(pool: str) -> str:
+    return f"engine-{pool}"
+
+
+# On GPU clusters the gateway replicas run on a CPU worker group of their own: each of its
+# pods advertises one unit of this Ray resource and each gateway replica asks for one, so
+# gateways never land on (and never pin) GPU nodes, and two of them never share a pod.
+GATEWAY_RAY_RESOURCE = "gateway"
+GATEWAY_MIN_REPLICAS = 2
+GATEWAY_MAX_REPLICAS = 8
+GATEWAY_TARGET_ONGOING_REQUESTS = 256
+
 
 def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     """Environment every Ray worker of the app needs."""
@@ -27,9 +44,37 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def gateway_placement(cfg: ClusterConfig) -> dict[str, Any]:
+    """Serve options that pin the gateway replicas to the gateway worker group (GPU
+    clusters); empty on the CPU backend, where the head hosts them."""
+    if cfg.node.accelerator != "gpu":
+        return {}
+    return {
+        "ray_actor_options": {"num_cpus": 1, "resources": {GATEWAY_RAY_RESOURCE: 1}},
+        "max_replicas_per_node": 1,
+        "autoscaling_config": {
+            "min_replicas": GATEWAY_MIN_REPLICAS,
+            "max_replicas": GATEWAY_MAX_REPLICAS,
+            "target_ongoing_requests": GATEWAY_TARGET_ONGOING_REQUESTS,
+        },
+    }
+
+
+def deployment_overrides(cfg: ClusterConfig) -> list[dict[str, Any]]:
+    """Per-deployment options set from the config: the drain budget (a replica asked to
+    stop finishes its requests for up to drain.replica_shutdown_s) and gateway placement."""
+    shutdown = {"graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s}
+    gateway = {"name": GATEWAY_DEPLOYMENT, **shutdown, **gateway_placement(cfg)}
+    return [gateway] + [{"name": engine_deployment(p.name), **shutdown} for p in cfg.pools]
+
+
 def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:
     return {
-        "proxy_location": "HeadOnly",
+        # A proxy on every node with a replica. KubeRay's readiness probe of RayService
+        # workers checks the local proxy (kuberay#4994): with HeadOnly no worker is ever
+        # Ready. Which pods take outside traffic is decided by the chart's serve Service
+        # (only pods that declare the `serve` port: head and gateway group).
+        "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": cfg.http_port},
         "applications": [
             {
@@ -38,6 +83,7 @@ def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:
                 "import_path": APP_IMPORT_PATH,
                 "runtime_env": {"env_vars": engine_env(cfg)},
                 "args": {"cluster_config": cfg.to_dict()},
+                "deployments": deployment_overrides(cfg),
             }
         ],
     }

@@ -61,26 +61,107 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-keys" (include "mls.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
-{{/* Selector of every Ray pod (head and workers) of this release. */}}
+{{/* Selector of every Ray pod (head, gateway group and pool workers) of this release. */}}
 {{- define "mls.raySelector" -}}
 matchLabels:
   {{- include "mls.selectorLabels" . | nindent 2 }}
 matchExpressions:
-  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-worker]}
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway, ray-worker]}
+{{- end }}
+
+{{/* Selector of the pods that take outside traffic (they declare the `serve` port). */}}
+{{- define "mls.servingSelector" -}}
+matchLabels:
+  {{- include "mls.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway]}
+{{- end }}
+
+{{/* The typed config (ClusterConfig) the app runs with, as JSON: parsed out of
+serveConfigV2, so every setting the gateway reads (auth, sessions) is taken from the one
+place the gateway takes it from. Empty object when serveConfigV2 is not the rendered
+config (validate.yaml then fails with a clear message). */}}
+{{- define "mls.appConfig" -}}
+{{- $sc := fromYaml (default "" .Values.serveConfigV2) -}}
+{{- $cfg := dict -}}
+{{- if and (kindIs "map" $sc) (not (hasKey $sc "Error")) $sc.applications (kindIs "slice" $sc.applications) -}}
+{{- $app := first $sc.applications -}}
+{{- if and (kindIs "map" $app) $app.args (kindIs "map" $app.args) $app.args.cluster_config -}}
+{{- $cfg = $app.args.cluster_config -}}
+{{- end -}}
+{{- end -}}
+{{- $cfg | toJson -}}
+{{- end }}
+
+{{- define "mls.authEnabled" -}}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- if and $cfg.auth $cfg.auth.enabled }}true{{ end -}}
+{{- end }}
+
+{{- define "mls.sessionsEnabled" -}}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- if and $cfg.sessions $cfg.sessions.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Redis of the bundled mode: plain Service, or Sentinel. */}}
+{{- define "mls.redisSentinel" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "bundled") .Values.redis.bundled.sentinel.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Host list of the bundled Redis as the app connects to it: the Sentinels (the app
+asks them for the master) or the one Service. */}}
+{{- define "mls.bundledRedisHosts" -}}
+{{- $name := include "mls.redisName" . -}}
+{{- if include "mls.redisSentinel" . -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.redis.bundled.sentinel.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-%d.%s-headless.%s.svc:26379" $name $i $name $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $hosts -}}
+{{- else -}}
+{{- printf "%s.%s.svc:6379" $name .Release.Namespace -}}
+{{- end -}}
+{{- end }}
+
+{{- define "mls.gatewayEnabled" -}}
+{{- if and .Values.gateway .Values.gateway.enabled }}true{{ end -}}
 {{- end }}
 
 {{/* Environment of every Ray container: where the app finds Redis, API key hashes
-and the OpenTelemetry collector. Values come from Secrets, never from the spec. */}}
+and the OpenTelemetry collector. Secrets only through secretKeyRef, never in the spec.
+Which variables the app reads (and whether auth and sessions are on) comes from the
+typed config inside serveConfigV2. */}}
 {{- define "mls.appEnv" -}}
-{{- if and .Values.sessions.enabled .Values.redis.enabled }}
-- name: {{ .Values.sessions.redisUrlEnv }}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- $sessions := default (dict) $cfg.sessions -}}
+{{- $auth := default (dict) $cfg.auth -}}
+{{- if and $sessions.enabled .Values.redis.enabled $sessions.redis_url_env }}
+{{- if eq .Values.redis.mode "bundled" }}
+# The URL is assembled by the kubelet from the password Secret (no URL in any Secret or spec).
+- name: MLS_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mls.redisSecretName" . }}
+      key: {{ .Values.redis.passwordKey }}
+- name: {{ $sessions.redis_url_env }}
+  value: {{ printf "%s://:$(MLS_REDIS_PASSWORD)@%s/0" (ternary "rediss" "redis" .Values.redis.bundled.tls.enabled) (include "mls.bundledRedisHosts" .) | quote }}
+{{- else }}
+- name: {{ $sessions.redis_url_env }}
   valueFrom:
     secretKeyRef:
       name: {{ include "mls.redisSecretName" . }}
       key: {{ .Values.redis.urlKey }}
 {{- end }}
-{{- if and .Values.auth.enabled .Values.auth.apiKeysEnv (or .Values.auth.existingSecret .Values.auth.tenants) }}
-- name: {{ .Values.auth.apiKeysEnv }}
+{{- end }}
+{{- if and $sessions.enabled (include "mls.redisSentinel" .) $sessions.sentinel_password_env }}
+- name: {{ $sessions.sentinel_password_env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mls.redisSecretName" . }}
+      key: {{ .Values.redis.passwordKey }}
+{{- end }}
+{{- if and $auth.enabled $auth.api_keys_env (or .Values.auth.existingSecret .Values.auth.tenants) }}
+- name: {{ $auth.api_keys_env }}
   valueFrom:
     secretKeyRef:
       name: {{ include "mls.apiKeysSecretName" . }}
@@ -144,6 +225,15 @@ config files the gateway needs) from the object store. $full: include safetensor
     - {name: tmp, mountPath: /tmp}
 {{- end }}
 
+{{/* Secret holding the CA bundle the app checks the Redis server against (rediss://). */}}
+{{- define "mls.redisCaSecret" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "bundled") .Values.redis.bundled.tls.enabled -}}
+{{- .Values.redis.bundled.tls.existingSecret -}}
+{{- else if .Values.redis.enabled -}}
+{{- .Values.redis.caSecret -}}
+{{- end -}}
+{{- end }}
+
 {{/* Volumes of a Ray pod. $shm: /dev/shm size; $weightsSize: emptyDir limit for fetched weights. */}}
 {{- define "mls.rayVolumes" -}}
 {{- $root := .root -}}
@@ -158,6 +248,10 @@ config files the gateway needs) from the object store. $full: include safetensor
 - name: weights
   emptyDir: {sizeLimit: {{ .weightsSize }}}
 {{- end }}
+{{- with include "mls.redisCaSecret" $root }}
+- name: redis-ca
+  secret: {secretName: {{ . }}, items: [{key: ca.crt, path: {{ base (include "mls.appConfig" $root | fromJson).sessions.tls_ca_file }}}]}
+{{- end }}
 {{- end }}
 
 {{- define "mls.rayVolumeMounts" -}}
@@ -165,6 +259,9 @@ config files the gateway needs) from the object store. $full: include safetensor
 - {name: tmp, mountPath: /tmp}
 {{- if ne .Values.weights.source "none" }}
 - {name: weights, mountPath: {{ .Values.weights.mountPath }}, readOnly: true}
+{{- end }}
+{{- if include "mls.redisCaSecret" . }}
+- {name: redis-ca, mountPath: {{ dir (include "mls.appConfig" . | fromJson).sessions.tls_ca_file }}, readOnly: true}
 {{- end }}
 {{- end }}
 
