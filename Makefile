@@ -5,9 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo serve test lint
+.PHONY: install demo serve test lint system-deps
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+# Debian packages whose real binaries the tests run: promtool (alert rule tests, from the
+# `prometheus` package). Idempotent: apt-get only when the binary is missing.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
