@@ -24,7 +24,7 @@ import promql_parser
 import pytest
 import yaml
 
-from cluster.helm_values import RAY_VERSION, render_helm_values
+from cluster.helm_values import GATEWAY_GROUP_NAME, RAY_VERSION, render_helm_values
 from cluster.profiles import load_profile
 from cluster.serve_config import render_serve_config
 from tests import helm_tools
@@ -50,6 +50,20 @@ CUSTOM_SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.json",
 }
 
+# What every install's site file must give: the Secrets the chart refers to (it never
+# generates a password; GPU profiles run with API keys).
+SITE_REQUIRED: dict[str, Any] = {
+    "redis": {"existingSecret": "sessions-redis"},
+    "auth": {"existingSecret": "api-keys"},
+}
+# The cluster the chart is rendered for has the Prometheus Operator and Gateway API CRDs.
+API_VERSIONS = (
+    "monitoring.coreos.com/v1/PrometheusRule",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "gateway.networking.k8s.io/v1/HTTPRoute",
+)
+
 # A site file switching on every optional part, layered on the H100 example so the
 # optional templates (ingress, route, object-store weights, auth Secret, external Redis)
 # go through the same checks.
@@ -63,9 +77,14 @@ SITE_ALL_FEATURES: dict[str, Any] = {
             "credentialsSecret": "weights-s3",
         },
     },
-    "auth": {"enabled": True, "tenants": {"team-a": ["a" * 64]}},
+    "auth": {"existingSecret": "", "tenants": {"team-a": ["a" * 64]}},
     "telemetry": {"otlpEndpoint": "http://otel-collector.observability:4317"},
     "redis": {"mode": "external", "existingSecret": "sessions-redis"},
+    "gcsFaultTolerance": {
+        "redisAddress": "gcs-redis.storage.svc:6379",
+        "passwordSecret": "gcs-redis",
+        "passwordKey": "password",
+    },
     "ingress": {
         "enabled": True,
         "className": "nginx",
@@ -107,8 +126,12 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, cwd=REPO)
 
 
-def template_args(values_files: list[Path], sets: tuple[str, ...] = ()) -> list[str]:
+def template_args(
+    values_files: list[Path], sets: tuple[str, ...] = (), api_versions: tuple[str, ...] = API_VERSIONS
+) -> list[str]:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for api in api_versions:
+        args += ["--api-versions", api]
     for f in values_files:
         args += ["-f", str(f)]
     for s in sets:
@@ -116,8 +139,10 @@ def template_args(values_files: list[Path], sets: tuple[str, ...] = ()) -> list[
     return args
 
 
-def render(helm: Path, values_files: list[Path], sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    proc = run_helm(helm, *template_args(values_files, sets))
+def render(
+    helm: Path, values_files: list[Path], sets: tuple[str, ...] = (), api_versions: tuple[str, ...] = API_VERSIONS
+) -> list[dict[str, Any]]:
+    proc = run_helm(helm, *template_args(values_files, sets, api_versions))
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -192,10 +217,17 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def variants(site_file: Path) -> dict[str, list[Path]]:
+def site_required(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("site") / "required.yaml"
+    path.write_text(yaml.safe_dump(SITE_REQUIRED))
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(site_file: Path, site_required: Path) -> dict[str, list[Path]]:
     """Values-file stacks under test: each example, and H100 with every optional feature."""
-    stacks = {name: [EXAMPLES_DIR / name] for name in EXAMPLES}
-    stacks["h100x8-bf16.yaml+all-features"] = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_file]
+    stacks = {name: [EXAMPLES_DIR / name, site_required] for name in EXAMPLES}
+    stacks["h100x8-bf16.yaml+all-features"] = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required, site_file]
     return stacks
 
 
@@ -266,9 +298,10 @@ def test_worker_groups_follow_the_profile(variant: str, rendered: dict[str, list
     assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
     assert {"name": "serve", "containerPort": cfg.http_port, "protocol": "TCP"} in head_container["ports"]
 
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert len(groups) == len(cfg.pools)
     gpu = cfg.node.accelerator == "gpu"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert groups.pop(GATEWAY_GROUP_NAME, None) is not None or not gpu  # the gateway group (GPU profiles)
+    assert len(groups) == len(cfg.pools)
     for pool in cfg.pools:
         group = groups[f"{'gpu' if gpu else 'cpu'}-{pool.name}"]
         spec = group["template"]["spec"]
@@ -464,6 +497,13 @@ def test_checkov_passes_with_justified_skips(helm: Path, rendered: dict[str, lis
 # ---------------------------------------------------------------- values schema
 
 
+_GROUPS: list[dict[str, Any]] = render_helm_values(load_profile("h100x8-bf16"))["workerGroups"]
+
+
+def _group(i: int, **changes: Any) -> dict[str, Any]:
+    return {**copy.deepcopy(_GROUPS[i]), **changes}
+
+
 BAD_VALUES = [
     ({"weights": {"source": "s3"}}, "at '/weights/source': value must be one of 'pvc', 'objectStore', 'none'"),
     ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
@@ -488,28 +528,133 @@ BAD_VALUES = [
     ({"redis": {"mode": "sentinel"}}, "at '/redis/mode': value must be one of 'bundled', 'external'"),
     ({"auth": {"tenants": {"team-a": ["plaintext-key"]}}}, "at '/auth/tenants/team-a/0'"),
     # Cross-field rules (templates/validate.yaml).
-    ({"redis": {"mode": "external"}}, "redis.mode=external needs redis.existingSecret"),
+    ({"redis": {"mode": "external", "existingSecret": ""}}, "redis.mode=external needs redis.existingSecret"),
     ({"weights": {"source": "objectStore"}}, "weights.source=objectStore needs weights.objectStore.uri"),
-    ({"auth": {"enabled": True}}, "auth is enabled but no API key hashes are configured"),
-    (
-        {"sessions": {"enabled": True}, "redis": {"enabled": False}},
-        "sessions are enabled in the typed config but redis.enabled is false",
-    ),
+    ({"auth": {"existingSecret": ""}}, "auth is enabled but no API key hashes are configured"),
+    ({"redis": {"enabled": False}}, "sessions are enabled in the typed config but redis.enabled is false"),
     ({"weights": {"modelPath": "/data/model"}}, "is not under weights.mountPath"),
     (
         {"workers": {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}}},
         "workers.affinity.nodeAffinity is set by the chart",
+    ),
+    # Defect 3: the Helm value cannot switch auth while the gateway (serve config) runs without.
+    ({"auth": {"enabled": False}}, "auth.enabled=false in the values disagrees with the typed config"),
+    # Defect 5: the drain budgets are generated from drain.grace_period_s, never set apart.
+    ({"workers": {"terminationGracePeriodSeconds": 30}}, "additional properties 'terminationGracePeriodSeconds'"),
+    ({"rayService": {"rayClusterDeletionDelaySeconds": 60}}, "additional properties 'rayClusterDeletionDelaySeconds'"),
+    ({"httpRoute": {"requestTimeoutSeconds": 60}}, "additional properties 'requestTimeoutSeconds' not allowed"),
+    (
+        {"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}},
+        "NewClusterWithIncrementalUpgrade needs rayService.incrementalUpgrade.gatewayClassName",
+    ),
+    (
+        {
+            "rayService": {
+                "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                "incrementalUpgrade": {"gatewayClassName": "istio"},
+            },
+            "httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]},
+        },
+        "the endpoint is the Gateway KubeRay creates",
+    ),
+    (
+        {"rayService": {"incrementalUpgrade": {"gatewayClassName": "istio", "stepSizePercent": 50}}}
+        | {
+            "rayService": {
+                "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                "incrementalUpgrade": {"gatewayClassName": "istio", "stepSizePercent": 50, "maxSurgePercent": 25},
+            }
+        },
+        "stepSizePercent must be <= maxSurgePercent",
+    ),
+    # Defect 4: at least two gateways.
+    ({"gateway": {"minPods": 1}}, "at '/gateway/minPods': minimum: got 1, want 2"),
+    # Defect 8: no generated password; Sentinel and TLS only when the app is told.
+    ({"redis": {"existingSecret": ""}}, "redis.mode=bundled needs redis.existingSecret"),
+    ({"redis": {"bundled": {"sentinel": {"enabled": True}}}}, "needs sessions.sentinel_master in the typed config"),
+    (
+        {"redis": {"bundled": {"sentinel": {"replicas": 2}}}},
+        "at '/redis/bundled/sentinel/replicas': minimum: got 2, want 3",
+    ),
+    (
+        {"redis": {"bundled": {"tls": {"enabled": True}}}},
+        "redis.bundled.tls.enabled needs redis.bundled.tls.existingSecret",
+    ),
+    (
+        {"redis": {"bundled": {"tls": {"enabled": True, "existingSecret": "redis-tls"}}}},
+        "Redis TLS is configured but the typed config has no sessions.tls_ca_file",
+    ),
+    # Defect 10.
+    (
+        {"serveConfigV2": "applications: [unclosed"},
+        "serveConfigV2 is not the Ray Serve config rendered from the typed config",
+    ),
+    (
+        {"serveConfigV2": "proxy_location: EveryNode\n"},
+        "serveConfigV2 is not the Ray Serve config rendered from the typed config",
+    ),
+    ({"httpPort": 8080}, "httpPort 8080 differs from the serve config's port 8000"),
+    ({"workerGroups": [_GROUPS[0], _GROUPS[0]]}, "at '/workerGroups': items at 0 and 1 are equal"),
+    ({"workerGroups": [_GROUPS[0], {**_GROUPS[1], "pool": "standard"}]}, 'workerGroups: pool "standard" appears twice'),
+    (
+        {"workerGroups": [_GROUPS[0], {**_GROUPS[1], "groupName": _GROUPS[0]["groupName"]}]},
+        'workerGroups: groupName "gpu-standard" appears twice',
+    ),
+    ({"workerGroups": [_GROUPS[0]]}, "workerGroups pools [standard] differ from the typed config's pools"),
+    (
+        {
+            "workerGroups": [
+                _group(
+                    0,
+                    resources={
+                        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"},
+                        "limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8"},
+                    },
+                ),
+                _GROUPS[1],
+            ]
+        },
+        "nvidia.com/gpu request 4 != limit 8",
+    ),
+    (
+        {
+            "workerGroups": [
+                _group(
+                    0, resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"cpu": "8", "memory": "64Gi"}}
+                ),
+                _GROUPS[1],
+            ]
+        },
+        "worker group gpu-standard has no nvidia.com/gpu limit but node.accelerator is gpu",
+    ),
+    (
+        {"workerGroups": [_group(0, initialPods=40), _GROUPS[1]]},
+        "worker group gpu-standard: initialPods 40 > maxPods 16",
+    ),
+    (
+        {"workerGroups": [_group(0, rayResources={"pool_long": 8}), _GROUPS[1]]},
+        "rayResources map[pool_long:8] must be exactly {pool_standard: <slots>}",
+    ),
+    (
+        {"workerGroups": [_group(0, rayResources={"pool_standard": 0.5}), _GROUPS[1]]},
+        "at '/workerGroups/0/rayResources/pool_standard'",
+    ),
+    ({"workerGroups": [_group(0, rayResources={"pool_standard": 4}), _GROUPS[1]]}, "is less than its 8 GPUs"),
+    ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_abc"}]}, "extraEnv HF_TOKEN holds a secret as plain text"),
+    (
+        {"extraEnv": [{"name": "CACHE_URL", "value": "redis://:hunter2@cache:6379/0"}]},
+        "extraEnv CACHE_URL holds a URL with a password in plain text",
     ),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[m[:40] for _, m in BAD_VALUES])
 def test_bad_values_are_rejected_with_a_clear_message(
-    override: dict[str, Any], message: str, helm: Path, tmp_path: Path
+    override: dict[str, Any], message: str, helm: Path, site_required: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(override))
-    proc = run_helm(helm, *template_args([EXAMPLES_DIR / "h100x8-bf16.yaml", bad]))
+    proc = run_helm(helm, *template_args([EXAMPLES_DIR / "h100x8-bf16.yaml", site_required, bad]))
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
 
@@ -560,14 +705,18 @@ def test_secrets_reach_the_app_only_through_secret_refs(rendered: dict[str, list
     )
 
     bundled = rendered["h200x4-fp8.yaml"]
-    secret = one(bundled, "Secret")
-    assert set(secret["data"]) == {"redis-password", "redis-url"}
+    # The chart generates no password (it would change on every render): the site's Secret.
+    assert by_kind(bundled, "Secret") == []
     redis = one(bundled, "StatefulSet")
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
     config = next(d for d in by_kind(bundled, "ConfigMap") if d["metadata"]["name"].endswith("-redis"))
     assert "appendonly yes" in config["data"]["redis.conf"]
-    redis_env = {e["name"]: e for e in redis["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    # The app's URL is assembled by the kubelet from the password Secret.
+    env = {e["name"]: e for e in ray_templates(one(bundled, "RayService"))["head"]["spec"]["containers"][0]["env"]}
+    assert env["MLS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "sessions-redis", "key": "redis-password"}
+    assert env["CLUSTER_REDIS_URL"]["value"] == (
+        f"redis://:$(MLS_REDIS_PASSWORD)@{RELEASE}-mistral-large-serve-redis.{NAMESPACE}.svc:6379/0"
+    )
 
 
 def test_weights_are_mounted_read_only_and_fetched_by_init_containers(rendered: dict[str, list[dict]]) -> None:
@@ -589,8 +738,8 @@ def test_weights_are_mounted_read_only_and_fetched_by_init_containers(rendered: 
             else:
                 (init,) = spec["initContainers"]
                 script = init["args"][0]
-                # Workers fetch the safetensors; the head only the tokenizer and configs.
-                assert ("'*.safetensors'" in script) == (group != "head"), (variant, group)
+                # Engine workers fetch the safetensors; head and gateways only the tokenizer and configs.
+                assert ("'*.safetensors'" in script) == (group not in ("head", GATEWAY_GROUP_NAME)), (variant, group)
                 assert init["envFrom"] == [{"secretRef": {"name": "weights-s3"}}]
 
 
@@ -598,7 +747,11 @@ def test_weights_fetch_script_fails_loudly_without_safetensors(rendered: dict[st
     """Run the init container's script with a stand-in `aws` that copies a local folder,
     to check its shell logic (the real sync needs an object store)."""
     rayservice = one(rendered["h100x8-bf16.yaml+all-features"], "RayService")
-    worker = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker = next(
+        g["template"]["spec"]
+        for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if g["groupName"] != GATEWAY_GROUP_NAME
+    )
     script = worker["initContainers"][0]["args"][0]
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
     bin_dir = tmp_path / "bin"
@@ -660,7 +813,9 @@ def test_network_policies_isolate_ray_and_redis(rendered: dict[str, list[dict]])
             assert [list(peer) for peer in rule["from"]] == [["podSelector"]]
             assert _ray_selector_matches(rule["from"][0]["podSelector"], "ray-head")
     serve = policies[f"{RELEASE}-mistral-large-serve-serve"]
-    assert serve["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ray-head"
+    assert _ray_selector_matches(serve["podSelector"], "ray-head")
+    assert _ray_selector_matches(serve["podSelector"], "ray-gateway")
+    assert not _ray_selector_matches(serve["podSelector"], "ray-worker")
     assert [{p["port"] for p in r["ports"]} for r in serve["ingress"]] == [{8000}]
 
 
