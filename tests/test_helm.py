@@ -819,16 +819,42 @@ def test_network_policies_isolate_ray_and_redis(rendered: dict[str, list[dict]])
     assert [{p["port"] for p in r["ports"]} for r in serve["ingress"]] == [{8000}]
 
 
-def test_disruption_budgets_cover_head_every_pool_and_redis(rendered: dict[str, list[dict]]) -> None:
-    docs = rendered["h100x8-bf16.yaml"]
+def _selects(pdb: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_disruption_budgets_let_drains_through(variant: str, rendered: dict[str, list[dict]]) -> None:
+    """KubeRay pods have no scale subresource: only an integer minAvailable works on them
+    (maxUnavailable allows 0 disruptions, kuberay#2662), and it must stay below what the
+    group runs at its minimum, or a drain waits forever."""
+    docs = rendered[variant]
     rayservice = one(docs, "RayService")
-    templates = ray_templates(rayservice)
+    cluster = rayservice["spec"]["rayClusterConfig"]
     pdbs = by_kind(docs, "PodDisruptionBudget")
-    assert len(pdbs) == len(templates) + 1  # + Redis
-    for group, template in templates.items():
-        labels = template["metadata"]["labels"]
-        matching = [p for p in pdbs if all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
-        assert len(matching) == 1, group
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not [p for p in pdbs if _selects(p, head_labels)]  # one head: GCS FT covers it
+    for group in cluster["workerGroupSpecs"]:
+        labels = group["template"]["metadata"]["labels"]
+        matching = [p for p in pdbs if _selects(p, labels)]
+        if group["minReplicas"] < 2:
+            assert matching == [], group["groupName"]
+            continue
+        (pdb,) = matching
+        assert "maxUnavailable" not in pdb["spec"]
+        assert isinstance(pdb["spec"]["minAvailable"], int)
+        # At the group's minimum one pod may go; never all of them at once.
+        assert 1 <= pdb["spec"]["minAvailable"] == group["minReplicas"] - 1
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    redis = by_kind(docs, "StatefulSet")
+    for sts in redis:
+        matching = [p for p in pdbs if _selects(p, sts["spec"]["template"]["metadata"]["labels"])]
+        assert matching == [] if sts["spec"]["replicas"] == 1 else len(matching) == 1
+
+
+def test_runbook_no_longer_promises_one_pod_at_a_time() -> None:
+    text = (RUNBOOKS / "replica-restarts.md").read_text()
+    assert "allows one pod at a time" not in text
 
 
 # ---------------------------------------------------------------- monitoring
@@ -839,7 +865,11 @@ ALERT_RUNBOOKS = {
     "MistralServeQueueGrowing": "queue-growing.md",
     "MistralServeKVCacheNearFull": "kv-cache-near-full.md",
     "MistralServeReplicaRestarts": "replica-restarts.md",
-    "MistralServeRayPodRestarts": "replica-restarts.md",
+    "MistralServeRayContainerDied": "replica-restarts.md",
+    "MistralServeHighErrorRate": "serve-errors.md",
+    "MistralServeDeploymentUnavailable": "deployment-unavailable.md",
+    "MistralServeRayServiceNotReady": "rayservice-not-ready.md",
+    "MistralServeHeadDown": "head-down.md",
     "MistralServeRedisDown": "redis-down.md",
 }
 
@@ -886,7 +916,13 @@ def _dashboard_exprs() -> list[str]:
 
 
 # Metrics from other exporters the alerts rely on.
-EXTERNAL_METRICS = {"redis_up": "redis_exporter", "kube_pod_container_status_restarts_total": "kube-state-metrics"}
+EXTERNAL_METRICS = {
+    "redis_up": "redis_exporter",
+    "kube_pod_container_status_restarts_total": "kube-state-metrics",
+    "kube_pod_container_status_terminated_reason": "kube-state-metrics",
+    "kuberay_service_condition_ready": "the KubeRay operator",
+    "up": "Prometheus (one per scrape target)",
+}
 
 
 def _package_dir(name: str) -> Path:
@@ -941,12 +977,35 @@ def test_monitoring_selects_ray_pods_and_labels_pools(rendered: dict[str, list[d
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_mistral_large_serve_pool"], "targetLabel": "pool"} in relabel
     dashboard = one([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["mistral-large-serve.json"])["uid"] == "mistral-large-serve"
     # The CPU demo runs without the Prometheus Operator.
     assert not {"PodMonitor", "PrometheusRule"} & {d["kind"] for d in rendered["cpu-demo.yaml"]}
 
 
-def test_notes_tell_how_to_reach_the_endpoint(helm: Path) -> None:
+def _dashboard_uid(docs: list[dict[str, Any]]) -> str:
+    dashboard = one([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
+    uid: str = json.loads(dashboard["data"]["mistral-large-serve.json"])["uid"]
+    return uid
+
+
+def test_dashboard_uid_differs_per_release(helm: Path, site_required: Path) -> None:
+    example = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required]
+    uids = {_dashboard_uid(render(helm, example))}
+    proc = run_helm(helm, *template_args(example)[:1], "other", *template_args(example)[2:])
+    assert proc.returncode == 0, proc.stderr
+    uids.add(_dashboard_uid([d for d in yaml.safe_load_all(proc.stdout) if d]))
+    assert len(uids) == 2 and all(len(u) <= 40 for u in uids), uids
+
+
+def test_monitoring_objects_only_where_their_crds_exist(helm: Path, site_required: Path) -> None:
+    """monitoring.enabled defaults on; a cluster without the Prometheus Operator must still
+    install (no PodMonitor/PrometheusRule the API server would refuse)."""
+    docs = render(helm, [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required], api_versions=())
+    kinds = {d["kind"] for d in docs}
+    assert not {"PodMonitor", "ServiceMonitor", "PrometheusRule"} & kinds
+    assert "RayService" in kinds
+
+
+def test_notes_tell_how_to_reach_the_endpoint(helm: Path, site_required: Path) -> None:
     proc = run_helm(
         helm,
         "install",
@@ -957,9 +1016,13 @@ def test_notes_tell_how_to_reach_the_endpoint(helm: Path) -> None:
         "--dry-run=client",
         "-f",
         str(EXAMPLES_DIR / "h200x4-fp8.yaml"),
+        "-f",
+        str(site_required),
     )
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-mistral-large-serve-openai" in notes
     assert "gpu-standard: max_model_len 32768, TP=4, 2 replica(s)/pod, 1..8 pods" in notes
-    assert "API key authentication is OFF" in notes
+    # GPU profiles run with API keys; the CPU demo warns that it does not.
+    assert "API key authentication is OFF" not in notes
+    assert "Authorization: Bearer $API_KEY" in notes
