@@ -163,6 +163,25 @@ def drain_values(cfg: ClusterConfig) -> dict[str, int]:
     }
 
 
+def weight_files(cfg: ClusterConfig) -> list[str]:
+    """Object-store patterns of the files the engine loads. A Mistral checkpoint folder
+    often holds both the consolidated and the Hugging Face shards (2 x 229 GiB): fetching
+    `*.safetensors` would pull both and overflow the weights volume."""
+    m = cfg.model
+    files = ["tekken.json", "tokenizer.model*"]
+    if m.load_format == "mistral":
+        files.append("consolidated*.safetensors")
+    else:
+        files += ["model*.safetensors", "model.safetensors.index.json"]
+    if m.config_format == "mistral":
+        files.append("params.json")
+    else:
+        files += ["config.json", "generation_config.json"]
+    if m.tokenizer_mode != "mistral":
+        files += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    return files
+
+
 def _weights(cfg: ClusterConfig) -> dict[str, Any]:
     source = cfg.model.source
     if source.startswith("embedded:"):
@@ -180,7 +199,12 @@ def _weights(cfg: ClusterConfig) -> dict[str, Any]:
             "e.g. /models/Mistral-Large-Instruct-2411"
         )
     model_path = source.rstrip("/")
-    return {"source": "pvc", "modelPath": model_path, "mountPath": posixpath.dirname(model_path)}
+    return {
+        "source": "pvc",
+        "modelPath": model_path,
+        "mountPath": posixpath.dirname(model_path),
+        "objectStore": {"include": weight_files(cfg)},
+    }
 
 
 def _head(cfg: ClusterConfig) -> dict[str, Any]:

@@ -174,7 +174,8 @@ def test_gateways_run_on_cpu_pods_two_or_more_spread(profile: str, helm: Path, f
     spec = group["template"]["spec"]
     container = spec["containers"][0]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    assert container["resources"]["requests"] == container["resources"]["limits"]
+    requests = {k: v for k, v in container["resources"]["requests"].items() if k != "ephemeral-storage"}
+    assert requests == container["resources"]["limits"]
     assert int(container["resources"]["limits"]["cpu"]) >= gateway["ray_actor_options"]["num_cpus"] + 1
     assert group["rayStartParams"]["num-gpus"] == "0"
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
@@ -449,3 +450,123 @@ def test_egress_is_restricted_and_metadata_unreachable(h100: list[dict[str, Any]
     ]
     assert [p["metadata"]["name"] for p in api] == [f"{FULLNAME}-head-apiserver"]
     assert _selects(api[0], "ray-head") and not _selects(api[0], "ray-worker")
+
+
+# ---------------------------------------------------------------- defect 7: weights and disk
+
+# A stand-in for `aws s3 sync SRC DST` on a local folder that applies --exclude/--include
+# the way the AWS CLI does (in order, the last matching filter wins; default include).
+FAKE_AWS = r"""#!/usr/bin/env python3
+import fnmatch, shutil, sys
+from pathlib import Path
+args = sys.argv[1:]
+assert args[:2] == ["s3", "sync"], args
+src, dst, rest = Path(args[2]), Path(args[3]), args[4:]
+filters = [(rest[i], rest[i + 1]) for i in range(len(rest) - 1) if rest[i] in ("--exclude", "--include")]
+for f in src.rglob("*"):
+    if f.is_file():
+        rel = str(f.relative_to(src))
+        keep = True
+        for kind, pattern in filters:
+            if fnmatch.fnmatchcase(rel, pattern):
+                keep = kind == "--include"
+        if keep:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst / rel)
+"""
+
+# A Mistral-Large-Instruct-2411 folder as published: consolidated and HF shards side by side.
+CHECKPOINT_FILES = [
+    "consolidated-00001-of-00051.safetensors",
+    "consolidated-00002-of-00051.safetensors",
+    "model-00001-of-00051.safetensors",
+    "model-00002-of-00051.safetensors",
+    "model.safetensors.index.json",
+    "consolidated.safetensors.index.json",
+    "params.json",
+    "config.json",
+    "generation_config.json",
+    "tekken.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    ".gitattributes",
+]
+
+
+def _fetch_script(docs: list[dict[str, Any]], group: str) -> str:
+    spec = ray_templates(one(docs, "RayService"))[group]["spec"]
+    (init,) = spec["initContainers"]
+    script: str = init["args"][0]
+    return script
+
+
+def _run_fetch(script: str, tmp_path: Path) -> set[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "aws").write_text(FAKE_AWS)
+    (bin_dir / "aws").chmod(0o755)
+    bucket = tmp_path / "bucket"
+    bucket.mkdir(exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        (bucket / name).write_text("x")
+    model = tmp_path / "models" / "Mistral-Large-Instruct-2411"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "WEIGHTS_URI": str(bucket), "MODEL_PATH": str(model)}
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return {p.name for p in model.iterdir()}
+
+
+def test_weights_fetch_takes_only_the_format_the_engine_loads(helm: Path, files: Path, tmp_path: Path) -> None:
+    site = {"weights": {"source": "objectStore", "objectStore": {"uri": "s3://models/Mistral-Large-Instruct-2411"}}}
+    docs = render_config(helm, files, load_profile("h100x8-bf16"), "fetch", site)
+    fetched = _run_fetch(_fetch_script(docs, "gpu-standard"), tmp_path / "worker")
+    # load_format mistral: the consolidated shards, params.json and the tekken tokenizer only.
+    assert fetched == {
+        "consolidated-00001-of-00051.safetensors",
+        "consolidated-00002-of-00051.safetensors",
+        "params.json",
+        "tekken.json",
+    }
+    # The head (tokenizer and configs for the gateway) never pulls a shard.
+    head = _run_fetch(_fetch_script(docs, "head"), tmp_path / "head")
+    assert head == {"params.json", "tekken.json"}
+
+
+def _disk_emptydirs_gib(spec: dict[str, Any]) -> int:
+    total = 0
+    for volume in spec["volumes"]:
+        empty = volume.get("emptyDir")
+        if empty is not None and empty.get("medium") != "Memory":
+            total += -(-_quantity_bytes(empty["sizeLimit"]) // 2**30)
+    return total
+
+
+@pytest.mark.parametrize("source", ["pvc", "objectStore"])
+def test_ray_pods_request_the_disk_their_volumes_fill(source: str, helm: Path, files: Path) -> None:
+    site: dict[str, Any] = {"weights": {"source": source}}
+    if source == "objectStore":
+        site["weights"]["objectStore"] = {"uri": "s3://models/Mistral-Large-Instruct-2411"}
+    docs = render_config(helm, files, load_profile("h100x8-bf16"), f"disk-{source}", site)
+    for group, template in ray_templates(one(docs, "RayService")).items():
+        spec = template["spec"]
+        requested = _quantity_bytes(spec["containers"][0]["resources"]["requests"]["ephemeral-storage"]) // 2**30
+        assert requested >= _disk_emptydirs_gib(spec) + 10, group  # + logs and the writable layer
+        if source == "objectStore" and group.startswith("gpu-"):
+            assert requested > 229, group  # the checkpoint itself
+
+
+def test_node_cache_keeps_weights_and_compiled_graphs_across_pods(helm: Path, files: Path) -> None:
+    site = {
+        "weights": {"source": "objectStore", "objectStore": {"uri": "s3://models/Mistral-Large-Instruct-2411"}},
+        "nodeCache": {"path": "/var/cache/mistral-large-serve"},
+    }
+    docs = render_config(helm, files, load_profile("h100x8-bf16"), "node-cache", site)
+    spec = ray_templates(one(docs, "RayService"))["gpu-standard"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["weights"]["hostPath"] == {"path": "/var/cache/mistral-large-serve/weights", "type": "Directory"}
+    assert volumes["compile-cache"]["hostPath"] == {"path": "/var/cache/mistral-large-serve/vllm", "type": "Directory"}
+    container = spec["containers"][0]
+    assert {"name": "compile-cache", "mountPath": "/var/cache/vllm"} in container["volumeMounts"]
+    assert {"name": "VLLM_CACHE_ROOT", "value": "/var/cache/vllm"} in container["env"]
+    # The checkpoint is on the node, not in the pod's ephemeral storage.
+    assert _quantity_bytes(container["resources"]["requests"]["ephemeral-storage"]) < 229 * 2**30

@@ -173,6 +173,11 @@ typed config inside serveConfigV2. */}}
 {{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ .Values.telemetry.serviceName | quote }}
+{{- if .Values.nodeCache.path }}
+# torch.compile artifacts on the node cache: a restarted engine skips recompiling.
+- name: VLLM_CACHE_ROOT
+  value: /var/cache/vllm
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -241,12 +246,21 @@ config files the gateway needs) from the object store. $full: include safetensor
   emptyDir: {medium: Memory, sizeLimit: {{ .shm }}}
 - name: tmp
   emptyDir: {sizeLimit: {{ .tmp }}}
+{{- $cache := $root.Values.nodeCache.path }}
 {{- if eq $root.Values.weights.source "pvc" }}
 - name: weights
   persistentVolumeClaim: {claimName: {{ $root.Values.weights.pvc.claimName }}, readOnly: true}
+{{- else if and (eq $root.Values.weights.source "objectStore") $cache }}
+# Survives the pod: a replacement on this node syncs only what changed.
+- name: weights
+  hostPath: {path: {{ printf "%s/weights" (trimSuffix "/" $cache) }}, type: Directory}
 {{- else if eq $root.Values.weights.source "objectStore" }}
 - name: weights
   emptyDir: {sizeLimit: {{ .weightsSize }}}
+{{- end }}
+{{- if $cache }}
+- name: compile-cache
+  hostPath: {path: {{ printf "%s/vllm" (trimSuffix "/" $cache) }}, type: Directory}
 {{- end }}
 {{- with include "mls.redisCaSecret" $root }}
 - name: redis-ca
@@ -260,9 +274,36 @@ config files the gateway needs) from the object store. $full: include safetensor
 {{- if ne .Values.weights.source "none" }}
 - {name: weights, mountPath: {{ .Values.weights.mountPath }}, readOnly: true}
 {{- end }}
+{{- if .Values.nodeCache.path }}
+- {name: compile-cache, mountPath: /var/cache/vllm}
+{{- end }}
 {{- if include "mls.redisCaSecret" . }}
 - {name: redis-ca, mountPath: {{ dir (include "mls.appConfig" . | fromJson).sessions.tls_ca_file }}, readOnly: true}
 {{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity in whole GiB, rounded up. */}}
+{{- define "mls.gib" -}}
+{{- $q := toString . -}}
+{{- $num := regexFind "^[0-9.]+" $q -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- $per := dict "Ki" 0.0000009537 "Mi" 0.0009765625 "Gi" 1.0 "Ti" 1024.0 "k" 0.00000093132 "M" 0.00093132 "G" 0.93132257 "T" 931.32257 "" 0.00000000093132 -}}
+{{- if not (hasKey $per $unit) }}{{ fail (printf "cannot read the quantity %q (use Ki, Mi, Gi, Ti, k, M, G, T)" $q) }}{{ end -}}
+{{- ceil (mulf (float64 $num) (get $per $unit)) | int -}}
+{{- end }}
+
+{{/* Requests and limits of a Ray container plus the ephemeral storage its disk volumes
+can fill (emptyDirs for /tmp and fetched weights, logs): a pod is only scheduled where
+the node has that much disk, instead of being evicted mid-load. */}}
+{{- define "mls.resourcesWithDisk" -}}
+{{- $root := .root -}}
+{{- $gib := add (include "mls.gib" .tmp | int) 10 -}}
+{{- if and (eq $root.Values.weights.source "objectStore") (not $root.Values.nodeCache.path) -}}
+{{- $gib = add $gib (include "mls.gib" .weightsSize | int) -}}
+{{- end -}}
+{{- $res := deepCopy .resources -}}
+{{- $_ := set $res.requests "ephemeral-storage" (printf "%dGi" $gib) -}}
+{{- toYaml $res -}}
 {{- end }}
 
 {{- define "mls.runbookUrl" -}}
