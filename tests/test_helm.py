@@ -96,7 +96,17 @@ SITE_ALL_FEATURES: dict[str, Any] = {
         "parentRefs": [{"name": "public", "namespace": "gateway"}],
         "hostnames": ["llm.example.com"],
     },
-    "networkPolicy": {"serveFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]},
+    "networkPolicy": {
+        "serveFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}],
+        # External Redis (sessions and GCS) and the in-cluster object store and collector.
+        "egress": {
+            "extra": [
+                {"to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}], "ports": [{"port": 6379, "protocol": "TCP"}]},
+                {"to": [{"namespaceSelector": {"matchLabels": {"name": "storage"}}}]},
+                {"to": [{"namespaceSelector": {"matchLabels": {"name": "observability"}}}]},
+            ]
+        },
+    },
 }
 
 # checkov findings we accept, with the reason. Applies to every rendered manifest.
@@ -530,6 +540,10 @@ BAD_VALUES = [
     ({"auth": {"tenants": {"team-a": ["plaintext-key"]}}}, "at '/auth/tenants/team-a/0'"),
     # Cross-field rules (templates/validate.yaml).
     ({"redis": {"mode": "external", "existingSecret": ""}}, "redis.mode=external needs redis.existingSecret"),
+    (
+        {"redis": {"mode": "external"}, "gcsFaultTolerance": {"redisAddress": "gcs:6379", "passwordSecret": "gcs"}},
+        "networkPolicy restricts the Ray pods' egress and redis.mode=external",
+    ),
     ({"weights": {"source": "objectStore"}}, "weights.source=objectStore needs weights.objectStore.uri"),
     ({"auth": {"existingSecret": ""}}, "auth is enabled but no API key hashes are configured"),
     ({"redis": {"enabled": False}}, "sessions are enabled in the typed config but redis.enabled is false"),

@@ -385,6 +385,7 @@ def test_redis_tls_option_mounts_the_ca_where_the_app_looks(helm: Path, files: P
             "bundled": {"tls": {"enabled": True, "existingSecret": "redis-tls"}},
         },
         "gcsFaultTolerance": {"redisAddress": "gcs-redis.storage.svc:6379", "passwordSecret": "gcs-redis"},
+        "networkPolicy": {"egress": {"extra": [{"to": [{"namespaceSelector": {"matchLabels": {"name": "storage"}}}]}]}},
     }
     docs = render_config(helm, files, cfg, "tls", site)
     config = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-redis")
