@@ -9,12 +9,14 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 install: system-deps $(VENV)/.installed
 
-# Debian packages the tests run for real: redis-server, and redis-sentinel for the Sentinel
-# failover tests. apt-get only when a binary is missing (sudo when not root).
+# Debian packages whose real binaries the tests run: redis-server, redis-sentinel (Sentinel
+# failover tests) and promtool (alert rule tests, from `prometheus`). apt-get only when a
+# binary is missing (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server redis-sentinel; }
+	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null && command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		  redis-server redis-sentinel prometheus; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

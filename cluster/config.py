@@ -273,6 +273,41 @@ class ResilienceConfig(_Strict):
     retry_after_s: int = Field(2, ge=1)
 
 
+# Seconds a pod needs after its Serve replicas have drained to stop Ray and exit.
+DRAIN_STOP_MARGIN_S = 30
+
+
+class DrainConfig(_Strict):
+    """How long a request in flight may take to finish when its replica, pod, node or
+    whole cluster goes away (node drain, upgrade, scale-down). This one value is the drain
+    budget; every timeout of the chart and of Serve's graceful shutdown derives from it,
+    so none can cut a request another still waits for."""
+
+    # The longest request we promise to finish: a 128k-context generation streams for minutes.
+    grace_period_s: int = Field(default=600, ge=30, le=3600)
+
+    @property
+    def request_timeout_s(self) -> int:
+        """Gateway API route request timeout: nothing legitimately runs longer."""
+        return self.grace_period_s
+
+    @property
+    def replica_shutdown_s(self) -> int:
+        """Serve graceful_shutdown_timeout_s of every deployment."""
+        return self.grace_period_s
+
+    @property
+    def pod_termination_s(self) -> int:
+        """terminationGracePeriodSeconds of every Ray pod: drain, then stop Ray."""
+        return self.grace_period_s + DRAIN_STOP_MARGIN_S
+
+    @property
+    def old_cluster_deletion_delay_s(self) -> int:
+        """RayService rayClusterDeletionDelaySeconds: the old cluster keeps serving the
+        requests it accepted before the switch until they are done."""
+        return self.grace_period_s + DRAIN_STOP_MARGIN_S
+
+
 class TelemetryConfig(_Strict):
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317
     service_name: str = "mistral-large-serve"
@@ -289,6 +324,7 @@ class ClusterConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    drain: DrainConfig = Field(default_factory=DrainConfig)
     http_port: int = Field(8000, ge=1, le=65535)
 
     @model_validator(mode="after")
@@ -383,6 +419,7 @@ __all__ = [
     "AuthConfig",
     "AutoscalingConfig",
     "ClusterConfig",
+    "DrainConfig",
     "EngineArgs",
     "GiB",
     "ModelConfig",

@@ -21,7 +21,10 @@ from typing import Any
 import yaml
 
 from cluster.config import ClusterConfig, GiB, PoolConfig
-from cluster.serve_config import render_serve_config_yaml
+from cluster.serve_config import (
+    GATEWAY_RAY_RESOURCE,
+    render_serve_config_yaml,
+)
 
 # Ray version the serve config is written for (the pin in pyproject's extras).
 RAY_VERSION = "2.60.0"
@@ -124,6 +127,59 @@ def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
     }
 
 
+# A gateway pod: one gateway replica (1 CPU) plus its node's Serve proxy and Ray's own
+# processes; memory for the tokenizer and the per-pool prefix indexes.
+GATEWAY_POD = {"cpu": "4", "memory": "8Gi"}
+GATEWAY_GROUP_NAME = "cpu-gateway"
+
+
+def gateway_group(cfg: ClusterConfig) -> dict[str, Any]:
+    """The CPU worker group that hosts the gateway replicas on GPU clusters (one per pod,
+    pods spread over nodes), so a lost GPU node never takes other pools' streams with it
+    and gateways never keep a GPU node from scaling down. Disabled on the CPU backend."""
+    if cfg.node.accelerator != "gpu":
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "groupName": GATEWAY_GROUP_NAME,
+        "minPods": cfg.gateway.min_replicas,
+        "maxPods": cfg.gateway.max_replicas,
+        "initialPods": cfg.gateway.min_replicas,
+        "resources": {"requests": dict(GATEWAY_POD), "limits": dict(GATEWAY_POD)},
+        "rayResources": {GATEWAY_RAY_RESOURCE: 1},
+    }
+
+
+def drain_values(cfg: ClusterConfig) -> dict[str, int]:
+    """Every drain budget of the chart, from the one drain.grace_period_s."""
+    d = cfg.drain
+    return {
+        "gracePeriodSeconds": d.grace_period_s,
+        "requestTimeoutSeconds": d.request_timeout_s,
+        "podTerminationSeconds": d.pod_termination_s,
+        "clusterDeletionDelaySeconds": d.old_cluster_deletion_delay_s,
+    }
+
+
+def weight_files(cfg: ClusterConfig) -> list[str]:
+    """Object-store patterns of the files the engine loads. A Mistral checkpoint folder
+    often holds both the consolidated and the Hugging Face shards (2 x 229 GiB): fetching
+    `*.safetensors` would pull both and overflow the weights volume."""
+    m = cfg.model
+    files = ["tekken.json", "tokenizer.model*"]
+    if m.load_format == "mistral":
+        files.append("consolidated*.safetensors")
+    else:
+        files += ["model*.safetensors", "model.safetensors.index.json"]
+    if m.config_format == "mistral":
+        files.append("params.json")
+    else:
+        files += ["config.json", "generation_config.json"]
+    if m.tokenizer_mode != "mistral":
+        files += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    return files
+
+
 def _weights(cfg: ClusterConfig) -> dict[str, Any]:
     source = cfg.model.source
     if source.startswith("embedded:"):
@@ -141,7 +197,12 @@ def _weights(cfg: ClusterConfig) -> dict[str, Any]:
             "e.g. /models/Mistral-Large-Instruct-2411"
         )
     model_path = source.rstrip("/")
-    return {"source": "pvc", "modelPath": model_path, "mountPath": posixpath.dirname(model_path)}
+    return {
+        "source": "pvc",
+        "modelPath": model_path,
+        "mountPath": posixpath.dirname(model_path),
+        "objectStore": {"include": weight_files(cfg)},
+    }
 
 
 def _head(cfg: ClusterConfig) -> dict[str, Any]:
@@ -175,16 +236,12 @@ def render_helm_values(cfg: ClusterConfig) -> dict[str, Any]:
         },
         "head": _head(cfg),
         "workerGroups": [worker_group(cfg, pool) for pool in cfg.pools],
+        "gateway": gateway_group(cfg),
+        "drain": drain_values(cfg),
         "weights": _weights(cfg),
-        "sessions": {
-            "enabled": cfg.sessions.enabled,
-            "redisUrlEnv": cfg.sessions.redis_url_env or "",
-        },
-        "auth": {
-            "enabled": cfg.auth.enabled,
-            "apiKeysEnv": cfg.auth.api_keys_env or "",
-            "tenantsInConfig": bool(cfg.auth.tenants),
-        },
+        # Auth and sessions settings (auth.enabled, the env var names, Sentinel, TLS CA)
+        # are not repeated here: the chart reads them from serveConfigV2, the config the
+        # gateway itself reads, so the two cannot disagree.
         "telemetry": {
             "otlpEndpoint": cfg.telemetry.otlp_endpoint or "",
             "serviceName": cfg.telemetry.service_name,

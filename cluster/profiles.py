@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from cluster.architecture import TINY_MISTRAL
 from cluster.config import (
+    AuthConfig,
     AutoscalingConfig,
     ClusterConfig,
     EngineArgs,
@@ -73,6 +74,8 @@ def h100x8_bf16() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411", weight_dtype="bfloat16"),
         node=H100_NODE,
         pools=_gpu_pools(tp=8, fp8=False, standard_seqs=128, long_seqs=32),
+        # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
+        auth=AuthConfig(enabled=True),
     )
 
 
@@ -82,6 +85,8 @@ def h100x4_fp8() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H100_NODE,
         pools=_gpu_pools(tp=4, fp8=True, standard_seqs=128, long_seqs=32),
+        # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
+        auth=AuthConfig(enabled=True),
     )
 
 
@@ -91,6 +96,8 @@ def h200x4_fp8() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H200_NODE,
         pools=_gpu_pools(tp=4, fp8=True, standard_seqs=256, long_seqs=64),
+        # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
+        auth=AuthConfig(enabled=True),
     )
 
 

@@ -13,6 +13,20 @@ from cluster.config import ClusterConfig
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_NAME = "mistral-large"
 
+# Deployment names of deployments.app (deployments.gateway defines them; importing it here
+# would pull Ray into the CLI; tests/test_serve_config.py checks they agree).
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+def engine_deployment(pool: str) -> str:
+    return f"engine-{pool}"
+
+
+# On GPU clusters the gateway replicas run on a CPU worker group of their own: each of its
+# pods advertises one unit of this Ray resource and each gateway replica asks for one, so
+# gateways never land on (and never pin) GPU nodes, and two of them never share a pod.
+GATEWAY_RAY_RESOURCE = "gateway"
+
 
 def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     """Environment every Ray worker of the app needs."""
@@ -27,9 +41,41 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Serve options of the gateway deployment, from `cfg.gateway`; on GPU clusters pinned
+    to the gateway worker group, one replica per pod (on the CPU backend the head hosts it)."""
+    g = cfg.gateway
+    actor: dict[str, Any] = {"num_cpus": g.num_cpus}
+    options: dict[str, Any] = {"max_ongoing_requests": g.max_ongoing_requests, "ray_actor_options": actor}
+    if g.min_replicas == g.max_replicas:
+        options["num_replicas"] = g.min_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": g.min_replicas,
+            "max_replicas": g.max_replicas,
+            "target_ongoing_requests": g.target_ongoing_requests,
+        }
+    if cfg.node.accelerator == "gpu":
+        actor["resources"] = {GATEWAY_RAY_RESOURCE: 1}
+        options["max_replicas_per_node"] = 1
+    return options
+
+
+def deployment_overrides(cfg: ClusterConfig) -> list[dict[str, Any]]:
+    """Per-deployment options set from the config: the drain budget (a replica asked to
+    stop finishes its requests for up to drain.replica_shutdown_s) and gateway placement."""
+    shutdown = {"graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s}
+    gateway = {"name": GATEWAY_DEPLOYMENT, **shutdown, **gateway_options(cfg)}
+    return [gateway] + [{"name": engine_deployment(p.name), **shutdown} for p in cfg.pools]
+
+
 def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:
     return {
-        "proxy_location": "HeadOnly",
+        # A proxy on every node with a replica. KubeRay's readiness probe of RayService
+        # workers checks the local proxy (kuberay#4994): with HeadOnly no worker is ever
+        # Ready. Which pods take outside traffic is decided by the chart's serve Service
+        # (only pods that declare the `serve` port: head and gateway group).
+        "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": cfg.http_port},
         "applications": [
             {
@@ -38,6 +84,7 @@ def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:
                 "import_path": APP_IMPORT_PATH,
                 "runtime_env": {"env_vars": engine_env(cfg)},
                 "args": {"cluster_config": cfg.to_dict()},
+                "deployments": deployment_overrides(cfg),
             }
         ],
     }

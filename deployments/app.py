@@ -20,7 +20,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from autoscaling.serve_autoscaling import serve_autoscaling_config
 from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
-from cluster.serve_config import engine_env
+from cluster.serve_config import engine_env, gateway_options
 from cluster.tiny_model import resolve_model_source
 from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
@@ -111,27 +111,6 @@ def engine_health_check_period_s(cfg: ClusterConfig) -> float:
     return min(10.0, max(1.0, cfg.resilience.wedged_after_s / 5))
 
 
-def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
-    g = cfg.gateway
-    scaling: dict[str, Any]
-    if g.min_replicas == g.max_replicas:
-        scaling = {"num_replicas": g.min_replicas}
-    else:
-        scaling = {
-            "autoscaling_config": {
-                "min_replicas": g.min_replicas,
-                "max_replicas": g.max_replicas,
-                "target_ongoing_requests": g.target_ongoing_requests,
-            }
-        }
-    return {
-        "name": GATEWAY_DEPLOYMENT_NAME,
-        "max_ongoing_requests": g.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": g.num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}},
-        **scaling,
-    }
-
-
 def build_app(args: dict[str, Any]) -> Application:
     cfg = ClusterConfig.model_validate(args["cluster_config"])
     model_source = resolve_model_source(cfg.model.source, cfg.model.architecture)
@@ -142,5 +121,7 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for pool in cfg.pools
     }
-    gateway = serve.deployment(**gateway_options(cfg))(GatewayDeployment)
+    options = gateway_options(cfg)
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(cfg)}
+    gateway = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME, **options)(GatewayDeployment)
     return gateway.bind(cluster_config=cfg.to_dict(), pools=pools)

@@ -24,7 +24,7 @@ import promql_parser
 import pytest
 import yaml
 
-from cluster.helm_values import RAY_VERSION, render_helm_values
+from cluster.helm_values import GATEWAY_GROUP_NAME, RAY_VERSION, render_helm_values
 from cluster.profiles import load_profile
 from cluster.serve_config import render_serve_config
 from tests import helm_tools
@@ -50,6 +50,20 @@ CUSTOM_SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.json",
 }
 
+# What every install's site file must give: the Secrets the chart refers to (it never
+# generates a password; GPU profiles run with API keys).
+SITE_REQUIRED: dict[str, Any] = {
+    "redis": {"existingSecret": "sessions-redis"},
+    "auth": {"existingSecret": "api-keys"},
+}
+# The cluster the chart is rendered for has the Prometheus Operator and Gateway API CRDs.
+API_VERSIONS = (
+    "monitoring.coreos.com/v1/PrometheusRule",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "gateway.networking.k8s.io/v1/HTTPRoute",
+)
+
 # A site file switching on every optional part, layered on the H100 example so the
 # optional templates (ingress, route, object-store weights, auth Secret, external Redis)
 # go through the same checks.
@@ -63,9 +77,14 @@ SITE_ALL_FEATURES: dict[str, Any] = {
             "credentialsSecret": "weights-s3",
         },
     },
-    "auth": {"enabled": True, "tenants": {"team-a": ["a" * 64]}},
+    "auth": {"existingSecret": "", "tenants": {"team-a": ["a" * 64]}},
     "telemetry": {"otlpEndpoint": "http://otel-collector.observability:4317"},
     "redis": {"mode": "external", "existingSecret": "sessions-redis"},
+    "gcsFaultTolerance": {
+        "redisAddress": "gcs-redis.storage.svc:6379",
+        "passwordSecret": "gcs-redis",
+        "passwordKey": "password",
+    },
     "ingress": {
         "enabled": True,
         "className": "nginx",
@@ -77,7 +96,17 @@ SITE_ALL_FEATURES: dict[str, Any] = {
         "parentRefs": [{"name": "public", "namespace": "gateway"}],
         "hostnames": ["llm.example.com"],
     },
-    "networkPolicy": {"serveFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]},
+    "networkPolicy": {
+        "serveFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}],
+        # External Redis (sessions and GCS) and the in-cluster object store and collector.
+        "egress": {
+            "extra": [
+                {"to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}], "ports": [{"port": 6379, "protocol": "TCP"}]},
+                {"to": [{"namespaceSelector": {"matchLabels": {"name": "storage"}}}]},
+                {"to": [{"namespaceSelector": {"matchLabels": {"name": "observability"}}}]},
+            ]
+        },
+    },
 }
 
 # checkov findings we accept, with the reason. Applies to every rendered manifest.
@@ -107,8 +136,12 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, cwd=REPO)
 
 
-def template_args(values_files: list[Path], sets: tuple[str, ...] = ()) -> list[str]:
+def template_args(
+    values_files: list[Path], sets: tuple[str, ...] = (), api_versions: tuple[str, ...] = API_VERSIONS
+) -> list[str]:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for api in api_versions:
+        args += ["--api-versions", api]
     for f in values_files:
         args += ["-f", str(f)]
     for s in sets:
@@ -116,8 +149,10 @@ def template_args(values_files: list[Path], sets: tuple[str, ...] = ()) -> list[
     return args
 
 
-def render(helm: Path, values_files: list[Path], sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    proc = run_helm(helm, *template_args(values_files, sets))
+def render(
+    helm: Path, values_files: list[Path], sets: tuple[str, ...] = (), api_versions: tuple[str, ...] = API_VERSIONS
+) -> list[dict[str, Any]]:
+    proc = run_helm(helm, *template_args(values_files, sets, api_versions))
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -192,10 +227,17 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def variants(site_file: Path) -> dict[str, list[Path]]:
+def site_required(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("site") / "required.yaml"
+    path.write_text(yaml.safe_dump(SITE_REQUIRED))
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(site_file: Path, site_required: Path) -> dict[str, list[Path]]:
     """Values-file stacks under test: each example, and H100 with every optional feature."""
-    stacks = {name: [EXAMPLES_DIR / name] for name in EXAMPLES}
-    stacks["h100x8-bf16.yaml+all-features"] = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_file]
+    stacks = {name: [EXAMPLES_DIR / name, site_required] for name in EXAMPLES}
+    stacks["h100x8-bf16.yaml+all-features"] = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required, site_file]
     return stacks
 
 
@@ -266,9 +308,10 @@ def test_worker_groups_follow_the_profile(variant: str, rendered: dict[str, list
     assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
     assert {"name": "serve", "containerPort": cfg.http_port, "protocol": "TCP"} in head_container["ports"]
 
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert len(groups) == len(cfg.pools)
     gpu = cfg.node.accelerator == "gpu"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert groups.pop(GATEWAY_GROUP_NAME, None) is not None or not gpu  # the gateway group (GPU profiles)
+    assert len(groups) == len(cfg.pools)
     for pool in cfg.pools:
         group = groups[f"{'gpu' if gpu else 'cpu'}-{pool.name}"]
         spec = group["template"]["spec"]
@@ -285,7 +328,8 @@ def test_worker_groups_follow_the_profile(variant: str, rendered: dict[str, list
         if gpu:
             # Whole nodes: all GPUs of the node, requests == limits (Guaranteed QoS).
             assert resources["limits"]["nvidia.com/gpu"] == str(cfg.node.gpus_per_node)
-            assert resources["requests"] == resources["limits"]
+            requests = {k: v for k, v in resources["requests"].items() if k != "ephemeral-storage"}
+            assert requests == resources["limits"]
             assert int(resources["requests"]["cpu"]) < cfg.node.cpus_per_node
             term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
             expr = term["nodeSelectorTerms"][0]["matchExpressions"][0]
@@ -464,6 +508,13 @@ def test_checkov_passes_with_justified_skips(helm: Path, rendered: dict[str, lis
 # ---------------------------------------------------------------- values schema
 
 
+_GROUPS: list[dict[str, Any]] = render_helm_values(load_profile("h100x8-bf16"))["workerGroups"]
+
+
+def _group(i: int, **changes: Any) -> dict[str, Any]:
+    return {**copy.deepcopy(_GROUPS[i]), **changes}
+
+
 BAD_VALUES = [
     ({"weights": {"source": "s3"}}, "at '/weights/source': value must be one of 'pvc', 'objectStore', 'none'"),
     ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
@@ -488,28 +539,137 @@ BAD_VALUES = [
     ({"redis": {"mode": "sentinel"}}, "at '/redis/mode': value must be one of 'bundled', 'external'"),
     ({"auth": {"tenants": {"team-a": ["plaintext-key"]}}}, "at '/auth/tenants/team-a/0'"),
     # Cross-field rules (templates/validate.yaml).
-    ({"redis": {"mode": "external"}}, "redis.mode=external needs redis.existingSecret"),
-    ({"weights": {"source": "objectStore"}}, "weights.source=objectStore needs weights.objectStore.uri"),
-    ({"auth": {"enabled": True}}, "auth is enabled but no API key hashes are configured"),
+    ({"redis": {"mode": "external", "existingSecret": ""}}, "redis.mode=external needs redis.existingSecret"),
     (
-        {"sessions": {"enabled": True}, "redis": {"enabled": False}},
-        "sessions are enabled in the typed config but redis.enabled is false",
+        {"redis": {"mode": "external"}, "gcsFaultTolerance": {"redisAddress": "gcs:6379", "passwordSecret": "gcs"}},
+        "networkPolicy restricts the Ray pods' egress and redis.mode=external",
     ),
+    ({"weights": {"source": "objectStore"}}, "weights.source=objectStore needs weights.objectStore.uri"),
+    ({"auth": {"existingSecret": ""}}, "auth is enabled but no API key hashes are configured"),
+    ({"redis": {"enabled": False}}, "sessions are enabled in the typed config but redis.enabled is false"),
     ({"weights": {"modelPath": "/data/model"}}, "is not under weights.mountPath"),
     (
         {"workers": {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}}},
         "workers.affinity.nodeAffinity is set by the chart",
+    ),
+    # Defect 3: the Helm value cannot switch auth while the gateway (serve config) runs without.
+    ({"auth": {"enabled": False}}, "auth.enabled=false in the values disagrees with the typed config"),
+    # Defect 5: the drain budgets are generated from drain.grace_period_s, never set apart.
+    ({"workers": {"terminationGracePeriodSeconds": 30}}, "additional properties 'terminationGracePeriodSeconds'"),
+    ({"rayService": {"rayClusterDeletionDelaySeconds": 60}}, "additional properties 'rayClusterDeletionDelaySeconds'"),
+    ({"httpRoute": {"requestTimeoutSeconds": 60}}, "additional properties 'requestTimeoutSeconds' not allowed"),
+    (
+        {"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}},
+        "NewClusterWithIncrementalUpgrade needs rayService.incrementalUpgrade.gatewayClassName",
+    ),
+    (
+        {
+            "rayService": {
+                "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                "incrementalUpgrade": {"gatewayClassName": "istio"},
+            },
+            "httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]},
+        },
+        "the endpoint is the Gateway KubeRay creates",
+    ),
+    (
+        {"rayService": {"incrementalUpgrade": {"gatewayClassName": "istio", "stepSizePercent": 50}}}
+        | {
+            "rayService": {
+                "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                "incrementalUpgrade": {"gatewayClassName": "istio", "stepSizePercent": 50, "maxSurgePercent": 25},
+            }
+        },
+        "stepSizePercent must be <= maxSurgePercent",
+    ),
+    # Defect 4: at least two gateways.
+    ({"gateway": {"minPods": 1}}, "at '/gateway/minPods': minimum: got 1, want 2"),
+    # Defect 8: no generated password; Sentinel and TLS only when the app is told.
+    ({"redis": {"existingSecret": ""}}, "redis.mode=bundled needs redis.existingSecret"),
+    ({"redis": {"bundled": {"sentinel": {"enabled": True}}}}, "needs sessions.sentinel_master in the typed config"),
+    (
+        {"redis": {"bundled": {"sentinel": {"replicas": 2}}}},
+        "at '/redis/bundled/sentinel/replicas': minimum: got 2, want 3",
+    ),
+    (
+        {"redis": {"bundled": {"tls": {"enabled": True}}}},
+        "redis.bundled.tls.enabled needs redis.bundled.tls.existingSecret",
+    ),
+    (
+        {"redis": {"bundled": {"tls": {"enabled": True, "existingSecret": "redis-tls"}}}},
+        "Redis TLS is configured but the typed config has no sessions.tls_ca_file",
+    ),
+    # Defect 10.
+    (
+        {"serveConfigV2": "applications: [unclosed"},
+        "serveConfigV2 is not the Ray Serve config rendered from the typed config",
+    ),
+    (
+        {"serveConfigV2": "proxy_location: EveryNode\n"},
+        "serveConfigV2 is not the Ray Serve config rendered from the typed config",
+    ),
+    ({"httpPort": 8080}, "httpPort 8080 differs from the serve config's port 8000"),
+    ({"workerGroups": [_GROUPS[0], _GROUPS[0]]}, "at '/workerGroups': items at 0 and 1 are equal"),
+    ({"workerGroups": [_GROUPS[0], {**_GROUPS[1], "pool": "standard"}]}, 'workerGroups: pool "standard" appears twice'),
+    (
+        {"workerGroups": [_GROUPS[0], {**_GROUPS[1], "groupName": _GROUPS[0]["groupName"]}]},
+        'workerGroups: groupName "gpu-standard" appears twice',
+    ),
+    ({"workerGroups": [_GROUPS[0]]}, "workerGroups pools [standard] differ from the typed config's pools"),
+    (
+        {
+            "workerGroups": [
+                _group(
+                    0,
+                    resources={
+                        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"},
+                        "limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8"},
+                    },
+                ),
+                _GROUPS[1],
+            ]
+        },
+        "nvidia.com/gpu request 4 != limit 8",
+    ),
+    (
+        {
+            "workerGroups": [
+                _group(
+                    0, resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"cpu": "8", "memory": "64Gi"}}
+                ),
+                _GROUPS[1],
+            ]
+        },
+        "worker group gpu-standard has no nvidia.com/gpu limit but node.accelerator is gpu",
+    ),
+    (
+        {"workerGroups": [_group(0, initialPods=40), _GROUPS[1]]},
+        "worker group gpu-standard: initialPods 40 > maxPods 16",
+    ),
+    (
+        {"workerGroups": [_group(0, rayResources={"pool_long": 8}), _GROUPS[1]]},
+        "rayResources map[pool_long:8] must be exactly {pool_standard: <slots>}",
+    ),
+    (
+        {"workerGroups": [_group(0, rayResources={"pool_standard": 0.5}), _GROUPS[1]]},
+        "at '/workerGroups/0/rayResources/pool_standard'",
+    ),
+    ({"workerGroups": [_group(0, rayResources={"pool_standard": 4}), _GROUPS[1]]}, "is less than its 8 GPUs"),
+    ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_abc"}]}, "extraEnv HF_TOKEN holds a secret as plain text"),
+    (
+        {"extraEnv": [{"name": "CACHE_URL", "value": "redis://:hunter2@cache:6379/0"}]},
+        "extraEnv CACHE_URL holds a URL with a password in plain text",
     ),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[m[:40] for _, m in BAD_VALUES])
 def test_bad_values_are_rejected_with_a_clear_message(
-    override: dict[str, Any], message: str, helm: Path, tmp_path: Path
+    override: dict[str, Any], message: str, helm: Path, site_required: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(override))
-    proc = run_helm(helm, *template_args([EXAMPLES_DIR / "h100x8-bf16.yaml", bad]))
+    proc = run_helm(helm, *template_args([EXAMPLES_DIR / "h100x8-bf16.yaml", site_required, bad]))
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
 
@@ -560,14 +720,18 @@ def test_secrets_reach_the_app_only_through_secret_refs(rendered: dict[str, list
     )
 
     bundled = rendered["h200x4-fp8.yaml"]
-    secret = one(bundled, "Secret")
-    assert set(secret["data"]) == {"redis-password", "redis-url"}
+    # The chart generates no password (it would change on every render): the site's Secret.
+    assert by_kind(bundled, "Secret") == []
     redis = one(bundled, "StatefulSet")
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
     config = next(d for d in by_kind(bundled, "ConfigMap") if d["metadata"]["name"].endswith("-redis"))
     assert "appendonly yes" in config["data"]["redis.conf"]
-    redis_env = {e["name"]: e for e in redis["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    # The app's URL is assembled by the kubelet from the password Secret.
+    env = {e["name"]: e for e in ray_templates(one(bundled, "RayService"))["head"]["spec"]["containers"][0]["env"]}
+    assert env["MLS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "sessions-redis", "key": "redis-password"}
+    assert env["CLUSTER_REDIS_URL"]["value"] == (
+        f"redis://:$(MLS_REDIS_PASSWORD)@{RELEASE}-mistral-large-serve-redis.{NAMESPACE}.svc:6379/0"
+    )
 
 
 def test_weights_are_mounted_read_only_and_fetched_by_init_containers(rendered: dict[str, list[dict]]) -> None:
@@ -589,8 +753,9 @@ def test_weights_are_mounted_read_only_and_fetched_by_init_containers(rendered: 
             else:
                 (init,) = spec["initContainers"]
                 script = init["args"][0]
-                # Workers fetch the safetensors; the head only the tokenizer and configs.
-                assert ("'*.safetensors'" in script) == (group != "head"), (variant, group)
+                # Engine workers fetch the safetensors; head and gateways only the tokenizer and configs.
+                fetches_weights = re.search(r"--include '[^']*\.safetensors'", script) is not None
+                assert fetches_weights == (group not in ("head", GATEWAY_GROUP_NAME)), (variant, group)
                 assert init["envFrom"] == [{"secretRef": {"name": "weights-s3"}}]
 
 
@@ -598,7 +763,11 @@ def test_weights_fetch_script_fails_loudly_without_safetensors(rendered: dict[st
     """Run the init container's script with a stand-in `aws` that copies a local folder,
     to check its shell logic (the real sync needs an object store)."""
     rayservice = one(rendered["h100x8-bf16.yaml+all-features"], "RayService")
-    worker = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker = next(
+        g["template"]["spec"]
+        for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if g["groupName"] != GATEWAY_GROUP_NAME
+    )
     script = worker["initContainers"][0]["args"][0]
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
     bin_dir = tmp_path / "bin"
@@ -660,20 +829,48 @@ def test_network_policies_isolate_ray_and_redis(rendered: dict[str, list[dict]])
             assert [list(peer) for peer in rule["from"]] == [["podSelector"]]
             assert _ray_selector_matches(rule["from"][0]["podSelector"], "ray-head")
     serve = policies[f"{RELEASE}-mistral-large-serve-serve"]
-    assert serve["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "ray-head"
+    assert _ray_selector_matches(serve["podSelector"], "ray-head")
+    assert _ray_selector_matches(serve["podSelector"], "ray-gateway")
+    assert not _ray_selector_matches(serve["podSelector"], "ray-worker")
     assert [{p["port"] for p in r["ports"]} for r in serve["ingress"]] == [{8000}]
 
 
-def test_disruption_budgets_cover_head_every_pool_and_redis(rendered: dict[str, list[dict]]) -> None:
-    docs = rendered["h100x8-bf16.yaml"]
+def _selects(pdb: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_disruption_budgets_let_drains_through(variant: str, rendered: dict[str, list[dict]]) -> None:
+    """KubeRay pods have no scale subresource: only an integer minAvailable works on them
+    (maxUnavailable allows 0 disruptions, kuberay#2662), and it must stay below what the
+    group runs at its minimum, or a drain waits forever."""
+    docs = rendered[variant]
     rayservice = one(docs, "RayService")
-    templates = ray_templates(rayservice)
+    cluster = rayservice["spec"]["rayClusterConfig"]
     pdbs = by_kind(docs, "PodDisruptionBudget")
-    assert len(pdbs) == len(templates) + 1  # + Redis
-    for group, template in templates.items():
-        labels = template["metadata"]["labels"]
-        matching = [p for p in pdbs if all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
-        assert len(matching) == 1, group
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not [p for p in pdbs if _selects(p, head_labels)]  # one head: GCS FT covers it
+    for group in cluster["workerGroupSpecs"]:
+        labels = group["template"]["metadata"]["labels"]
+        matching = [p for p in pdbs if _selects(p, labels)]
+        if group["minReplicas"] < 2:
+            assert matching == [], group["groupName"]
+            continue
+        (pdb,) = matching
+        assert "maxUnavailable" not in pdb["spec"]
+        assert isinstance(pdb["spec"]["minAvailable"], int)
+        # At the group's minimum one pod may go; never all of them at once.
+        assert 1 <= pdb["spec"]["minAvailable"] == group["minReplicas"] - 1
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    redis = by_kind(docs, "StatefulSet")
+    for sts in redis:
+        matching = [p for p in pdbs if _selects(p, sts["spec"]["template"]["metadata"]["labels"])]
+        assert matching == [] if sts["spec"]["replicas"] == 1 else len(matching) == 1
+
+
+def test_runbook_no_longer_promises_one_pod_at_a_time() -> None:
+    text = (RUNBOOKS / "replica-restarts.md").read_text()
+    assert "allows one pod at a time" not in text
 
 
 # ---------------------------------------------------------------- monitoring
@@ -684,7 +881,11 @@ ALERT_RUNBOOKS = {
     "MistralServeQueueGrowing": "queue-growing.md",
     "MistralServeKVCacheNearFull": "kv-cache-near-full.md",
     "MistralServeReplicaRestarts": "replica-restarts.md",
-    "MistralServeRayPodRestarts": "replica-restarts.md",
+    "MistralServeRayContainerDied": "replica-restarts.md",
+    "MistralServeHighErrorRate": "serve-errors.md",
+    "MistralServeDeploymentUnavailable": "deployment-unavailable.md",
+    "MistralServeRayServiceNotReady": "rayservice-not-ready.md",
+    "MistralServeHeadDown": "head-down.md",
     "MistralServeRedisDown": "redis-down.md",
 }
 
@@ -731,7 +932,13 @@ def _dashboard_exprs() -> list[str]:
 
 
 # Metrics from other exporters the alerts rely on.
-EXTERNAL_METRICS = {"redis_up": "redis_exporter", "kube_pod_container_status_restarts_total": "kube-state-metrics"}
+EXTERNAL_METRICS = {
+    "redis_up": "redis_exporter",
+    "kube_pod_container_status_restarts_total": "kube-state-metrics",
+    "kube_pod_container_status_terminated_reason": "kube-state-metrics",
+    "kuberay_service_condition_ready": "the KubeRay operator",
+    "up": "Prometheus (one per scrape target)",
+}
 
 
 def _package_dir(name: str) -> Path:
@@ -786,12 +993,35 @@ def test_monitoring_selects_ray_pods_and_labels_pools(rendered: dict[str, list[d
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_mistral_large_serve_pool"], "targetLabel": "pool"} in relabel
     dashboard = one([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["mistral-large-serve.json"])["uid"] == "mistral-large-serve"
     # The CPU demo runs without the Prometheus Operator.
     assert not {"PodMonitor", "PrometheusRule"} & {d["kind"] for d in rendered["cpu-demo.yaml"]}
 
 
-def test_notes_tell_how_to_reach_the_endpoint(helm: Path) -> None:
+def _dashboard_uid(docs: list[dict[str, Any]]) -> str:
+    dashboard = one([d for d in docs if d["metadata"]["name"].endswith("-dashboard")], "ConfigMap")
+    uid: str = json.loads(dashboard["data"]["mistral-large-serve.json"])["uid"]
+    return uid
+
+
+def test_dashboard_uid_differs_per_release(helm: Path, site_required: Path) -> None:
+    example = [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required]
+    uids = {_dashboard_uid(render(helm, example))}
+    proc = run_helm(helm, *template_args(example)[:1], "other", *template_args(example)[2:])
+    assert proc.returncode == 0, proc.stderr
+    uids.add(_dashboard_uid([d for d in yaml.safe_load_all(proc.stdout) if d]))
+    assert len(uids) == 2 and all(len(u) <= 40 for u in uids), uids
+
+
+def test_monitoring_objects_only_where_their_crds_exist(helm: Path, site_required: Path) -> None:
+    """monitoring.enabled defaults on; a cluster without the Prometheus Operator must still
+    install (no PodMonitor/PrometheusRule the API server would refuse)."""
+    docs = render(helm, [EXAMPLES_DIR / "h100x8-bf16.yaml", site_required], api_versions=())
+    kinds = {d["kind"] for d in docs}
+    assert not {"PodMonitor", "ServiceMonitor", "PrometheusRule"} & kinds
+    assert "RayService" in kinds
+
+
+def test_notes_tell_how_to_reach_the_endpoint(helm: Path, site_required: Path) -> None:
     proc = run_helm(
         helm,
         "install",
@@ -802,9 +1032,13 @@ def test_notes_tell_how_to_reach_the_endpoint(helm: Path) -> None:
         "--dry-run=client",
         "-f",
         str(EXAMPLES_DIR / "h200x4-fp8.yaml"),
+        "-f",
+        str(site_required),
     )
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} port-forward svc/{RELEASE}-mistral-large-serve-openai" in notes
     assert "gpu-standard: max_model_len 32768, TP=4, 2 replica(s)/pod, 1..8 pods" in notes
-    assert "API key authentication is OFF" in notes
+    # GPU profiles run with API keys; the CPU demo warns that it does not.
+    assert "API key authentication is OFF" not in notes
+    assert "Authorization: Bearer $API_KEY" in notes

@@ -61,26 +61,107 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-keys" (include "mls.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
-{{/* Selector of every Ray pod (head and workers) of this release. */}}
+{{/* Selector of every Ray pod (head, gateway group and pool workers) of this release. */}}
 {{- define "mls.raySelector" -}}
 matchLabels:
   {{- include "mls.selectorLabels" . | nindent 2 }}
 matchExpressions:
-  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-worker]}
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway, ray-worker]}
+{{- end }}
+
+{{/* Selector of the pods that take outside traffic (they declare the `serve` port). */}}
+{{- define "mls.servingSelector" -}}
+matchLabels:
+  {{- include "mls.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-gateway]}
+{{- end }}
+
+{{/* The typed config (ClusterConfig) the app runs with, as JSON: parsed out of
+serveConfigV2, so every setting the gateway reads (auth, sessions) is taken from the one
+place the gateway takes it from. Empty object when serveConfigV2 is not the rendered
+config (validate.yaml then fails with a clear message). */}}
+{{- define "mls.appConfig" -}}
+{{- $sc := fromYaml (default "" .Values.serveConfigV2) -}}
+{{- $cfg := dict -}}
+{{- if and (kindIs "map" $sc) (not (hasKey $sc "Error")) $sc.applications (kindIs "slice" $sc.applications) -}}
+{{- $app := first $sc.applications -}}
+{{- if and (kindIs "map" $app) $app.args (kindIs "map" $app.args) $app.args.cluster_config -}}
+{{- $cfg = $app.args.cluster_config -}}
+{{- end -}}
+{{- end -}}
+{{- $cfg | toJson -}}
+{{- end }}
+
+{{- define "mls.authEnabled" -}}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- if and $cfg.auth $cfg.auth.enabled }}true{{ end -}}
+{{- end }}
+
+{{- define "mls.sessionsEnabled" -}}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- if and $cfg.sessions $cfg.sessions.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Redis of the bundled mode: plain Service, or Sentinel. */}}
+{{- define "mls.redisSentinel" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "bundled") .Values.redis.bundled.sentinel.enabled }}true{{ end -}}
+{{- end }}
+
+{{/* Host list of the bundled Redis as the app connects to it: the Sentinels (the app
+asks them for the master) or the one Service. */}}
+{{- define "mls.bundledRedisHosts" -}}
+{{- $name := include "mls.redisName" . -}}
+{{- if include "mls.redisSentinel" . -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.redis.bundled.sentinel.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-%d.%s-headless.%s.svc:26379" $name $i $name $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $hosts -}}
+{{- else -}}
+{{- printf "%s.%s.svc:6379" $name .Release.Namespace -}}
+{{- end -}}
+{{- end }}
+
+{{- define "mls.gatewayEnabled" -}}
+{{- if and .Values.gateway .Values.gateway.enabled }}true{{ end -}}
 {{- end }}
 
 {{/* Environment of every Ray container: where the app finds Redis, API key hashes
-and the OpenTelemetry collector. Values come from Secrets, never from the spec. */}}
+and the OpenTelemetry collector. Secrets only through secretKeyRef, never in the spec.
+Which variables the app reads (and whether auth and sessions are on) comes from the
+typed config inside serveConfigV2. */}}
 {{- define "mls.appEnv" -}}
-{{- if and .Values.sessions.enabled .Values.redis.enabled }}
-- name: {{ .Values.sessions.redisUrlEnv }}
+{{- $cfg := include "mls.appConfig" . | fromJson -}}
+{{- $sessions := default (dict) $cfg.sessions -}}
+{{- $auth := default (dict) $cfg.auth -}}
+{{- if and $sessions.enabled .Values.redis.enabled $sessions.redis_url_env }}
+{{- if eq .Values.redis.mode "bundled" }}
+# The URL is assembled by the kubelet from the password Secret (no URL in any Secret or spec).
+- name: MLS_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mls.redisSecretName" . }}
+      key: {{ .Values.redis.passwordKey }}
+- name: {{ $sessions.redis_url_env }}
+  value: {{ printf "%s://:$(MLS_REDIS_PASSWORD)@%s/0" (ternary "rediss" "redis" .Values.redis.bundled.tls.enabled) (include "mls.bundledRedisHosts" .) | quote }}
+{{- else }}
+- name: {{ $sessions.redis_url_env }}
   valueFrom:
     secretKeyRef:
       name: {{ include "mls.redisSecretName" . }}
       key: {{ .Values.redis.urlKey }}
 {{- end }}
-{{- if and .Values.auth.enabled .Values.auth.apiKeysEnv (or .Values.auth.existingSecret .Values.auth.tenants) }}
-- name: {{ .Values.auth.apiKeysEnv }}
+{{- end }}
+{{- if and $sessions.enabled (include "mls.redisSentinel" .) $sessions.sentinel_password_env }}
+- name: {{ $sessions.sentinel_password_env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mls.redisSecretName" . }}
+      key: {{ .Values.redis.passwordKey }}
+{{- end }}
+{{- if and $auth.enabled $auth.api_keys_env (or .Values.auth.existingSecret .Values.auth.tenants) }}
+- name: {{ $auth.api_keys_env }}
   valueFrom:
     secretKeyRef:
       name: {{ include "mls.apiKeysSecretName" . }}
@@ -92,6 +173,11 @@ and the OpenTelemetry collector. Values come from Secrets, never from the spec. 
 {{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ .Values.telemetry.serviceName | quote }}
+{{- if .Values.nodeCache.path }}
+# torch.compile artifacts on the node cache: a restarted engine skips recompiling.
+- name: VLLM_CACHE_ROOT
+  value: /var/cache/vllm
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -144,6 +230,15 @@ config files the gateway needs) from the object store. $full: include safetensor
     - {name: tmp, mountPath: /tmp}
 {{- end }}
 
+{{/* Secret holding the CA bundle the app checks the Redis server against (rediss://). */}}
+{{- define "mls.redisCaSecret" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "bundled") .Values.redis.bundled.tls.enabled -}}
+{{- .Values.redis.bundled.tls.existingSecret -}}
+{{- else if .Values.redis.enabled -}}
+{{- .Values.redis.caSecret -}}
+{{- end -}}
+{{- end }}
+
 {{/* Volumes of a Ray pod. $shm: /dev/shm size; $weightsSize: emptyDir limit for fetched weights. */}}
 {{- define "mls.rayVolumes" -}}
 {{- $root := .root -}}
@@ -151,12 +246,25 @@ config files the gateway needs) from the object store. $full: include safetensor
   emptyDir: {medium: Memory, sizeLimit: {{ .shm }}}
 - name: tmp
   emptyDir: {sizeLimit: {{ .tmp }}}
+{{- $cache := $root.Values.nodeCache.path }}
 {{- if eq $root.Values.weights.source "pvc" }}
 - name: weights
   persistentVolumeClaim: {claimName: {{ $root.Values.weights.pvc.claimName }}, readOnly: true}
+{{- else if and (eq $root.Values.weights.source "objectStore") $cache }}
+# Survives the pod: a replacement on this node syncs only what changed.
+- name: weights
+  hostPath: {path: {{ printf "%s/weights" (trimSuffix "/" $cache) }}, type: Directory}
 {{- else if eq $root.Values.weights.source "objectStore" }}
 - name: weights
   emptyDir: {sizeLimit: {{ .weightsSize }}}
+{{- end }}
+{{- if $cache }}
+- name: compile-cache
+  hostPath: {path: {{ printf "%s/vllm" (trimSuffix "/" $cache) }}, type: Directory}
+{{- end }}
+{{- with include "mls.redisCaSecret" $root }}
+- name: redis-ca
+  secret: {secretName: {{ . }}, items: [{key: ca.crt, path: {{ base (include "mls.appConfig" $root | fromJson).sessions.tls_ca_file }}}]}
 {{- end }}
 {{- end }}
 
@@ -166,6 +274,36 @@ config files the gateway needs) from the object store. $full: include safetensor
 {{- if ne .Values.weights.source "none" }}
 - {name: weights, mountPath: {{ .Values.weights.mountPath }}, readOnly: true}
 {{- end }}
+{{- if .Values.nodeCache.path }}
+- {name: compile-cache, mountPath: /var/cache/vllm}
+{{- end }}
+{{- if include "mls.redisCaSecret" . }}
+- {name: redis-ca, mountPath: {{ dir (include "mls.appConfig" . | fromJson).sessions.tls_ca_file }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity in whole GiB, rounded up. */}}
+{{- define "mls.gib" -}}
+{{- $q := toString . -}}
+{{- $num := regexFind "^[0-9.]+" $q -}}
+{{- $unit := trimPrefix $num $q -}}
+{{- $per := dict "Ki" 0.0000009537 "Mi" 0.0009765625 "Gi" 1.0 "Ti" 1024.0 "k" 0.00000093132 "M" 0.00093132 "G" 0.93132257 "T" 931.32257 "" 0.00000000093132 -}}
+{{- if not (hasKey $per $unit) }}{{ fail (printf "cannot read the quantity %q (use Ki, Mi, Gi, Ti, k, M, G, T)" $q) }}{{ end -}}
+{{- ceil (mulf (float64 $num) (get $per $unit)) | int -}}
+{{- end }}
+
+{{/* Requests and limits of a Ray container plus the ephemeral storage its disk volumes
+can fill (emptyDirs for /tmp and fetched weights, logs): a pod is only scheduled where
+the node has that much disk, instead of being evicted mid-load. */}}
+{{- define "mls.resourcesWithDisk" -}}
+{{- $root := .root -}}
+{{- $gib := add (include "mls.gib" .tmp | int) 10 -}}
+{{- if and (eq $root.Values.weights.source "objectStore") (not $root.Values.nodeCache.path) -}}
+{{- $gib = add $gib (include "mls.gib" .weightsSize | int) -}}
+{{- end -}}
+{{- $res := deepCopy .resources -}}
+{{- $_ := set $res.requests "ephemeral-storage" (printf "%dGi" $gib) -}}
+{{- toYaml $res -}}
 {{- end }}
 
 {{- define "mls.runbookUrl" -}}
