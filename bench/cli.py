@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "router": ("bench.router_latency", "routing decision latency of each policy"),
     "router-cluster": ("bench.router_cluster", "routing through the real cluster's request router"),
     "sessions": ("bench.sessions_bench", "session store throughput and latency"),
+    "chaos": ("bench.chaos", "streaming load while engine replicas are killed or wedged; what clients saw"),
     "published-check": ("bench.published_check", "the simulator against a published vLLM figure (Lambda, TP=8)"),
 }
 

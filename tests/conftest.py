@@ -22,6 +22,11 @@ from cluster.profiles import load_profile
 from tests.redis_server import RedisServer
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fault-injection tests run last, so a replica they kill never disturbs another test."""
+    items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+
+
 @pytest.fixture(scope="session")
 def local_cluster_config() -> ClusterConfig:
     """The config the shared cluster runs (override this fixture to change it)."""

@@ -60,6 +60,7 @@ class Dispatch(Step):
         first, stream = await self._first_chunk(ctx)
         if ctx.replica:
             ctx.response_headers["X-Served-By"] = ctx.replica
+        ctx.response_headers["X-Attempts"] = str(ctx.attempts)
         if first.whole:
             ctx.whole = first.data
             await _aclose(stream)
