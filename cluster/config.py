@@ -259,8 +259,9 @@ class ResilienceConfig(_Strict):
     # Engine calls per request before its first chunk (the first try included): each retry
     # goes to another replica of the pool, the last ones to a larger pool that fits.
     max_attempts: int = Field(3, ge=1)
-    # Retrying stops once the request is this old; then 503 with Retry-After.
-    retry_deadline_s: float = Field(30.0, gt=0)
+    # No new attempt starts once the request is this old; then 503 with Retry-After. Above
+    # the time Serve takes to replace a replica that stopped answering (a wedged engine).
+    retry_deadline_s: float = Field(60.0, gt=0)
     # A replica that failed a request gets no new requests for this long (every router of
     # this gateway skips it at once, not one stats period later).
     exclude_failed_s: float = Field(30.0, gt=0)

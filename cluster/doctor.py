@@ -201,7 +201,7 @@ def check_rayservice(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
             "critical",
             "rayservice-not-ready",
             f"RayService {_name(rs)} is not Ready ({ready.get('reason', '?')}): no Serve endpoint takes traffic",
-            f"{RUNBOOKS}/README.md",
+            f"{RUNBOOKS}/rayservice-not-ready.md",
             objects=(f"rayservice/{_name(rs)}",),
             evidence=(
                 f"condition Ready=False, reason {ready.get('reason', '?')}"
@@ -625,7 +625,7 @@ def check_serve(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
                 "warning",
                 "serve-status-unavailable",
                 "could not read the Serve status through the head (dashboard port 8265)",
-                f"{RUNBOOKS}/README.md",
+                f"{RUNBOOKS}/head-down.md",
                 evidence=(snap.serve_error or "no detail",),
             )
         ]
@@ -645,7 +645,11 @@ def check_serve(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
                     "serve-deployment-unhealthy",
                     f"Serve application {app.get('name')} is {app.get('status')}"
                     + (f"; unhealthy deployments: {', '.join(bad)}" if bad else ""),
-                    f"{RUNBOOKS}/replica-restarts.md",
+                    # A config that never deployed is the RayService's page; replicas that
+                    # stopped being healthy are the availability alert's.
+                    f"{RUNBOOKS}/rayservice-not-ready.md"
+                    if app.get("status") == "DEPLOY_FAILED"
+                    else f"{RUNBOOKS}/deployment-unavailable.md",
                     objects=tuple(f"deployment/{app.get('name')}/{n}" for n in bad),
                     evidence=tuple(evidence),
                 )

@@ -83,6 +83,7 @@ def request_router_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any
             "block_size": cfg.router.index_block_size or pool.engine.block_size,
             "options": dict(cfg.router.options),
             "pool": pool.name,
+            "exclude_failed_s": cfg.resilience.exclude_failed_s,
         }
     return rc
 

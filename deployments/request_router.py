@@ -153,6 +153,7 @@ class PolicyRequestRouter(RequestRouter):
         self._sessions: OrderedDict[str, str] = OrderedDict()  # fallback affinity, no hint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._exclude_failed_s = 30.0
 
     def initialize_state(
         self,
@@ -160,10 +161,12 @@ class PolicyRequestRouter(RequestRouter):
         block_size: int = 16,
         options: Mapping[str, Any] | None = None,
         pool: str | None = None,
+        exclude_failed_s: float = 30.0,
         **_: Any,
     ) -> None:
         """Called by Ray Serve with `request_router_kwargs`."""
         self._block_size = block_size
+        self._exclude_failed_s = exclude_failed_s
         self._pool = pool
         self._policy = make_policy(policy, block_size=block_size, **dict(options or {}))
         if pool is not None:
@@ -289,6 +292,11 @@ class PolicyRequestRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        # New routing stats arrive here: a replica reporting a wedged engine is marked for
+        # the whole gateway, so the requests waiting on it fail over (dispatch watches).
+        for r in replicas:
+            if _wedged(r):
+                replica_health.HEALTH.mark_failed(r.replica_id.unique_id, self._exclude_failed_s)
         ids = {r.replica_id.unique_id for r in replicas}
         if ids != self._known_ids:
             self._known_ids = ids

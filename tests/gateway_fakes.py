@@ -4,6 +4,7 @@ router, writes the chosen replica into the request's routing hint."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -123,8 +124,8 @@ def next_token(context: list[int]) -> int:
 class TokenEngine:
     """A pool of fake replicas generating `next_token` sequences, as a router would pick
     them (the first not excluded by the request's hint or the gateway's health board).
-    `faults[replica]` injects a failure: "before" (before the first chunk) or an int (after
-    that many token chunks); each fault fires once."""
+    `faults[replica]` injects a failure: "before" (before the first chunk), "hang" (never
+    answers) or an int (after that many token chunks); each fault fires once."""
 
     def __init__(self, replicas: list[str], board: HintBoard, health: ReplicaHealth) -> None:
         self.replicas = replicas
@@ -151,6 +152,8 @@ class TokenEngine:
         fault = self.faults.pop(replica, None)
         if fault == "before":
             raise EngineUnavailable(f"{replica} died")
+        if fault == "hang":  # a wedged engine: nothing comes until the request is abandoned
+            await asyncio.sleep(3600)
         limit = body.max_tokens if body.max_tokens is not None else 16
         obj = "chat.completion" if kind == "chat" else "text_completion"
         ids: list[int] = []

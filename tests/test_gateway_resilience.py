@@ -4,6 +4,7 @@ real cluster, with real processes killed: tests/test_e2e_faults.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -154,3 +155,18 @@ async def test_completions_stream_migrates_too(setup: Any) -> None:
     got = events(r.text)
     text = "".join(e["choices"][0]["text"] for e in got[:-1] if e.get("choices"))
     assert text == "".join(f"<{t}>" for t in expected_tokens(prompt, 6)) and got[-1] == "[DONE]"
+
+
+async def test_a_request_waiting_on_a_replica_marked_wedged_fails_over(setup: Any) -> None:
+    client, engine, _ = setup
+    engine.faults["a"] = "hang"
+
+    async def router_sees_wedged_stats() -> None:
+        await asyncio.sleep(0.8)
+        engine.health.mark_failed("a", 30)
+
+    marker = asyncio.create_task(router_sees_wedged_stats())
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    await marker
+    assert r.status_code == 200 and r.headers["x-served-by"] == "b" and r.headers["x-attempts"] == "2"
+    assert events(r.text)[-1] == "[DONE]"

@@ -15,6 +15,7 @@ error event and `[DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,9 @@ from cluster.gateway.pipeline import Step
 from cluster.gateway.steps.choose_pool import ChoosePool
 from cluster.gateway.steps.route import Route
 from cluster.routing.replica_health import ReplicaHealth
+
+# How often a wait for the engine's next chunk checks whether its replica was marked failed.
+WATCH_S = 0.5
 
 
 class Dispatch(Step):
@@ -79,7 +83,7 @@ class Dispatch(Step):
             ctx.body.request_id = ctx.engine_request_id or ctx.request_id  # where the router finds the hint
             stream = self.engine.generate(ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id)
             try:
-                return await anext(stream), stream
+                return await self._next(ctx, stream), stream
             except StopAsyncIteration:
                 failure = EngineUnavailable("the engine returned an empty reply")
             except EngineUnavailable as exc:
@@ -90,6 +94,22 @@ class Dispatch(Step):
             f"{reason} (after {ctx.attempts} attempt(s) in {time.monotonic() - ctx.started_at:.1f} s)",
             retry_after_s=self.cfg.retry_after_s,
         )
+
+    async def _next(self, ctx: RequestContext, stream: AsyncIterator[EngineChunk]) -> EngineChunk:
+        """The stream's next chunk; EngineUnavailable as soon as its replica is marked failed
+        (e.g. it reported a wedged engine) while we wait, instead of when Serve kills it."""
+        step = asyncio.ensure_future(anext(stream))
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=WATCH_S)
+                if done:
+                    return step.result()
+                replica = ctx.replica
+                if replica is not None and self.health.is_excluded(replica):
+                    raise EngineUnavailable(f"replica {replica} stopped making progress")
+        finally:
+            if not step.done():
+                step.cancel()
 
     def _failed(self, ctx: RequestContext) -> None:
         replica = ctx.replica
@@ -119,9 +139,12 @@ class Dispatch(Step):
             yield EngineChunk(sent.observe(first.data))
             while True:
                 try:
-                    async for item in current:
+                    while True:
+                        try:
+                            item = await self._next(ctx, current)
+                        except StopAsyncIteration:
+                            return
                         yield EngineChunk(sent.observe(item.data))
-                    return
                 except EngineUnavailable as cut:
                     self._failed(ctx)
                     reason = self.migrator.why_not(ctx, sent)
