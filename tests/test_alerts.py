@@ -24,8 +24,6 @@ EXAMPLE = REPO / "helm" / "examples" / "h100x8-bf16.yaml"
 RELEASE, NAMESPACE = "mls", "llm"
 FULLNAME = f"{RELEASE}-mistral-large-serve"
 MONITORING_APIS = ("PrometheusRule", "PodMonitor", "ServiceMonitor")
-# Site settings every GPU install needs (Secrets the chart refers to).
-SITE = {"redis": {"existingSecret": "sessions-redis"}, "auth": {"existingSecret": "api-keys"}}
 
 
 def _promtool() -> str:
@@ -38,8 +36,7 @@ def _promtool() -> str:
 def rules_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     helm = helm_tools.helm()
     tmp = tmp_path_factory.mktemp("alerts")
-    site = tmp / "site.yaml"
-    site.write_text(yaml.safe_dump(SITE))
+    site = helm_tools.site_required_file(tmp)
     args = [str(helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(EXAMPLE), "-f", str(site)]
     for kind in MONITORING_APIS:
         args += ["--api-versions", f"monitoring.coreos.com/v1/{kind}"]

@@ -152,14 +152,21 @@ def test_an_unreachable_serve_status_is_reported_not_raised(api_server: FakeApiS
 
 
 @pytest.mark.parametrize("release", ["mls", "mistral-large-serve-prod", "a-very-long-release-name-for-production"])
-def test_rayservice_name_is_the_charts(release: str) -> None:
+def test_rayservice_name_is_the_charts(release: str, tmp_path: Path) -> None:
     """The name the collector reads is the one the chart renders (mls.fullname)."""
+    site = helm_tools.site_required_file(tmp_path)
     proc = subprocess.run(
-        [str(helm_tools.helm()), "template", release, str(CHART), "-f", str(EXAMPLES_DIR / "cpu-demo.yaml")],
+        [
+            str(helm_tools.helm()),
+            "template",
+            release,
+            str(CHART),
+            *("-f", str(EXAMPLES_DIR / "cpu-demo.yaml"), "-f", str(site)),
+        ],
         capture_output=True,
         text=True,
-        check=True,
     )
+    assert proc.returncode == 0, proc.stderr
     (rayservice,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "RayService"]
     assert rayservice_name(release) == rayservice["metadata"]["name"]
 

@@ -50,12 +50,6 @@ CUSTOM_SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.json",
 }
 
-# What every install's site file must give: the Secrets the chart refers to (it never
-# generates a password; GPU profiles run with API keys).
-SITE_REQUIRED: dict[str, Any] = {
-    "redis": {"existingSecret": "sessions-redis"},
-    "auth": {"existingSecret": "api-keys"},
-}
 # The cluster the chart is rendered for has the Prometheus Operator and Gateway API CRDs.
 API_VERSIONS = (
     "monitoring.coreos.com/v1/PrometheusRule",
@@ -228,9 +222,7 @@ def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def site_required(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("site") / "required.yaml"
-    path.write_text(yaml.safe_dump(SITE_REQUIRED))
-    return path
+    return helm_tools.site_required_file(tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture(scope="module")

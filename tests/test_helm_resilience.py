@@ -33,7 +33,6 @@ from tests.test_helm import (
     EXAMPLES_DIR,
     NAMESPACE,
     RELEASE,
-    SITE_REQUIRED,
     by_kind,
     one,
     ray_templates,
@@ -65,13 +64,13 @@ def values_file(files: Path, name: str, data: dict[str, Any] | str) -> Path:
 def render_config(helm: Path, files: Path, cfg: ClusterConfig, name: str, site: dict[str, Any] | None = None) -> list:
     """Render the chart with values generated from `cfg` (plus the required site Secrets)."""
     generated = values_file(files, f"{name}-generated", render_helm_values_yaml(cfg))
-    stack = [generated, values_file(files, f"{name}-site", {**SITE_REQUIRED, **(site or {})})]
+    stack = [generated, values_file(files, f"{name}-site", {**helm_tools.SITE_REQUIRED, **(site or {})})]
     return render(helm, stack)
 
 
 @pytest.fixture(scope="module")
 def h100(helm: Path, files: Path) -> list[dict[str, Any]]:
-    return render(helm, [EXAMPLES_DIR / "h100x8-bf16.yaml", values_file(files, "required", SITE_REQUIRED)])
+    return render(helm, [EXAMPLES_DIR / "h100x8-bf16.yaml", values_file(files, "required", helm_tools.SITE_REQUIRED)])
 
 
 def worker_groups(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -137,7 +136,7 @@ def test_auth_follows_the_config_the_gateway_reads(helm: Path, files: Path) -> N
 
     cfg.auth.enabled = False
     generated = values_file(files, "auth-off", render_helm_values_yaml(cfg))
-    site = values_file(files, "auth-off-site", SITE_REQUIRED)
+    site = values_file(files, "auth-off-site", helm_tools.SITE_REQUIRED)
     assert _api_key_env(render(helm, [generated, site])) == []
     # A site file that "turns auth on" in Helm values only is refused, not silently ignored.
     lying = values_file(files, "auth-lie", {"auth": {"enabled": True}})
@@ -267,7 +266,7 @@ def test_redis_password_is_in_no_command_line_or_env(h100: list[dict[str, Any]])
 
 
 def test_render_is_deterministic_no_rotating_password(helm: Path, files: Path) -> None:
-    stack = [EXAMPLES_DIR / "h100x8-bf16.yaml", values_file(files, "required", SITE_REQUIRED)]
+    stack = [EXAMPLES_DIR / "h100x8-bf16.yaml", values_file(files, "required", helm_tools.SITE_REQUIRED)]
     first, second = (run_helm(helm, *template_args(stack)) for _ in range(2))
     assert first.returncode == 0 and first.stdout == second.stdout
     assert "randAlphaNum" not in (CHART / "templates" / "secrets.yaml").read_text()
@@ -344,7 +343,14 @@ def test_redis_start_script_keeps_the_password_off_the_command_line(h100: list[d
         proc.wait(timeout=10)
 
 
-def _sentinel_config() -> ClusterConfig:
+# The bundled Redis with Sentinels: the typed config's side and the site file's side.
+SITE_SENTINEL: dict[str, Any] = {
+    **helm_tools.SITE_REQUIRED,
+    "redis": {**helm_tools.SITE_REQUIRED["redis"], "bundled": {"sentinel": {"enabled": True}}},
+}
+
+
+def sentinel_config() -> ClusterConfig:
     cfg = load_profile("h100x8-bf16")
     cfg.sessions.sentinel_master = "sessions"
     cfg.sessions.sentinel_password_env = "CLUSTER_REDIS_SENTINEL_PASSWORD"
@@ -352,8 +358,7 @@ def _sentinel_config() -> ClusterConfig:
 
 
 def test_redis_sentinel_ha_option(helm: Path, files: Path) -> None:
-    site = {"redis": {"existingSecret": "sessions-redis", "bundled": {"sentinel": {"enabled": True}}}}
-    docs = render_config(helm, files, _sentinel_config(), "sentinel", site)
+    docs = render_config(helm, files, sentinel_config(), "sentinel", SITE_SENTINEL)
     sts = one(docs, "StatefulSet")
     assert sts["spec"]["replicas"] == 3
     pod = sts["spec"]["template"]["spec"]

@@ -6,7 +6,9 @@ Pods are the rendered pod templates with the labels KubeRay adds (labelPod in
 ray-operator/controllers/ray/common/pod.go: template labels win except ray.io/node-type,
 ray.io/group, ray.io/cluster) and, on the head, KubeRay's `autoscaler` sidecar when in-tree
 autoscaling is on. RayClusters are the RayService's rayClusterConfig with the labels KubeRay
-puts on the clusters a RayService owns (ray.io/originated-from-crd, -cr-name).
+puts on the clusters a RayService owns (ray.io/originated-from-crd, -cr-name). Services are
+the rendered ones plus KubeRay's head Service and the RayService's serveService; each has
+EndpointSlices labelled kubernetes.io/service-name (the EndpointSlice controller's label).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.helm_values import render_helm_values_yaml
 from tests import helm_tools
 from tests.test_helm import EXAMPLES, EXAMPLES_DIR, NAMESPACE, RELEASE, SITE_ALL_FEATURES, ray_templates, render
+from tests.test_helm_resilience import SITE_SENTINEL, sentinel_config
 
 RUNBOOKS = helm_tools.REPO / "runbooks"
 FULLNAME = f"{RELEASE}-mistral-large-serve"
@@ -39,6 +43,7 @@ KIND_ALIASES = {
     "cm": "ConfigMap", "configmap": "ConfigMap", "secret": "Secret", "secrets": "Secret",
     "pvc": "PersistentVolumeClaim", "persistentvolumeclaim": "PersistentVolumeClaim",
     "networkpolicy": "NetworkPolicy", "netpol": "NetworkPolicy",
+    "endpointslice": "EndpointSlice", "endpointslices": "EndpointSlice",
 }  # fmt: skip
 # Kinds the release does not create (cluster objects, other namespaces): names not checked.
 FOREIGN_KINDS = {"node", "nodes", "events", "event", "resourcequota", "namespace", "ns"}
@@ -97,6 +102,7 @@ def _derive(docs: list[dict[str, Any]], release: Release) -> None:
                 },
             )
             release.add("Service", {"metadata": {"name": f"{name}-head-svc"}})  # KubeRay's head Service
+            release.add("Service", {"metadata": dict(doc["spec"]["serveService"]["metadata"])})
             for group, template in ray_templates(doc).items():
                 node_type = "head" if group == "head" else "worker"
                 labels = {
@@ -117,12 +123,24 @@ def _derive(docs: list[dict[str, Any]], release: Release) -> None:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     helm = helm_tools.helm()
-    site = tmp_path_factory.mktemp("site") / "all-features.yaml"
+    directory = tmp_path_factory.mktemp("site")
+    required = helm_tools.site_required_file(directory)
+    site = directory / "all-features.yaml"
     site.write_text(yaml.safe_dump(SITE_ALL_FEATURES))
-    stacks = [[EXAMPLES_DIR / name] for name in EXAMPLES] + [[EXAMPLES_DIR / "h100x8-bf16.yaml", site]]
+    stacks = [[EXAMPLES_DIR / name, required] for name in EXAMPLES]
+    stacks.append([EXAMPLES_DIR / "h100x8-bf16.yaml", required, site])
+    # The bundled Redis with Sentinels (redis-down.md's failover commands).
+    sentinel_values = directory / "sentinel-generated.yaml"
+    sentinel_values.write_text(render_helm_values_yaml(sentinel_config()))
+    sentinel_site = directory / "sentinel-site.yaml"
+    sentinel_site.write_text(yaml.safe_dump(SITE_SENTINEL))
+    stacks.append([sentinel_values, sentinel_site])
     out = Release()
     for files in stacks:
         _derive(render(helm, files), out)
+    for service in list(out.objects.get("Service", [])):
+        svc = service["metadata"]["name"]
+        out.add("EndpointSlice", {"metadata": {"name": f"{svc}-xxxxx", "labels": {"kubernetes.io/service-name": svc}}})
     return out
 
 
