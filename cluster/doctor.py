@@ -31,6 +31,8 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 POOL_LABEL = "mistral-large-serve/pool"
 RAY_CLUSTER_LABEL = "ray.io/cluster"
 RAY_GROUP_LABEL = "ray.io/group"
+# Ray worker pods: the pools' groups and the gateway group (its pods run ray-worker too).
+WORKER_COMPONENTS = ("ray-worker", "ray-gateway")
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 AUTOSCALER_CONTAINER = "autoscaler"  # KubeRay's AutoscalerContainerName
@@ -171,7 +173,7 @@ def _states(status: Obj) -> Iterator[tuple[str, Obj]]:
 
 
 def _ray_pods(snap: ClusterSnapshot) -> list[Obj]:
-    return [p for p in snap.pods if _component(p) in ("ray-head", "ray-worker")]
+    return [p for p in snap.pods if _component(p) == "ray-head" or _component(p) in WORKER_COMPONENTS]
 
 
 def _obj_ref(pod: Obj) -> str:
@@ -388,7 +390,7 @@ def check_workers_not_ready(snap: ClusterSnapshot, th: Thresholds) -> list[Findi
     objects: list[str] = []
     evidence: list[str] = []
     for pod in snap.pods:
-        if _component(pod) != "ray-worker" or pod.get("status", {}).get("phase") != "Running":
+        if _component(pod) not in WORKER_COMPONENTS or pod.get("status", {}).get("phase") != "Running":
             continue
         ready = _condition(pod, "Ready")
         if ready is None or ready.get("status") == "True":
@@ -543,7 +545,7 @@ def check_autoscaler(snap: ClusterSnapshot, th: Thresholds) -> list[Finding]:
             )
     # 3. Serve waits for resources, yet no worker pod is starting and the pool's groups have room.
     waiting = _deployments_waiting_for_resources(snap)
-    if waiting and not any(_starting(p, snap.captured_at, th) for p in snap.pods if _component(p) == "ray-worker"):
+    if waiting and not any(_starting(p, snap.captured_at, th) for p in snap.pods if _component(p) in WORKER_COMPONENTS):
         groups = _worker_groups(snap)
         pods_per_group = {g["groupName"]: 0 for g in groups}
         for p in snap.pods:

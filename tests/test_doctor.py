@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -232,6 +233,106 @@ def test_unhealthy_serve_deployments_are_named() -> None:
     assert finding.code == "serve-deployment-unhealthy"
     assert finding.objects == ("deployment/mistral-large/engine-long",)
     assert any("CUDA out of memory" in e for e in finding.evidence)
+
+
+def test_an_application_that_never_deployed_points_at_the_rayservice_runbook() -> None:
+    raw = load_raw("healthy")
+    app = raw["serve"]["applications"]["mistral-large"]
+    app.update(status="DEPLOY_FAILED", message="ModuleNotFoundError: No module named 'deployments'")
+    (finding,) = diagnose(ClusterSnapshot.from_json(raw))
+    assert finding.code == "serve-deployment-unhealthy"
+    assert finding.runbook == "runbooks/rayservice-not-ready.md"
+
+
+def test_a_not_ready_gateway_pod_is_a_worker_not_ready() -> None:
+    raw = load_raw("healthy")
+    (pod, _) = [p for p in raw["pods"] if p["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-gateway"]
+    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    ready.update(status="False", reason="ContainersNotReady", lastTransitionTime="2026-12-01T10:00:00Z")
+    (finding,) = diagnose(ClusterSnapshot.from_json(raw))
+    assert finding.code == "workers-not-ready"
+    assert finding.objects == (f"pod/{pod['metadata']['name']}",)
+
+
+def _finding_rows() -> dict[str, set[str]]:
+    """runbooks/README.md's finding table: code -> the runbooks its row links."""
+    rows: dict[str, set[str]] = {}
+    for line in (REPO / "runbooks" / "README.md").read_text().splitlines():
+        cells = line.split("|")
+        if len(cells) == 4 and "`" in cells[1]:
+            links = set(re.findall(r"\]\(([\w-]+\.md)\)", cells[2])) or {"README.md"}
+            for code in re.findall(r"`([a-z-]+)`", cells[1]):
+                rows[code] = links
+    return rows
+
+
+def test_the_runbook_index_names_each_finding_with_its_runbook() -> None:
+    findings = [f for scenario in SCENARIOS for f in diagnose(load(scenario))]
+    raw = load_raw("healthy")
+    raw["serve"]["applications"]["mistral-large"]["deployments"]["engine-long"]["status"] = "UNHEALTHY"
+    findings += diagnose(ClusterSnapshot.from_json(raw))
+    rows = _finding_rows()
+    assert {"rayservice-not-ready", "serve-status-unavailable", "serve-deployment-unhealthy"} <= {
+        f.code for f in findings
+    }
+    for f in findings:
+        assert f.code in rows, f"runbooks/README.md has no row for {f.code}"
+        assert f.runbook.removeprefix("runbooks/") in rows[f.code], (f.code, f.runbook, rows[f.code])
+
+
+def test_fixtures_name_what_the_chart_renders(tmp_path: Path) -> None:
+    """healthy.json is an h100x8-bf16 release: its groups, labels, containers and budgets are
+    the chart's, and every overlay's pods and budgets are of those groups."""
+    from tests import helm_tools
+
+    site = helm_tools.site_required_file(tmp_path)
+    example = REPO / "helm" / "examples" / "h100x8-bf16.yaml"
+    chart = REPO / "helm" / "mistral-large-serve"
+    proc = subprocess.run(
+        [str(helm_tools.helm()), "template", "mls", str(chart), "-n", "llm", "-f", str(example), "-f", str(site)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    (rendered_rs,) = [d for d in docs if d["kind"] == "RayService"]
+    rendered_cluster = rendered_rs["spec"]["rayClusterConfig"]
+    templates = {"headgroup": rendered_cluster["headGroupSpec"]["template"]}
+    templates |= {g["groupName"]: g["template"] for g in rendered_cluster["workerGroupSpecs"]}
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    (redis_sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+
+    healthy = load_raw("healthy")
+    assert healthy["rayservice"]["metadata"]["name"] == rendered_rs["metadata"]["name"]
+    for cluster in (healthy["rayservice"]["spec"]["rayClusterConfig"], healthy["rayclusters"][0]["spec"]):
+        groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+        assert set(groups) == set(templates) - {"headgroup"}
+        for g in rendered_cluster["workerGroupSpecs"]:
+            mine = groups[g["groupName"]]
+            assert (mine["minReplicas"], mine["maxReplicas"]) == (g["minReplicas"], g["maxReplicas"])
+            assert mine["template"]["metadata"]["labels"] == g["template"]["metadata"]["labels"]
+    assert {p["metadata"]["name"]: p["spec"] for p in healthy["pdbs"]} == budgets
+
+    for path in sorted(FIXTURES.glob("*.json")):
+        raw = load_raw(path.stem)
+        for pod in raw["pods"]:
+            labels = pod["metadata"]["labels"]
+            containers = {c["name"] for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]}
+            if labels["app.kubernetes.io/component"] == "redis":
+                assert containers == {c["name"] for c in redis_sts["spec"]["template"]["spec"]["containers"]}
+                continue
+            template = templates[labels["ray.io/group"]]
+            assert template["metadata"]["labels"].items() <= labels.items(), (path.name, pod["metadata"]["name"])
+            spec = template["spec"]
+            allowed = {c["name"] for c in spec.get("initContainers", []) + spec["containers"]}
+            if labels["ray.io/group"] == "headgroup":
+                allowed.add("autoscaler")  # KubeRay's sidecar (enableInTreeAutoscaling)
+            # weights.source objectStore adds the fetch-weights init container.
+            assert containers <= allowed | {"fetch-weights"}, (path.name, pod["metadata"]["name"], containers)
+        for pdb in raw["pdbs"]:
+            name = pdb["metadata"]["name"]
+            assert name in budgets, f"{path.name}: {name} is not a budget the chart renders"
+            assert pdb["spec"]["selector"] == budgets[name]["selector"], (path.name, name)
 
 
 # ---------------------------------------------------------------- CLI
