@@ -92,8 +92,8 @@ def engine_replica_pids(app: str, pool: str) -> dict[str, int]:
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"] if isinstance(entry, dict) else entry
         if name.startswith(prefix):
-            actor = ray.get_actor(name, namespace="serve")
             try:
+                actor = ray.get_actor(name, namespace="serve")
                 pid: Any = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
                 out[name[len(prefix) :]] = int(pid)
             except Exception:  # a dying replica
