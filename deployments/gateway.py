@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
+import prometheus_client
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -42,8 +43,19 @@ class GatewayDeployment:
             raise ValueError(f"gateway got no handle for pools {sorted(missing)}")
         configure_tracing(cfg.telemetry)
         self.gateway = build_gateway(cfg, ServeEngineClient(pools))
+        self._serve_metrics_port(cfg.telemetry.metrics.port)
         self._status_task: asyncio.Task[None] | None = None
         await self.check_health()
+
+    def _serve_metrics_port(self, port: int | None) -> None:
+        """The chart scrapes each gateway replica here (one per pod): a scrape of the API
+        port goes through Serve's proxy to any one replica."""
+        if port is None:
+            return
+        try:
+            prometheus_client.start_http_server(port, registry=self.gateway.metrics.registry)
+        except OSError as exc:  # a second gateway replica on this node: the API port still serves them
+            logger.warning(f"gateway metrics port {port} unavailable ({exc}); /metrics on the API port only")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_gateway_app(self.gateway, ChatCompletionRequest, CompletionRequest)

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
+
 from cluster.auth import TenantAuthenticator
 from cluster.config import ClusterConfig
 from cluster.gateway.engine import EngineClient
 from cluster.gateway.fleet import FleetStatus
+from cluster.gateway.metrics import GatewayMetrics, InFlightCollector
 from cluster.gateway.pipeline import Pipeline
 from cluster.gateway.steps.authenticate import Authenticate
 from cluster.gateway.steps.choose_pool import ChoosePool
 from cluster.gateway.steps.dispatch import Dispatch
 from cluster.gateway.steps.finish import Finish
+from cluster.gateway.steps.measure import Measure
 from cluster.gateway.steps.route import Route
 from cluster.gateway.steps.session import Session
 from cluster.gateway.steps.tokenize import TokenizeChat, TokenizeCompletion
-from cluster.gateway.steps.trace import Trace
+from cluster.gateway.steps.trace import Trace, TraceEngineCall
 from cluster.gateway.steps.validate import Validate
 from cluster.routing.hints import HINTS, HintBoard
 from cluster.routing.pool_selector import PoolSelector
@@ -39,6 +43,7 @@ class Gateway:
     chat: Pipeline
     completions: Pipeline
     pools: ChoosePool  # shared by both pipelines: one in-flight count per pool
+    metrics: GatewayMetrics
 
 
 def build_gateway(
@@ -48,6 +53,7 @@ def build_gateway(
     sessions: SessionFlow | None = None,
     tokenizer: PromptTokenizer | None = None,
     board: HintBoard = HINTS,
+    tracer: Tracer | None = None,
 ) -> Gateway:
     tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
     auth = TenantAuthenticator.from_config(cfg.auth)
@@ -55,18 +61,22 @@ def build_gateway(
     sessions = sessions or SessionFlow.from_config(cfg, token_counter=tokenizer.count_message_tokens)
     fleet = FleetStatus.from_config(cfg)
     pools = ChoosePool(PoolSelector(cfg.pools), fleet.snapshot)
+    metrics = GatewayMetrics.from_config(cfg)
+    metrics.add_gauges(InFlightCollector(pools.in_flight))
     block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
 
     def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
         return Pipeline(
             [
-                Trace(),  # one span per request, parented by the client's traceparent
+                Trace(tracer),  # one span per request, parented by the client's traceparent
+                Measure(metrics),  # the request's metrics, refused ones too
                 Authenticate(auth),  # bearer key -> tenant (401)
                 Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
                 Session(sessions),  # history prepended; turn committed at the end (409/503)
                 tokenize,  # prompt tokens, counted once as the engine will
                 pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
                 Route(board, block_sizes),  # hint for the pool's router: hashes, affinity
+                TraceEngineCall(tracer),  # a span for the engine call; its traceparent goes to vLLM
                 Dispatch(engine, cfg.model.served_name),  # call the engines; first chunk or 4xx/503
                 Finish(board, tokenizer),  # tell the router what the replica now caches
             ]
@@ -80,6 +90,7 @@ def build_gateway(
         chat=pipeline(TokenizeChat(tokenizer)),
         completions=pipeline(TokenizeCompletion(tokenizer)),
         pools=pools,
+        metrics=metrics,
     )
 
 

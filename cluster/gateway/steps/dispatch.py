@@ -27,7 +27,9 @@ class Dispatch(Step):
         body.request_id = ctx.request_id  # the key the router finds the hint under
         body.model = self.served_name
         ctx.attempts += 1
-        stream = self.engine.generate(ctx.pool, ctx.kind, body, session_id=ctx.session_id)
+        stream = self.engine.generate(
+            ctx.pool, ctx.kind, body, session_id=ctx.session_id, headers=ctx.engine_headers or None
+        )
         try:
             first = await anext(stream)
         except StopAsyncIteration:
