@@ -42,6 +42,11 @@ EXTERNAL_PREFIXES = {
 }
 
 
+# Counters vLLM exports through Ray only from their first event: the local cluster's tiny
+# model never runs out of KV cache. tests/test_helm.py checks their names against vLLM's source.
+FIRST_EVENT_COUNTERS = {"ray_vllm_num_preemptions_total": "a preemption (KV cache full)"}
+
+
 def _headers(cluster: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {cluster.api_key}"}
 
@@ -251,7 +256,10 @@ def test_one_trace_from_the_client_through_the_gateway_into_vllm(
     assert gateway.attributes["pool"] == traffic["traced"].headers["x-pool"] == call.attributes["pool"]
     assert gateway.attributes["attempts"] == 1 and gateway.attributes["tenant"] == "acme"
     assert "cached_tokens.predicted" in gateway.attributes and "cached_tokens.engine" in gateway.attributes
-    assert engine.attributes["gen_ai.request.id"] == traffic["traced"].headers["x-request-id"]
+    # vLLM's id is "chatcmpl-<request id>". (Serve's proxy and the gateway both send
+    # X-Request-Id with the same value, so httpx joins two copies.)
+    request_id = traffic["traced"].headers["x-request-id"].split(",")[0].strip()
+    assert engine.attributes["gen_ai.request.id"] == f"chatcmpl-{request_id}"
     assert engine.attributes["gen_ai.usage.prompt_tokens"] == int(traffic["traced"].headers["x-prompt-tokens"])
 
 
@@ -284,7 +292,8 @@ def test_every_metric_the_alerts_and_dashboards_use_is_scraped(prometheus: Prome
     missing: dict[str, list[str]] = {}
     for where, expr in exprs.items():
         for name in metric_names(expr):
-            if name not in scraped and not any(name.startswith(p) for p in EXTERNAL_PREFIXES):
+            external = any(name.startswith(p) for p in EXTERNAL_PREFIXES)
+            if name not in scraped and not external and name not in FIRST_EVENT_COUNTERS:
                 missing.setdefault(name, []).append(where)
     assert missing == {}, f"named in the chart but not exported by the running cluster: {missing}"
     # The gateway's own series, and Ray's, came from the two targets.
