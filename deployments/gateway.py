@@ -12,7 +12,6 @@ import asyncio
 import logging
 from typing import Any
 
-import prometheus_client
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -52,10 +51,8 @@ class GatewayDeployment:
         port goes through Serve's proxy to any one replica."""
         if port is None:
             return
-        try:
-            prometheus_client.start_http_server(port, registry=self.gateway.metrics.registry)
-        except OSError as exc:  # a second gateway replica on this node: the API port still serves them
-            logger.warning(f"gateway metrics port {port} unavailable ({exc}); /metrics on the API port only")
+        if not self.gateway.metrics.serve_on_port(port):  # a second gateway replica on this node
+            logger.warning(f"gateway metrics port {port} is taken; this replica's metrics: API port only")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_gateway_app(self.gateway, ChatCompletionRequest, CompletionRequest)

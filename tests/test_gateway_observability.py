@@ -137,6 +137,16 @@ async def test_metrics_endpoint_can_be_moved_or_turned_off() -> None:
         assert (await client.get("/internal/metrics")).status_code == 404
 
 
+def test_metrics_on_a_port_of_their_own() -> None:
+    metrics = GatewayMetrics.from_config(load_profile("cpu-tiny"))
+    port = free_port()
+    assert metrics.serve_on_port(port, addr="127.0.0.1")
+    metrics.retry(RequestContext(kind="chat", body=None, headers={}, pool="standard"))
+    scrape = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    assert value(scrape, "mls_gateway_retries_total", pool="standard") == 1
+    assert not metrics.serve_on_port(port, addr="127.0.0.1")  # taken: the caller logs and carries on
+
+
 async def test_session_outcomes_stored_and_store_down(redis_server: RedisServer) -> None:  # noqa: F811
     cfg = load_profile("cpu-tiny")
 

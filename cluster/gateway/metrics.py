@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -186,6 +186,15 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def serve_on_port(self, port: int, addr: str = "0.0.0.0") -> bool:
+        """Serve this registry on a port of its own (a thread); False when the port is
+        taken (e.g. a second gateway replica on the node)."""
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError:
+            return False
+        return True
 
 
 class InFlightCollector(Collector):
