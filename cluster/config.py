@@ -309,9 +309,26 @@ class DrainConfig(_Strict):
         return self.grace_period_s + DRAIN_STOP_MARGIN_S
 
 
+class GatewayMetricsConfig(_Strict):
+    """The gateway's Prometheus metrics (cluster.gateway.metrics)."""
+
+    # Served on the API port, as vLLM's own server does (AIPerf and similar clients look
+    # there); None turns that endpoint off. Behind Serve's proxy a scrape of the API port
+    # reaches one gateway replica of several, so the chart scrapes `port` instead.
+    path: str | None = Field("/metrics", pattern=r"^/[A-Za-z0-9/_-]*$")
+    # A listener of its own in each gateway replica (at most one gateway per node), None: none.
+    port: int | None = Field(None, ge=1, le=65535)
+
+
 class TelemetryConfig(_Strict):
-    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317
+    # OTLP collector for traces of the gateway and (engine_traces) of vLLM, e.g.
+    # http://otel-collector:4317 (grpc) or http://otel-collector:4318/v1/traces (http/protobuf).
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] = "grpc"
     service_name: str = "mistral-large-serve"
+    # vLLM exports a span per request (child of the gateway's, via traceparent) to the same endpoint.
+    engine_traces: bool = True
+    metrics: GatewayMetricsConfig = Field(default_factory=GatewayMetricsConfig)
 
 
 class ClusterConfig(_Strict):
@@ -422,6 +439,7 @@ __all__ = [
     "ClusterConfig",
     "DrainConfig",
     "EngineArgs",
+    "GatewayMetricsConfig",
     "GiB",
     "ModelConfig",
     "NodeShape",

@@ -245,6 +245,10 @@ def render_helm_values(cfg: ClusterConfig) -> dict[str, Any]:
         "telemetry": {
             "otlpEndpoint": cfg.telemetry.otlp_endpoint or "",
             "serviceName": cfg.telemetry.service_name,
+            # Where the chart scrapes the gateway's metrics: a port of their own in each
+            # gateway replica, else the API port's path (one replica of several per scrape).
+            "gatewayMetricsPort": cfg.telemetry.metrics.port or 0,
+            "gatewayMetricsPath": cfg.telemetry.metrics.path or "",
         },
     }
     if not gpu:

@@ -48,6 +48,7 @@ class LocalCluster:
     cfg: ClusterConfig
     http_port: int
     gcs_port: int
+    metrics_export_port: int | None = None  # Ray's Prometheus endpoint (Ray, Serve and vLLM metrics)
     started_at: float = field(default_factory=time.monotonic)
     ready_after_s: float | None = None
 
@@ -121,6 +122,7 @@ def start_local_cluster(
     for k, v in engine_env(cfg).items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    metrics_export_port = free_port()
     cpus = logical_cpus(cfg)
     progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
     # This one node stands in for every pool's worker group.
@@ -130,11 +132,13 @@ def start_local_cluster(
         resources=pool_slots if cfg.node.pin_pools else None,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
-        _metrics_export_port=free_port(),
+        _metrics_export_port=metrics_export_port,
         log_to_driver=bool(os.environ.get("CLUSTER_LOG_TO_DRIVER")),
         configure_logging=False,
     )
-    cluster = LocalCluster(cfg=cfg, http_port=http_port, gcs_port=gcs_port, started_at=t0)
+    cluster = LocalCluster(
+        cfg=cfg, http_port=http_port, gcs_port=gcs_port, metrics_export_port=metrics_export_port, started_at=t0
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         progress(

@@ -38,6 +38,8 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     else:
         # NVLink multicast (NVLS) off: it needs fabric manager support many pools lack.
         env.update({"NCCL_NVLS_ENABLE": "0"})
+    # vLLM picks its OTLP exporter by this variable (grpc when unset).
+    env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = cfg.telemetry.otlp_protocol
     return env
 
 

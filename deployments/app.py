@@ -21,6 +21,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from autoscaling.serve_autoscaling import serve_autoscaling_config
 from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
 from cluster.serve_config import engine_env, gateway_options
+from cluster.telemetry import otlp_endpoint
 from cluster.tiny_model import resolve_model_source
 from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
@@ -51,7 +52,15 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         "dtype": e.dtype,
         # Scheduler stats feed the routing stats and vLLM's prefix-cache metrics.
         "disable_log_stats": False,
+        # usage.prompt_tokens_details.cached_tokens: the gateway compares it with the
+        # router's prediction (mls_gateway_cached_tokens_total).
+        "enable_prompt_tokens_details": True,
     }
+    traces = otlp_endpoint(cfg.telemetry)
+    if traces and cfg.telemetry.engine_traces:
+        # vLLM exports an llm_request span per request, a child of the gateway's engine
+        # call span (the traceparent header); the protocol is in engine_env.
+        kwargs["otlp_traces_endpoint"] = traces
     if e.quantization is not None:
         kwargs["quantization"] = e.quantization
     if cfg.node.accelerator == "gpu":

@@ -9,7 +9,7 @@ during the call.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ray.exceptions import RayError
@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.gateway import sse
 from cluster.gateway.context import EngineChunk, RequestKind
 from cluster.gateway.engine import EngineError, EngineUnavailable
+from cluster.upstream import ray_serve as upstream_ray
 from cluster.upstream import vllm as upstream_vllm
 
 
@@ -28,13 +29,22 @@ class ServeEngineClient:
         self._error_type = upstream_vllm.error_response_type()
 
     async def generate(
-        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+        self,
+        pool: str,
+        kind: RequestKind,
+        body: Any,
+        *,
+        session_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[EngineChunk]:
         handle = self._handles[pool]
         if session_id:
             handle = handle.options(session_id=session_id)
+        # LLMServer.chat/completions(request, raw_request_info): vLLM's OpenAI layer gets a
+        # request with these headers (its X-Request-Id is set from body.request_id).
+        raw = upstream_ray.raw_request_info(dict(headers)) if headers else None
         try:
-            async for item in getattr(handle, kind).remote(body, None):
+            async for item in getattr(handle, kind).remote(body, raw):
                 for part in item if isinstance(item, list) else [item]:
                     for chunk in self._chunks(part):
                         yield chunk

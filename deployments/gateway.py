@@ -44,8 +44,17 @@ class GatewayDeployment:
         self.gateway = build_gateway(
             cfg, ServeEngineClient(pools), request_models=(ChatCompletionRequest, CompletionRequest)
         )
+        self._serve_metrics_port(cfg.telemetry.metrics.port)
         self._status_task: asyncio.Task[None] | None = None
         await self.check_health()
+
+    def _serve_metrics_port(self, port: int | None) -> None:
+        """The chart scrapes each gateway replica here (one per pod): a scrape of the API
+        port goes through Serve's proxy to any one replica."""
+        if port is None:
+            return
+        if not self.gateway.metrics.serve_on_port(port):  # a second gateway replica on this node
+            logger.warning(f"gateway metrics port {port} is taken; this replica's metrics: API port only")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_gateway_app(self.gateway)

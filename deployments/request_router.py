@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -202,6 +203,17 @@ class PolicyRequestRouter(RequestRouter):
         in_flight = min(self._unreported[rid], self._outstanding[rid])
         return replica_view(rid, stats, in_flight)
 
+    def _hint_of(self, pending: PendingRequest | None) -> RoutingHint | None:
+        if pending is None:
+            return None
+        body = pending.args[0] if pending.args else None
+        for key in (getattr(body, "request_id", None), pending.metadata.request_id):
+            if isinstance(key, str) and key:
+                hint = routing_hints.HINTS.get(key)
+                if hint is not None:
+                    return hint
+        return None
+
     def _route_request(self, pending: PendingRequest | None) -> tuple[RouteRequest, RoutingHint | None]:
         if pending is None:
             return RouteRequest(request_id="", prompt_tokens=0), None
@@ -252,7 +264,12 @@ class PolicyRequestRouter(RequestRouter):
             decision = self._policy.choose(request, views)
         except Exception:  # a policy bug must degrade routing, not stall every request
             logger.exception(f"routing policy {self._policy.name} failed; sending to the least-loaded replica")
-            return [[min(candidates, key=lambda r: self._view(r).load)]]
+            fallback = min(candidates, key=lambda r: self._view(r).load)
+            hint = self._hint_of(pending_request)
+            if hint is not None:
+                hint.chosen_replica, hint.matched_blocks = fallback.replica_id.unique_id, 0
+                hint.reason, hint.routed_at = "fallback", time.monotonic()
+            return [[fallback]]
         chosen = by_id.get(decision.replica_id)
         if chosen is None:
             logger.warning(f"policy {self._policy.name} chose unknown replica {decision.replica_id}")
@@ -261,6 +278,8 @@ class PolicyRequestRouter(RequestRouter):
         if hint is not None:
             hint.chosen_replica = chosen_id
             hint.matched_blocks = decision.matched_blocks
+            hint.reason = decision.reason if chosen is by_id.get(decision.replica_id) else "fallback"
+            hint.routed_at = time.monotonic()
         elif request.session_id:
             self._sessions[request.session_id] = chosen_id
             self._sessions.move_to_end(request.session_id)

@@ -19,6 +19,7 @@ import pytest
 from cluster.auth import hash_api_key, new_api_key
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
+from tests.otlp_receiver import OTLPReceiver
 from tests.redis_server import RedisServer
 
 
@@ -47,12 +48,26 @@ def local_cluster_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def local_cluster(local_cluster_config: ClusterConfig, local_cluster_redis: RedisServer) -> Iterator[Any]:
-    """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.ready_after_s`,
-    `.api_key` (tenant "acme") and `.other_api_key` (tenant "globex")."""
+def otlp_receiver() -> Iterator[OTLPReceiver]:
+    """The OTLP/HTTP trace receiver the shared cluster's gateway and engines export to."""
+    receiver = OTLPReceiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(
+    local_cluster_config: ClusterConfig, local_cluster_redis: RedisServer, otlp_receiver: OTLPReceiver
+) -> Iterator[Any]:
+    """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.metrics_export_port`,
+    `.ready_after_s`, `.api_key` (tenant "acme") and `.other_api_key` (tenant "globex");
+    its traces go to `otlp_receiver`."""
     from cluster.local import start_local_cluster
 
     cfg = local_cluster_config.model_copy(deep=True)
+    cfg.telemetry.otlp_endpoint, cfg.telemetry.otlp_protocol = otlp_receiver.endpoint, "http/protobuf"
     cfg.sessions.redis_url = local_cluster_redis.url
     cfg.sessions.redis_url_env = None
     keys = {"acme": new_api_key(), "globex": new_api_key()}

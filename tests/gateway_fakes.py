@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
+
+from opentelemetry.trace import Tracer
 
 from cluster.config import ClusterConfig
 from cluster.gateway import Gateway, build_gateway
@@ -50,20 +52,34 @@ class FakeEngine:
         self.calls: list[tuple[str, RequestKind, Any]] = []
         self.fail: Callable[[], Exception] | None = None
         self.fail_after: int | None = None
+        self.headers: list[dict[str, str]] = []  # the headers of each call
+        self.reason = "min-ttft"  # the routing reason written into the hint
+        self.matched_blocks = 0
+        self.cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
     async def generate(
-        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+        self,
+        pool: str,
+        kind: RequestKind,
+        body: Any,
+        *,
+        session_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[EngineChunk]:
         self.calls.append((pool, kind, body))
+        self.headers.append(dict(headers or {}))
         hint = self.board.get(body.request_id)
-        if hint is not None:
-            hint.chosen_replica = self.replica
+        if hint is not None:  # as the pool's router does
+            hint.chosen_replica, hint.reason, hint.routed_at = self.replica, self.reason, time.monotonic()
+            hint.matched_blocks = self.matched_blocks
         if self.fail is not None:
             raise self.fail()
         text = echo_reply(body)
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        usage: dict[str, Any] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         if not body.stream:
             choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
             if kind == "chat":
@@ -92,11 +108,14 @@ class FakeEngine:
             choice = {"index": 0, "delta": delta} if kind == "chat" else {"index": 0, "text": piece}
             yield EngineChunk({"id": "x", "object": f"{obj}.chunk", "created": created, "choices": [choice]})
         last: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
-        last.update({"delta": {}} if kind == "chat" else {"text": ""})
+        end: dict[str, Any] = {"delta": {}} if kind == "chat" else {"text": ""}
+        last.update(end)
         yield EngineChunk({"id": "x", "object": f"{obj}.chunk", "created": created, "choices": [last], "usage": usage})
 
 
-def fake_gateway(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None) -> Gateway:
+def fake_gateway(
+    cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow | None = None, tracer: Tracer | None = None
+) -> Gateway:
     gateway = build_gateway(
         cfg,
         engine,
@@ -105,6 +124,7 @@ def fake_gateway(cfg: ClusterConfig, engine: FakeEngine, sessions: SessionFlow |
         tokenizer=shared_tokenizer(),
         board=engine.board,
         health=engine.health,
+        tracer=tracer,
     )
     # As if the controller had answered: every configured replica is running.
     gateway.fleet.update({p.name: p.start_replicas for p in cfg.pools}, 1)
@@ -143,7 +163,13 @@ class TokenEngine:
         return replica, list(hint.prompt_token_ids)
 
     async def generate(
-        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+        self,
+        pool: str,
+        kind: RequestKind,
+        body: Any,
+        *,
+        session_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> AsyncIterator[EngineChunk]:
         from cluster.gateway.engine import EngineUnavailable
 

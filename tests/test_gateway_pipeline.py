@@ -219,7 +219,19 @@ async def gw() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine, Any]]:
 
 async def test_steps_in_request_order(gw: Any) -> None:
     _, _, gateway = gw
-    order = ["trace", "authenticate", "validate", "session", "tokenize", "choose_pool", "route", "dispatch", "finish"]
+    order = [
+        "trace",
+        "measure",
+        "authenticate",
+        "validate",
+        "session",
+        "tokenize",
+        "choose_pool",
+        "route",
+        "trace_engine_call",
+        "dispatch",
+        "finish",
+    ]
     assert gateway.chat.step_names == order and gateway.completions.step_names == order
 
 

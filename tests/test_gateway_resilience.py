@@ -85,6 +85,7 @@ async def test_a_replica_dying_before_the_first_token_is_retried_elsewhere(setup
     assert got[-1] == "[DONE]" and not any("error" in e for e in got[:-1] if isinstance(e, dict))
     assert [c[3] for c in engine.calls] == ["a", "b"]
     assert engine.health.is_excluded("a")  # every router of this gateway skips it now
+    assert gateway.metrics.retries.labels("standard")._value.get() == 1
     # The next request goes straight to b.
     r2 = await client.post("/v1/chat/completions", json=WHOLE_BODY)
     assert r2.status_code == 200 and [c[3] for c in engine.calls][-1] == "b"
@@ -126,6 +127,7 @@ async def test_a_cut_stream_is_migrated_with_every_token_once(setup: Any) -> Non
     (_, kind, body, replica) = engine.calls[-1]
     assert (kind, replica, body.max_tokens) == ("completions", "b", 7)
     assert body.prompt == chat_prompt("go") + want[:5]
+    assert gateway.metrics.migrations.labels("standard")._value.get() == 1
 
 
 async def test_migration_off_or_impossible_ends_with_an_error_event(setup: Any) -> None:

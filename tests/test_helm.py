@@ -940,8 +940,19 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _gateway_metric_names() -> set[str]:
+    """Every sample name the gateway's registry can export (cluster.gateway.metrics)."""
+    from cluster.gateway.metrics import GatewayMetrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    metrics = GatewayMetrics.from_config(load_profile("cpu-tiny"))
+    return {m.name + sfx for m in metrics.registry.collect() for sfx in suffixes[m.type]}
+
+
 def _defined_by_installed_packages(name: str) -> bool:
-    """Is `name` (as Prometheus sees it) exported by the installed vLLM / Ray?"""
+    """Is `name` (as Prometheus sees it) exported by the installed vLLM / Ray, or the gateway?"""
+    if name.startswith("mls_gateway_"):
+        return name in _gateway_metric_names()
     base = re.sub(r"_(bucket|sum|count|total)$", "", name)
     if base.startswith("ray_vllm_"):
         # vLLM's Ray stat logger turns `vllm:x` into the Ray metric `vllm_x`.

@@ -191,3 +191,33 @@ def test_a_router_that_is_gone_unsubscribes() -> None:
     del router
     gc.collect()
     assert hints.HINTS.listeners("gone-pool") == before
+
+
+async def test_the_hint_carries_the_policys_reason_and_the_decision_time_fallback_when_it_fails() -> None:
+    import time
+
+    from cluster.routing import hints
+
+    router = make_router()
+    replicas = [FakeReplica("a"), FakeReplica("b", {"num_waiting": 5, "num_running": 16, "max_num_seqs": 16})]
+    router.update_replicas(replicas)
+    body = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "request_id": "reason-1"})
+    hint = RoutingHint(prompt_token_ids=[1, 2, 3], pool="standard")
+    hints.HINTS.post("reason-1", hint)
+    before = time.monotonic()
+    [[chosen]] = await router.choose_replicas(replicas, pending(body))
+    assert hint.reason == "min-ttft" and hint.routed_at is not None and hint.routed_at >= before
+    assert chosen.replica_id.unique_id == "a"  # the idle one
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("policy bug")
+
+    router._policy.choose = broken  # type: ignore[method-assign]
+    hint2 = RoutingHint(prompt_token_ids=[1, 2, 3], pool="standard", matched_blocks=3)
+    hints.HINTS.post("reason-2", hint2)
+    body2 = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "request_id": "reason-2"})
+    [[fallback]] = await router.choose_replicas(replicas, pending(body2))
+    assert (hint2.reason, hint2.chosen_replica, hint2.matched_blocks) == ("fallback", "a", 0)
+    assert fallback.replica_id.unique_id == "a"  # the least loaded
+    hints.HINTS.pop("reason-1")
+    hints.HINTS.pop("reason-2")

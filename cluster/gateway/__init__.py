@@ -10,19 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
+
 from cluster.auth import TenantAuthenticator
 from cluster.config import ClusterConfig
 from cluster.gateway.engine import EngineClient
 from cluster.gateway.fleet import FleetStatus
+from cluster.gateway.metrics import GatewayMetrics, InFlightCollector
 from cluster.gateway.pipeline import Pipeline
 from cluster.gateway.steps.authenticate import Authenticate
 from cluster.gateway.steps.choose_pool import ChoosePool
 from cluster.gateway.steps.dispatch import Dispatch
 from cluster.gateway.steps.finish import Finish
+from cluster.gateway.steps.measure import Measure
 from cluster.gateway.steps.route import Route
 from cluster.gateway.steps.session import Session
 from cluster.gateway.steps.tokenize import TokenizeChat, TokenizeCompletion
-from cluster.gateway.steps.trace import Trace
+from cluster.gateway.steps.trace import Trace, TraceEngineCall
 from cluster.gateway.steps.validate import Validate
 from cluster.routing.hints import HINTS, HintBoard
 from cluster.routing.pool_selector import PoolSelector
@@ -43,6 +47,7 @@ class Gateway:
     # The OpenAI request models the API parses (Ray Serve LLM's in a deployment).
     chat_model: type
     completion_model: type
+    metrics: GatewayMetrics
 
 
 def build_gateway(
@@ -54,6 +59,7 @@ def build_gateway(
     tokenizer: PromptTokenizer | None = None,
     board: HintBoard = HINTS,
     health: ReplicaHealth = HEALTH,
+    tracer: Tracer | None = None,
 ) -> Gateway:
     """`request_models`: the (chat, completion) request classes."""
     tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
@@ -62,6 +68,8 @@ def build_gateway(
     sessions = sessions or SessionFlow.from_config(cfg, token_counter=tokenizer.count_message_tokens)
     fleet = FleetStatus.from_config(cfg)
     pools = ChoosePool(PoolSelector(cfg.pools), fleet.snapshot)
+    metrics = GatewayMetrics.from_config(cfg)
+    metrics.add_gauges(InFlightCollector(pools.in_flight))
     block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
     chat_model, completion_model = request_models
 
@@ -69,13 +77,15 @@ def build_gateway(
         route = Route(board, block_sizes)
         return Pipeline(
             [
-                Trace(),  # one span per request, parented by the client's traceparent
+                Trace(tracer),  # one span per request, parented by the client's traceparent
+                Measure(metrics),  # the request's metrics, refused ones too
                 Authenticate(auth),  # bearer key -> tenant (401)
                 Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
                 Session(sessions),  # history prepended; turn committed at the end (409/503)
                 tokenize,  # prompt tokens, counted once as the engine will
                 pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
                 route,  # hint for the pool's router: hashes, affinity, replicas to avoid
+                TraceEngineCall(tracer),  # a span for the engine call; its traceparent goes to vLLM
                 Dispatch(  # call the engines: retry before the first chunk, migrate a cut stream
                     engine,
                     cfg.model.served_name,
@@ -84,6 +94,7 @@ def build_gateway(
                     health=health,
                     resilience=cfg.resilience,
                     completion_model=completion_model,
+                    metrics=metrics,
                 ),
                 Finish(board, tokenizer),  # tell the router what the replica now caches
             ]
@@ -99,6 +110,7 @@ def build_gateway(
         pools=pools,
         chat_model=chat_model,
         completion_model=completion_model,
+        metrics=metrics,
     )
 
 

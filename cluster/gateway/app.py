@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from cluster import errors
 from cluster.gateway import Gateway
 from cluster.gateway.context import RequestContext
+from cluster.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.sessions import api as session_api
 from cluster.upstream import vllm as upstream_vllm
 
@@ -142,6 +143,14 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request) -> Response:
         return await session_api.delete_session(gateway.sessions, gateway.auth, session_id, request)
+
+    metrics_path = cfg.telemetry.metrics.path
+    if metrics_path:
+
+        @app.get(metrics_path, include_in_schema=False)
+        async def metrics() -> Response:
+            """This gateway replica's Prometheus metrics (cluster.gateway.metrics)."""
+            return Response(gateway.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

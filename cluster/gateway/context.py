@@ -51,6 +51,9 @@ class RequestContext:
     hint: RoutingHint | None = None
     engine_request_id: str = ""
     # dispatch
+    # dispatch: `engine_headers` travel to the engine with the request (the trace step's
+    # traceparent, which vLLM's request span continues)
+    engine_headers: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
     migrations: int = 0
     upstream: AsyncIterator[EngineChunk] | None = None
@@ -58,8 +61,12 @@ class RequestContext:
     # stream back / commit
     reply: ReplyAccumulator = field(default_factory=ReplyAccumulator)
     response_headers: dict[str, str] = field(default_factory=dict)
-    # finish: "ok" (reply complete), "error" (refused or failed), "cancelled" (client left)
+    # finish: "ok" (reply complete), "error" (refused or failed), "cancelled" (client left);
+    # `status` is the HTTP status the client got (a stream that failed midway still got
+    # 200) and `error_code` the OpenAI error code of a refusal or in-band error, if any.
     outcome: str = "pending"
+    status: int = 0
+    error_code: str | None = None
     # A step's private per-request state, under a key the step owns (e.g. its span).
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -6,7 +6,7 @@ handles; unit tests use fakes. Ray-free, so the steps stay testable alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from cluster.errors import APIError
@@ -15,10 +15,17 @@ from cluster.gateway.context import EngineChunk, RequestKind
 
 class EngineClient(Protocol):
     def generate(
-        self, pool: str, kind: RequestKind, body: Any, *, session_id: str | None = None
+        self,
+        pool: str,
+        kind: RequestKind,
+        body: Any,
+        *,
+        session_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[EngineChunk]:
         """The reply of `pool`'s engines to `body`: stream chunks, or one `whole` chunk for a
-        non-streamed request. Raises `EngineError` for an error the engine answered and
+        non-streamed request. `headers` reach the engine as the request's HTTP headers
+        (vLLM reads the W3C `traceparent` there). Raises `EngineError` for an error the engine answered and
         `EngineUnavailable` when no replica could be reached or one failed mid-request."""
         ...
 

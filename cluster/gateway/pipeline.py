@@ -66,8 +66,9 @@ class Pipeline:
                 await step.on_request(ctx)
             if ctx.upstream is None and ctx.whole is None:
                 raise errors.APIError(500, "no step produced a reply", type="server_error")
-        except BaseException:
+        except BaseException as exc:
             ctx.outcome = "error"
+            _record_refusal(ctx, exc)
             self._finish(ctx, started)
             raise
         if ctx.whole is not None:
@@ -82,9 +83,10 @@ class Pipeline:
                 step.on_chunk(ctx, ctx.whole)
             for step in self.steps:
                 await step.on_complete(ctx)
-            ctx.outcome = "ok"
-        except BaseException:
+            ctx.outcome, ctx.status = "ok", 200
+        except BaseException as exc:
             ctx.outcome = "error"
+            _record_refusal(ctx, exc)
             raise
         finally:
             self._finish(ctx, self.steps)
@@ -93,6 +95,7 @@ class Pipeline:
     async def _stream(self, ctx: RequestContext) -> AsyncIterator[str]:
         assert ctx.upstream is not None
         upstream = ctx.upstream
+        ctx.status = 200  # the status line goes out with the first chunk
         try:
             async for item in upstream:
                 chunk = item.data
@@ -108,9 +111,11 @@ class Pipeline:
                     ctx.reply.error = exc.body()["error"]
                     yield sse.encode(exc.body())
             ctx.outcome = "ok" if ctx.reply.error is None else "error"
+            if isinstance(ctx.reply.error, dict):
+                ctx.error_code = ctx.reply.error.get("code")
             yield sse.DONE
         except errors.APIError as exc:  # the engine failed mid-stream: say so, never cut silently
-            ctx.outcome = "error"
+            ctx.outcome, ctx.error_code = "error", exc.code
             yield sse.encode(exc.body())
             yield sse.DONE
         except (GeneratorExit, asyncio.CancelledError):
@@ -141,6 +146,17 @@ class Pipeline:
                 step.on_finish(ctx)
             except Exception:  # bookkeeping must never fail a request
                 log.exception("step %s: on_finish failed for request %s", step.name, ctx.request_id)
+
+
+def _record_refusal(ctx: RequestContext, exc: BaseException) -> None:
+    """The status a refusal is answered with (cluster.gateway.app: an `APIError` as-is,
+    anything else 500); 499 (nginx's "client closed request") for a cancelled request."""
+    if isinstance(exc, errors.APIError):
+        ctx.status, ctx.error_code = exc.status, exc.code
+    elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        ctx.outcome, ctx.status = "cancelled", 499
+    else:
+        ctx.status, ctx.error_code = 500, "internal"
 
 
 __all__ = ["Pipeline", "Step"]

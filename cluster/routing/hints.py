@@ -36,6 +36,8 @@ class RoutingHint:
     # Written by the router.
     chosen_replica: str | None = None
     matched_blocks: int = 0  # the policy's predicted cached prefix, in blocks
+    reason: str = ""  # the policy's RouteDecision.reason ("fallback": the policy failed)
+    routed_at: float | None = None  # time.monotonic() of the decision (same process)
 
 
 # (hint, block hashes of the conversation the replica now holds, its length in tokens)

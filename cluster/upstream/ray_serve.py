@@ -31,3 +31,12 @@ def deploy_without_waiting(app: Any, *, name: str, route_prefix: str = "/") -> N
     from ray.serve.api import _run
 
     _run(app, _blocking=False, name=name, route_prefix=route_prefix)
+
+
+def raw_request_info(headers: dict[str, str]) -> Any:
+    """The `raw_request_info` argument of LLMServer.chat/completions: the HTTP headers
+    vLLM's OpenAI layer sees (it reads W3C `traceparent` there when tracing is on). Ray
+    2.60 exports the class only from ray.llm._internal (serve/core/protocol.py)."""
+    from ray.llm._internal.serve.core.protocol import RawRequestInfo
+
+    return RawRequestInfo(headers=dict(headers))

@@ -1,4 +1,5 @@
 """The gateway's steps, one module each, in request order (see cluster.gateway.build):
 
-authenticate -> validate -> session -> tokenize -> choose_pool -> route -> dispatch -> finish
+trace -> measure -> authenticate -> validate -> session -> tokenize -> choose_pool -> route
+-> trace_engine_call -> dispatch -> finish
 """

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from cluster.config import ResilienceConfig
 from cluster.gateway.context import EngineChunk, RequestContext
 from cluster.gateway.engine import EngineClient, EngineUnavailable
+from cluster.gateway.metrics import GatewayMetrics
 from cluster.gateway.migration import SentTokens, StreamMigrator
 from cluster.gateway.pipeline import Step
 from cluster.gateway.steps.choose_pool import ChoosePool
@@ -45,6 +46,7 @@ class Dispatch(Step):
         health: ReplicaHealth,
         resilience: ResilienceConfig,
         completion_model: type,
+        metrics: GatewayMetrics,
     ) -> None:
         self.engine = engine
         self.served_name = served_name
@@ -52,6 +54,7 @@ class Dispatch(Step):
         self.pools = pools
         self.health = health
         self.cfg = resilience
+        self.metrics = metrics
         self.migrator = StreamMigrator(completion_model, resilience.max_migrations)
 
     async def on_request(self, ctx: RequestContext) -> None:
@@ -79,9 +82,12 @@ class Dispatch(Step):
         while ctx.attempts < self.cfg.max_attempts and time.monotonic() < deadline:
             if ctx.attempts > 0:
                 await self._reroute(ctx, last=ctx.attempts == self.cfg.max_attempts - 1)
+                self.metrics.retry(ctx)
             ctx.attempts += 1
             ctx.body.request_id = ctx.engine_request_id or ctx.request_id  # where the router finds the hint
-            stream = self.engine.generate(ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id)
+            stream = self.engine.generate(
+                ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id, headers=ctx.engine_headers or None
+            )
             try:
                 return await self._next(ctx, stream), stream
             except StopAsyncIteration:
@@ -157,10 +163,13 @@ class Dispatch(Step):
 
     async def _migrate(self, ctx: RequestContext, sent: SentTokens) -> AsyncIterator[EngineChunk]:
         ctx.migrations += 1
+        self.metrics.migration(ctx)
         request_id = f"{ctx.request_id}-m{ctx.migrations}"
         await self.route.post(ctx, ctx.pool or "", request_id, [*ctx.prompt_ids, *sent.ids])
         body = self.migrator.continuation(ctx, sent, self.served_name, request_id)
-        stream = self.engine.generate(ctx.pool or "", "completions", body, session_id=ctx.session_id)
+        stream = self.engine.generate(
+            ctx.pool or "", "completions", body, session_id=ctx.session_id, headers=ctx.engine_headers or None
+        )
         return self.migrator.reshape(ctx, sent, stream, len(sent.ids))
 
 
