@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,10 +112,13 @@ def dashboard_exprs() -> dict[str, str]:
 def alert_exprs() -> dict[str, str]:
     """{alert: PromQL} of the chart's PrometheusRule, rendered as helm renders it."""
     values = helm_tools.REPO / "helm" / "examples" / "h100x8-bf16.yaml"
-    cmd = [str(helm_tools.helm()), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values)]
-    for kind in ("PrometheusRule", "PodMonitor", "ServiceMonitor"):  # as if the Prometheus Operator were there
-        cmd += ["--api-versions", f"monitoring.coreos.com/v1/{kind}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        site = helm_tools.site_required_file(Path(tmp))
+        cmd = [str(helm_tools.helm()), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+        cmd += ["-f", str(values), "-f", str(site)]
+        for kind in ("PrometheusRule", "PodMonitor", "ServiceMonitor"):  # as if the Prometheus Operator were there
+            cmd += ["--api-versions", f"monitoring.coreos.com/v1/{kind}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     rules = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "PrometheusRule"]
     assert len(rules) == 1
