@@ -30,10 +30,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m cluster.cli demo
+	$(PY) -m cluster.ops.cli demo
 
 serve: install
-	$(PY) -m cluster.cli serve --profile cpu-tiny
+	$(PY) -m cluster.ops.cli serve --profile cpu-tiny
 
 lint: install
 	$(VENV)/bin/ruff check .

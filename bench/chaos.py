@@ -123,9 +123,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.local import start_local_cluster
+    from cluster.ops.local import start_local_cluster
     from cluster.profiles import load_profile
-    from cluster.serve_config import APP_NAME
+    from deployments.serve_config import APP_NAME
 
     cfg = load_profile(args.profile)
     faults = [(kind, float(at)) for kind, at in (f.split("@") for f in args.faults.split(",") if f)]

@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_url = args.metrics_url
     try:
         if base_url is None:
-            from cluster.local import start_local_cluster
+            from cluster.ops.local import start_local_cluster
 
             cluster = start_local_cluster(cfg)
             base_url = cluster.base_url

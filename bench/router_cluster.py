@@ -140,7 +140,7 @@ async def replay(
 
 
 def run_policy(policy: str, workload: list[Conversation], args: argparse.Namespace) -> RunResult:
-    from cluster.local import start_local_cluster
+    from cluster.ops.local import start_local_cluster
     from cluster.profiles import load_profile
 
     cfg = load_profile(args.profile)

@@ -1,8 +1,8 @@
 """The Ray Serve application, built from the one typed config.
 
 `build_app(args)` is the import path `serve deploy` and KubeRay's RayService use
-(cluster.serve_config renders `args = {"cluster_config": cfg.to_dict()}`); the local
-runner (cluster.local) calls it the same way.
+(deployments.serve_config renders `args = {"cluster_config": cfg.to_dict()}`); the local
+runner (cluster.ops.local) calls it the same way.
 
 Each pool is one ray.serve.llm `LLMConfig` -> `build_llm_deployment` (engine replicas =
 `deployments.engine.PoolEngine`, a thin LLMServer subclass). Every pool serves under the
@@ -18,13 +18,13 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
-from autoscaling.serve_autoscaling import serve_autoscaling_config
 from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
-from cluster.serve_config import engine_env, gateway_options
 from cluster.telemetry import otlp_endpoint
 from cluster.tiny_model import resolve_model_source
 from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
+from deployments.serve_autoscaling import serve_autoscaling_config
+from deployments.serve_config import engine_env, gateway_options
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
 

@@ -64,7 +64,7 @@ def local_cluster(
     """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.metrics_export_port`,
     `.ready_after_s`, `.api_key` (tenant "acme") and `.other_api_key` (tenant "globex");
     its traces go to `otlp_receiver`."""
-    from cluster.local import start_local_cluster
+    from cluster.ops.local import start_local_cluster
 
     cfg = local_cluster_config.model_copy(deep=True)
     cfg.telemetry.otlp_endpoint, cfg.telemetry.otlp_protocol = otlp_receiver.endpoint, "http/protobuf"

@@ -11,8 +11,8 @@ from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from autoscaling.queue_kv_policy import POLICY_IMPORT_PATH, QueueKVAutoscalingPolicy
-from autoscaling.serve_autoscaling import serve_autoscaling_config
 from cluster.profiles import load_profile
+from deployments.serve_autoscaling import serve_autoscaling_config
 
 
 def serve_config(queue_kv_policy: bool) -> AutoscalingConfig:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from cluster.config import ClusterConfig
 from cluster.profiles import PROFILES, load_profile
-from cluster.serve_config import APP_IMPORT_PATH, render_serve_config, render_serve_config_yaml
+from deployments.serve_config import APP_IMPORT_PATH, render_serve_config, render_serve_config_yaml
 
 
 def _gpu_config(**overrides: Any) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def test_fp8_and_cpu_specifics() -> None:
 
 
 def test_cli_plan_prints_the_arithmetic(capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli import main
+    from cluster.ops.cli import main
 
     assert main(["plan", "--profile", "h100x8-bf16"]) == 0
     out = capsys.readouterr().out
@@ -195,7 +195,7 @@ def test_cli_plan_prints_the_arithmetic(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_render_is_the_serve_yaml(capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli import main
+    from cluster.ops.cli import main
 
     assert main(["render", "--profile", "h200x4-fp8"]) == 0
     doc = yaml.safe_load(capsys.readouterr().out)
@@ -203,7 +203,7 @@ def test_cli_render_is_the_serve_yaml(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_cli_refuses_an_impossible_config_with_the_numbers(tmp_path: Path) -> None:
-    from cluster.cli import main
+    from cluster.ops.cli import main
 
     path = tmp_path / "bad.yaml"
     path.write_text(

@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import cli
-from cluster.doctor import ClusterSnapshot, Finding, Thresholds, _pool_of_deployment, diagnose, report
+from cluster.ops import cli
+from cluster.ops.doctor import ClusterSnapshot, Finding, Thresholds, _pool_of_deployment, diagnose, report
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "doctor"

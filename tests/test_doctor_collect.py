@@ -20,9 +20,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 
-from cluster import cli
-from cluster.doctor import diagnose, rayservice_name
-from cluster.doctor_collect import ClusterUnreachable, collect
+from cluster.ops import cli
+from cluster.ops.doctor import diagnose, rayservice_name
+from cluster.ops.doctor_collect import ClusterUnreachable, collect
 from tests import helm_tools
 from tests.test_doctor import load_raw
 from tests.test_helm import CHART, EXAMPLES_DIR

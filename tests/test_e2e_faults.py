@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.chaos import child_pids, engine_replica_pids
-from cluster.serve_config import APP_NAME
+from deployments.serve_config import APP_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 

@@ -23,7 +23,7 @@ import promql_parser
 import pytest
 import yaml
 
-from cluster.local import free_port
+from cluster.ops.local import free_port
 from tests import helm_tools
 from tests.otlp_receiver import OTLPReceiver
 

@@ -256,8 +256,8 @@ def test_engines_report_routing_stats(local_cluster: Any) -> None:
     # The test process is the Ray driver of the local cluster: ask each engine directly.
     from ray import serve
 
-    from cluster.serve_config import APP_NAME
     from deployments.gateway import engine_deployment_name
+    from deployments.serve_config import APP_NAME
 
     for pool in local_cluster.cfg.pools:
         handle = serve.get_deployment_handle(engine_deployment_name(pool.name), app_name=APP_NAME)

@@ -24,9 +24,9 @@ import promql_parser
 import pytest
 import yaml
 
-from cluster.helm_values import GATEWAY_GROUP_NAME, RAY_VERSION, render_helm_values
+from cluster.ops.helm_values import GATEWAY_GROUP_NAME, RAY_VERSION, render_helm_values
 from cluster.profiles import load_profile
-from cluster.serve_config import render_serve_config
+from deployments.serve_config import render_serve_config
 from tests import helm_tools
 
 REPO = helm_tools.REPO
@@ -254,7 +254,7 @@ def test_example_values_are_generated_from_the_profile(example: str) -> None:
     expected = render_helm_values(load_profile(EXAMPLES[example]))
     assert on_disk == expected, (
         f"helm/examples/{example} is stale; regenerate it: "
-        f"python -m cluster.helm_values --profile {EXAMPLES[example]} --out helm/examples/{example}"
+        f"python -m cluster.ops.helm_values --profile {EXAMPLES[example]} --out helm/examples/{example}"
     )
 
 

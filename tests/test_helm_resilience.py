@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from cluster.helm_values import GATEWAY_GROUP_NAME, render_helm_values_yaml
+from cluster.ops.helm_values import GATEWAY_GROUP_NAME, render_helm_values_yaml
 from cluster.profiles import PROFILES, load_profile
-from cluster.serve_config import (
+from deployments.serve_config import (
     GATEWAY_DEPLOYMENT,
     GATEWAY_RAY_RESOURCE,
     engine_deployment,

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.helm_values import render_helm_values_yaml
+from cluster.ops.helm_values import render_helm_values_yaml
 from tests import helm_tools
 from tests.test_helm import EXAMPLES, EXAMPLES_DIR, NAMESPACE, RELEASE, SITE_ALL_FEATURES, ray_templates, render
 from tests.test_helm_resilience import SITE_SENTINEL, sentinel_config

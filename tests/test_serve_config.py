@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.profiles import PROFILES, load_profile
-from cluster.serve_config import GATEWAY_DEPLOYMENT, engine_deployment, render_serve_config
+from deployments.serve_config import GATEWAY_DEPLOYMENT, engine_deployment, render_serve_config
 
 
 @pytest.mark.parametrize("profile", PROFILES)

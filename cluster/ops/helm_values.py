@@ -7,7 +7,7 @@ rendered by `render_serve_config`, so the RayService's serveConfigV2 and a local
 computed here; site settings (image, secrets, ingress, storage class) stay in the
 chart's defaults or the operator's own values file layered on top.
 
-    python -m cluster.helm_values --profile h100x8-bf16 > my-values.yaml
+    python -m cluster.ops.helm_values --profile h100x8-bf16 > my-values.yaml
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cluster.config import ClusterConfig, GiB, PoolConfig
-from cluster.serve_config import (
+from deployments.serve_config import (
     GATEWAY_RAY_RESOURCE,
     render_serve_config_yaml,
 )
@@ -49,7 +49,7 @@ CPU_REPLICA_OVERHEAD_GIB = 3
 
 HEADER = (
     "# Generated from the typed config by `cluster render --profile {profile} --format helm-values`\n"
-    "# (or `python -m cluster.helm_values --profile {profile}`). Do not edit: change the profile\n"
+    "# (or `python -m cluster.ops.helm_values --profile {profile}`). Do not edit: change the profile\n"
     "# or config and regenerate; put site settings (image, secrets, storage) in your own values\n"
     "# file layered on top: helm install -f <this file> -f my-site.yaml\n"
 )

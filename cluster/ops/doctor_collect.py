@@ -14,7 +14,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from cluster.doctor import INSTANCE_LABEL, ClusterSnapshot, rayservice_name
+from cluster.ops.doctor import INSTANCE_LABEL, ClusterSnapshot, rayservice_name
 
 KUBERAY_GROUP, KUBERAY_VERSION = "ray.io", "v1"
 SERVE_STATUS_PATH = "api/serve/applications/"

@@ -3,7 +3,7 @@
 Pure functions over API objects as the Kubernetes API returns them (dicts in the API's
 JSON shape: camelCase, timestamps as RFC 3339 strings), so the diagnosis is tested on
 recorded objects without a cluster, Ray or the kubernetes client. The collector
-(cluster/doctor_collect.py) reads a live cluster into a `ClusterSnapshot`; `--save` writes
+(cluster/ops/doctor_collect.py) reads a live cluster into a `ClusterSnapshot`; `--save` writes
 the same JSON the tests load.
 
 Each check looks for one common failure, most specific evidence first (a container's

@@ -49,11 +49,11 @@ def _add_config_args(p: argparse.ArgumentParser, default_profile: str | None = D
 def cmd_render(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.config)
     if args.format == "helm-values":
-        from cluster.helm_values import render_helm_values_yaml  # the Helm chart's values
+        from cluster.ops.helm_values import render_helm_values_yaml  # the Helm chart's values
 
         sys.stdout.write(render_helm_values_yaml(cfg))
         return 0
-    from cluster.serve_config import render_serve_config_yaml
+    from deployments.serve_config import render_serve_config_yaml
 
     sys.stdout.write(render_serve_config_yaml(cfg))
     return 0
@@ -141,7 +141,7 @@ def _wait_for_ctrl_c(message: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.local import start_local_cluster
+    from cluster.ops.local import start_local_cluster
 
     cfg = load_config(args.profile, args.config)
     port = args.port or cfg.http_port
@@ -216,7 +216,7 @@ def run_demo(base_url: str, served_name: str, n_steady: int = 20) -> dict[str, f
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.local import start_local_cluster
+    from cluster.ops.local import start_local_cluster
 
     cfg = load_config(args.profile, None)
     cluster = start_local_cluster(cfg, http_port=args.port or cfg.http_port)
@@ -245,12 +245,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 0: nothing found, 1: warnings only, 2: a critical finding, 3: cluster unreadable."""
-    from cluster.doctor import ClusterSnapshot, diagnose, report
+    from cluster.ops.doctor import ClusterSnapshot, diagnose, report
 
     if args.from_file:
         snap = ClusterSnapshot.load(Path(args.from_file))
     else:
-        from cluster.doctor_collect import ClusterUnreachable, collect
+        from cluster.ops.doctor_collect import ClusterUnreachable, collect
 
         try:
             snap = collect(args.namespace, args.release, context=args.context, name=args.name)

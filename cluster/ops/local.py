@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.config import ClusterConfig
-from cluster.serve_config import APP_NAME, engine_env
 from cluster.upstream import ray_serve as upstream_ray
+from deployments.serve_config import APP_NAME, engine_env
 
 Progress = Callable[[str], None]
 
@@ -107,8 +107,8 @@ def start_local_cluster(
     import ray
     from ray import serve
 
-    from cluster.serve_config import render_serve_config
     from deployments.app import build_app
+    from deployments.serve_config import render_serve_config
 
     if quiet:
         # The driver would print every deployment's options and each client HTTP call.
