@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Required by the device machines (KINDS.md); set before NCCL or torch can read them.
+# NVLink multicast off (not every GPU pool supports it); set before NCCL or torch can read them.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 HIDDEN = 12288

@@ -469,7 +469,7 @@ class Profiler:
 
     def ceilings(self) -> dict[str, float | None]:
         """HBM copy (read + write) and read-only bandwidth and the bf16 GEMM rate, as
-        METHOD.md asks, after a second of GEMMs so the clocks have left idle."""
+        a steady measurement needs, after a second of GEMMs so the clocks have left idle."""
         if self.device.type != "cuda":
             return {"hbm_copy_gbps": None, "hbm_read_gbps": None, "bf16_gemm_tflops": None}
         a = torch.randn(8192, 8192, device=self.device, dtype=torch.bfloat16)
@@ -843,7 +843,7 @@ def transfer_attention(target: dict[str, Any], source: dict[str, Any]) -> dict[s
     GPU difference (HBM bandwidth for decode) stays in its cells; where the same kernel
     still wins on the same data layout, target keeps its own measurement rather than
     taking the source's noise (prefill's layout changed where the source read K/V in GQA
-    form and target expanded it). Used for the H100 tables while only an H200 is lent."""
+    form and target expanded it). Used for the H100 tables while only H200 measurements exist."""
     prev = source["previous_attention"]
     if source["settings"]["tp"] != target["settings"]["tp"]:
         raise ValueError("attention transfer needs tables of the same TP (same per-GPU heads)")

@@ -42,7 +42,7 @@ CALIBRATION_DIR = Path(__file__).parent / "calibration"
 @dataclass(frozen=True)
 class GpuSpec:
     """Ceilings of one accelerator. Datasheet rates derated to what PyTorch reached on the
-    lent machines (device KINDS.md: H100 copy 3.0 TB/s, bf16 GEMM ~800 TFLOP/s)."""
+    GPU machines we measured on (H100 copy 3.0 TB/s, bf16 GEMM ~800 TFLOP/s)."""
 
     key: str
     hbm_gbps: float  # achievable HBM bandwidth, GB/s

@@ -27,7 +27,7 @@ which the default piecewise graphs are not).
 
 Constants: the NCCL curve and the local parts (add + RMSNorm, the symm-mem copies, the
 kernel floor) are measured (bench/calibration/allreduce_*.json); the P2P and multimem
-latencies and bandwidths cannot be measured on the one- and two-GPU machines lent so far
+latencies and bandwidths cannot be measured on the one- and two-GPU machines measured so far
 and are modelled (NvlinkConstants), flagged as such in every table and description.
 """
 
@@ -100,7 +100,7 @@ class LocalParts:
 @dataclass(frozen=True)
 class NcclCurve:
     """NCCL beyond the other paths: its measured latency plus the ring's bandwidth term
-    at the bus bandwidth measured (NVLS off, as the lent machines require)."""
+    at the bus bandwidth measured (NVLS off, as measured)."""
 
     latency_us: float
     bus_gbps: float
