@@ -94,7 +94,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
         engine_kwargs=engine_kwargs(cfg, pool),
         placement_group_config=placement_group_config(cfg, pool),
         deployment_config={
-            "autoscaling_config": serve_autoscaling_config(pool),
+            "autoscaling_config": serve_autoscaling_config(cfg, pool),
             "request_router_config": request_router_config(cfg, pool),
             # Engines hold their own queues; Serve's per-replica cap only guards runaway load.
             "max_ongoing_requests": max(pool.engine.max_num_seqs * 4, 64),
