@@ -174,10 +174,13 @@ def format_plan(p: dict[str, Any]) -> str:
     saving_router = b["usd"] - f["usd"]
     saving_total = p["api_usd"] - f["usd"]
     share = saving_router / saving_total if saving_total > 0 else float("nan")
+    missed = (
+        "" if b["met"] else f" (it misses the target even at the pool maxima: {b['slo_attainment']:.1%}; a lower bound)"
+    )
     lines.append(
-        f"router: {b['router']} needs {b['gpu_hours'] - f['gpu_hours']:+.1f} GPU-h (${saving_router:+,.0f}) "
-        "for the same SLO; "
-        f"{share:.0%} of the fixed fleet's saving against the API (${saving_total:,.0f})"
+        f"router: {b['router']} costs ${saving_router:+,.0f} ({b['gpu_hours'] - f['gpu_hours']:+.1f} GPU-h) more "
+        f"for the same SLO{missed}; the fixed fleet saves ${saving_total:,.0f} against the API, "
+        f"the router's share of it {share:.0%}"
     )
     lines.append(f"autoscaled runs start at {_reps(p['start_replicas'])} (the fleet the first 10 minutes need); * best")
     return "\n".join(lines)
