@@ -15,8 +15,8 @@ minutes later (weight load + engine start). So:
 * scale down only while the wait is below `scale_down_below * target`, to the
   anticipated ongoing-requests decision; in between, hold.
 
-Engines report `queue_wait_s` (mean over the metrics interval) and `arrival_rate`
-(requests/s) through `record_autoscaling_stats()`; Serve averages them per replica over
+Engines report `queue_wait_s` and `arrival_rate` (autoscaling/engine_metrics.py)
+through `record_autoscaling_stats()`; Serve averages them per replica over
 `look_back_period_s`. Without them the policy decides like Serve's default. Ray applies
 min/max replicas, delays and scaling factors around the decision
 (serve/autoscaling_policy.py: _apply_autoscaling_config). No Ray imports: the simulator
@@ -28,8 +28,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-QUEUE_WAIT_S = "queue_wait_s"
-ARRIVAL_RATE = "arrival_rate"
+from autoscaling.engine_metrics import ARRIVAL_RATE, QUEUE_WAIT_S
 
 POLICY_IMPORT_PATH = "autoscaling.slo_policy:SLOAutoscalingPolicy"
 

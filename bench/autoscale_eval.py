@@ -52,6 +52,22 @@ def with_bounds(cfg: Any, bounds: dict[str, tuple[int, int]]) -> Any:
     return type(cfg).model_validate(out.model_dump())
 
 
+def with_targets(cfg: Any, targets: dict[str, float]) -> Any:
+    """A copy with each pool's target_ongoing_requests set (what all three policies'
+    ongoing-requests term divides by)."""
+    out = cfg.model_copy(deep=True)
+    for p in out.pools:
+        if p.name in targets:
+            p.autoscaling.target_ongoing_requests = targets[p.name]
+    return out
+
+
+def calibrated_targets(row: dict[str, Any]) -> dict[str, float]:
+    """target_ongoing_requests per pool from a fixed fleet that meets the SLO: the
+    requests in flight per replica it carried (rounded to 0.5)."""
+    return {name: max(1.0, round(v * 2) / 2) for name, v in row["ongoing_per_replica"].items()}
+
+
 def with_initial(cfg: Any, initial: dict[str, int]) -> Any:
     out = cfg.model_copy(deep=True)
     for p in out.pools:
@@ -140,6 +156,15 @@ def run_fleet(
         cold = {}
     replicas_mean = {name: _time_mean(s, end) for name, s in series.items()}
     replicas_max = {name: max(x[2] for x in s) for name, s in series.items()}
+    # Requests in flight per serving replica (Little: sum of time in system / time).
+    in_system = {name: 0.0 for name in series}
+    for a, f, pool in zip(res.arrival, res.finish, res.pool, strict=True):
+        if f >= 0 and pool in in_system:
+            in_system[pool] += f - a
+    ongoing_per_replica = {
+        name: in_system[name] / end / replicas_mean[name] if end > 0 and replicas_mean[name] > 0 else 0.0
+        for name in series
+    }
     in_tok = sum(res.prompt_tokens[i] for i in range(len(res.arrival)) if res.finish[i] >= 0)
     out_tok = sum(res.output_tokens[i] for i in range(len(res.arrival)) if res.finish[i] >= 0)
     return {
@@ -159,6 +184,7 @@ def run_fleet(
         "replicas_max": replicas_max,
         "replicas_series": series,
         "cold_start": cold,
+        "ongoing_per_replica": ongoing_per_replica,
         "input_tokens": in_tok,
         "output_tokens": out_tok,
         "sim_wall_s": time.perf_counter() - started,
@@ -193,6 +219,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--slo-target", type=float, default=0.99, help="fraction of requests the fixed fleets must serve in SLO"
     )
+    p.add_argument(
+        "--targets",
+        choices=["calibrated", "profile"],
+        default="calibrated",
+        help="target_ongoing_requests of the autoscaled runs: the profile's, or calibrated on the fixed fleet "
+        "that meets the SLO at the mean load (requests in flight per replica)",
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="out/autoscale")
     p.add_argument("--no-plots", action="store_true")
@@ -226,7 +259,7 @@ def _one(task: tuple[str, str, dict[str, int] | None, float | None]) -> dict[str
     cfg = (
         _JOB["cfg"]
         if policy.startswith("fixed")
-        else with_initial(with_policy(_JOB["cfg"], policy), _JOB["start"][shape])
+        else with_initial(with_policy(_JOB["auto_cfg"], policy), _JOB["start"][shape])
     )
     row = run_fleet(cfg, _JOB["traces"][shape], router=_JOB["router"], fixed=fixed, cold_start_override_s=cold)
     row.update(shape=shape, policy=policy, cold_start_override_s=cold)
@@ -346,12 +379,23 @@ def run(args: argparse.Namespace) -> int:
     def size(trace: Trace) -> dict[str, int]:
         return min_fixed_fleet(cfg, trace, slo_target=args.slo_target, router=args.router)[0]
 
-    mean_fleet = size(apply_shape(base, make_shape("flat"), args.rate_scale))
+    mean_fleet, mean_row, _ = min_fixed_fleet(
+        cfg, apply_shape(base, make_shape("flat"), args.rate_scale), slo_target=args.slo_target, router=args.router
+    )
+    targets = (
+        calibrated_targets(mean_row)
+        if args.targets == "calibrated"
+        else {p.name: p.autoscaling.target_ongoing_requests for p in cfg.pools}
+    )
+    print(f"  target_ongoing_requests ({args.targets}): {targets}", flush=True)
+    auto_cfg = with_targets(cfg, targets)
     sizing: dict[str, dict[str, dict[str, int]]] = {}
     for s in shapes:
         sizing[s] = {"peak": size(traces[s]), "mean": mean_fleet, "start": size(head_window(traces[s], START_WINDOW_S))}
         print(f"  {s}: fixed fleets meeting {args.slo_target:.0%}: {sizing[s]}", flush=True)
-    _JOB.update(cfg=cfg, traces=traces, router=args.router, start={s: z["start"] for s, z in sizing.items()})
+    _JOB.update(
+        cfg=cfg, auto_cfg=auto_cfg, traces=traces, router=args.router, start={s: z["start"] for s, z in sizing.items()}
+    )
     tasks: list[tuple[str, str, dict[str, int] | None, float | None]] = []
     for s in shapes:
         tasks += [(s, p, None, None) for p in policies]
@@ -380,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
         "pools": {p.name: {"min": p.min_replicas, "max": p.max_replicas} for p in cfg.pools},
         "shapes": {s: t.meta for s, t in traces.items()},
         "sizing": sizing,
+        "target_ongoing_requests": {"source": args.targets, "values": targets},
         "slo": "TTFT <= max(2 s, 1.5 x own no-cache prefill floor) and TPOT <= 100 ms",
         "runs": rows,
         "cold_start_sweep": sweep_rows,

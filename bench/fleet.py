@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoscaling.cold_start import ColdStart, cold_start
+from autoscaling.engine_metrics import QueueWaitMeter
 from autoscaling.serve_autoscaling import make_policy, serve_autoscaling_config
 from autoscaling.serve_rules import PolicyContext, ScalingRules, ServeAutoscaler
 from bench.replica_model import ReplicaModel, Seq
@@ -42,15 +43,14 @@ DEFAULT_NODE_IDLE_TIMEOUT_S = 900.0
 
 
 class FleetReplica(ReplicaModel):
-    """A simulated engine that also measures what its record_autoscaling_stats() reports:
-    queue waits (arrival to first admission) and arrivals."""
+    """A simulated engine that also measures what its record_autoscaling_stats() reports
+    (autoscaling/engine_metrics.py, as the real engine does)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._now = 0.0
-        self.wait_sum = 0.0
-        self.wait_count = 0
-        self.arrivals = 0
+        self.meter = QueueWaitMeter(0.0)
+        self._admitted: list[tuple[str, float, float]] = []  # since the last report
 
     def start_step(self, now: float, bound: float) -> float:
         self._now = now
@@ -60,29 +60,22 @@ class FleetReplica(ReplicaModel):
         first = not seq.admitted
         n = super()._admit(seq, budget)
         if n and first:
-            self.wait_sum += self._now - seq.req.arrival_s
-            self.wait_count += 1
+            self._admitted.append((seq.req.request_id, seq.req.arrival_s, self._now))
         return n
 
-    def take_metrics(self, now: float, since: float) -> dict[str, float]:
-        """One recorded point; resets the interval counters."""
-        if self.wait_count:
-            wait = self.wait_sum / self.wait_count
-        elif self.waiting:
-            wait = now - self.waiting[0].req.arrival_s  # nothing admitted: the head's age so far
-        else:
-            wait = 0.0
-        rate = self.arrivals / (now - since) if now > since else 0.0
-        self.wait_sum = 0.0
-        self.wait_count = 0
-        self.arrivals = 0
+    def take_metrics(self, now: float) -> dict[str, float]:
+        """One recorded point; resets the interval."""
+        # Requests admitted and finished within the interval count too (vLLM reports
+        # them from the same per-request timestamps).
+        still = [(s.req.request_id, s.req.arrival_s, 0.0) for s in self.waiting if not s.admitted]
+        figures = self.meter.report([*self._admitted, *still], now)
+        self._admitted = []
         return {
             "ongoing": float(len(self.waiting) + len(self.running)),
             "num_waiting": float(len(self.waiting)),
             "num_running": float(len(self.running)),
             "kv_usage": self.kv.usage(),
-            "queue_wait_s": wait,
-            "arrival_rate": rate,
+            **figures,
         }
 
 
@@ -175,7 +168,6 @@ class FleetController:
         self._next_push = 0.0
         self._record_period = min(p.rules.metrics_interval_s for p in self.pools.values()) * RECORD_INTERVAL_FACTOR
         self._push_period = min(p.rules.metrics_interval_s for p in self.pools.values())
-        self._last_record = 0.0
         self.end_s = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -203,7 +195,7 @@ class FleetController:
 
     def on_arrival(self, now: float, replica: ReplicaModel) -> None:
         if isinstance(replica, FleetReplica):
-            replica.arrivals += 1
+            replica.meter.on_request()
 
     def on_drained(self, now: float, replica: ReplicaModel) -> None:
         rid = replica.replica_id
@@ -219,6 +211,8 @@ class FleetController:
             if ready:
                 pf.starting = [(t, r) for t, r in pf.starting if t > now]
                 for _, rep in ready:
+                    if isinstance(rep, FleetReplica):
+                        rep.meter = QueueWaitMeter(now)  # its rate counts from when it serves
                     sim.make_routable(rep)
                     pf.running.append(rep)
                 self._mark(pf, now)
@@ -238,12 +232,10 @@ class FleetController:
     # -- metrics and decisions ------------------------------------------------------------
 
     def _record(self, now: float) -> None:
-        since = self._last_record
-        self._last_record = now
         for pf in self.pools.values():
             for rep in pf.running:
                 if isinstance(rep, FleetReplica):
-                    point = rep.take_metrics(now, since)
+                    point = rep.take_metrics(now)
                 else:
                     w, r, kv = rep.stats()
                     point = {"ongoing": float(w + r), "num_waiting": float(w), "num_running": float(r), "kv_usage": kv}
