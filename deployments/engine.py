@@ -20,6 +20,8 @@ from typing import Any
 
 from ray.serve.llm.deployment import LLMServer
 
+from autoscaling.engine_metrics import QueueWaitMeter
+
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 
@@ -55,6 +57,33 @@ class PoolEngine(LLMServer):
     max_num_seqs and block_size to the request router."""
 
     _tap: Any = None
+    _meter: QueueWaitMeter | None = None
+
+    def _queue_meter(self) -> QueueWaitMeter:
+        if self._meter is None:
+            self._meter = QueueWaitMeter(time.monotonic())
+        return self._meter
+
+    async def chat(self, *args: Any, **kwargs: Any) -> Any:
+        self._queue_meter().on_request()
+        return await super().chat(*args, **kwargs)
+
+    async def completions(self, *args: Any, **kwargs: Any) -> Any:
+        self._queue_meter().on_request()
+        return await super().completions(*args, **kwargs)
+
+    def queue_figures(self) -> dict[str, float]:
+        """queue_wait_s and arrival_rate (autoscaling/engine_metrics.py) from vLLM's
+        per-request timestamps: queued_ts / scheduled_ts are the engine core's
+        time.monotonic(), one clock per host, so comparable with ours."""
+        client = self._engine_client()
+        states = getattr(getattr(client, "output_processor", None), "request_states", None) or {}
+        requests = [
+            (rid, st.stats.queued_ts, st.stats.scheduled_ts)
+            for rid, st in list(states.items())
+            if getattr(st, "stats", None) is not None
+        ]
+        return self._queue_meter().report(requests, time.monotonic())
 
     async def start(self) -> None:
         await super().start()
@@ -125,14 +154,18 @@ class PoolEngine(LLMServer):
         return stats
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics (autoscaling/queue_kv_policy.py reads
-        num_waiting and kv_usage); the same figures as the routing stats."""
+        """Serve's custom autoscaling metrics: num_waiting and kv_usage (the routing
+        stats; autoscaling/queue_kv_policy.py) and queue_wait_s / arrival_rate
+        (autoscaling/slo_policy.py)."""
         try:
             stats = self.engine_stats()
+            figures = self.queue_figures()
         except Exception:
             logger.exception("reading vLLM scheduler stats failed")
             return {}
-        return {k: float(stats[k]) for k in ("num_waiting", "num_running", "kv_usage") if k in stats}
+        out: dict[str, float] = {k: float(stats[k]) for k in ("num_waiting", "num_running", "kv_usage") if k in stats}
+        out.update(figures)
+        return out
 
     async def record_routing_stats(self) -> dict[str, Any]:
         base = await super().record_routing_stats()

@@ -192,3 +192,18 @@ def test_slo_policy_rejects_meaningless_settings() -> None:
         SLOAutoscalingPolicy(target_queue_wait_s=0)
     with pytest.raises(ValueError, match="scale_down_below"):
         SLOAutoscalingPolicy(scale_down_below=1.0)
+
+
+def test_queue_wait_meter_reports_admitted_and_still_waiting_requests_once() -> None:
+    from autoscaling.engine_metrics import QueueWaitMeter
+
+    meter = QueueWaitMeter(now=100.0)
+    for _ in range(6):
+        meter.on_request()
+    # a: admitted after 0.5 s; b: still waiting since 101; c: not queued in the core yet.
+    first = meter.report([("a", 100.0, 100.5), ("b", 101.0, 0.0), ("c", 0.0, 0.0)], now=102.0)
+    assert first == {QUEUE_WAIT_S: pytest.approx((0.5 + 1.0) / 2), ARRIVAL_RATE: pytest.approx(3.0)}
+    # a was reported already; b got scheduled at 102.5 (waited 1.5 s).
+    second = meter.report([("a", 100.0, 100.5), ("b", 101.0, 102.5)], now=104.0)
+    assert second == {QUEUE_WAIT_S: pytest.approx(1.5), ARRIVAL_RATE: 0.0}
+    assert meter.report([], now=106.0) == {QUEUE_WAIT_S: 0.0, ARRIVAL_RATE: 0.0}
