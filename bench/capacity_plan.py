@@ -7,7 +7,8 @@ what the router and autoscaling save.
 * fixed fleet: per pool, the fewest replicas (bisection, pools in turn, the others held)
   for which at least `--slo` of the requests meet the per-request SLO (bench/slo.py);
 * autoscaled: each autoscaling policy (bench/fleet.py) started at the fleet the first
-  10 minutes need, with the profile's bounds: GPU-hours and SLO attainment;
+  10 minutes need, with the profile's bounds and `target_ongoing_requests` set to the
+  requests in flight per replica of that fixed fleet: GPU-hours and SLO attainment;
 * cost: GPU-hours x price per hour, per 1M input and 1M output tokens. Input and output
   share the cost in the Mistral API's own 1:3 price ratio ($2 / $6 per 1M for Mistral
   Large), so the two figures compare like for like with the API price;
@@ -19,7 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.autoscale_eval import AUTOSCALING_POLICIES, run_fleet, with_initial, with_policy
+from bench.autoscale_eval import (
+    AUTOSCALING_POLICIES,
+    calibrated_targets,
+    run_fleet,
+    with_initial,
+    with_policy,
+    with_targets,
+)
 from bench.traces import Trace
 
 MISTRAL_API_INPUT_PER_M = 2.0
@@ -88,9 +96,12 @@ def plan(
     base, base_row, base_met = min_fixed_fleet(cfg, trace, slo_target=slo_target, router=baseline_router, log=log)
     log("  starting fleet (first 10 min) ...")
     start, _, _ = min_fixed_fleet(cfg, head_window(trace, START_WINDOW_S), slo_target=slo_target, router=router)
+    # The autoscalers aim at the load per replica the SLO-meeting fixed fleet carried.
+    targets = calibrated_targets(fixed_row)
+    auto_cfg = with_targets(cfg, targets)
     auto_rows = []
     for policy in AUTOSCALING_POLICIES:
-        row = run_fleet(with_initial(with_policy(cfg, policy), start), trace, router=router)
+        row = run_fleet(with_initial(with_policy(auto_cfg, policy), start), trace, router=router)
         row["policy"] = policy
         log(f"    autoscaled {policy}: SLO {row['slo_attainment']:.1%}, {row['gpu_hours']:.1f} GPU-h")
         auto_rows.append(row)
@@ -119,6 +130,7 @@ def plan(
             **costs(base_row),
         },
         "start_replicas": start,
+        "target_ongoing_requests": targets,
         "autoscaled": [{"policy": r["policy"], **_figures(r), **costs(r)} for r in auto_rows],
         "best_autoscaled": best["policy"],
         "api_usd": api,
@@ -182,7 +194,10 @@ def format_plan(p: dict[str, Any]) -> str:
         f"for the same SLO{missed}; the fixed fleet saves ${saving_total:,.0f} against the API, "
         f"the router's share of it {share:.0%}"
     )
-    lines.append(f"autoscaled runs start at {_reps(p['start_replicas'])} (the fleet the first 10 minutes need); * best")
+    lines.append(
+        f"autoscaled runs start at {_reps(p['start_replicas'])} (the fleet the first 10 minutes need), "
+        f"target_ongoing_requests {p['target_ongoing_requests']} (in flight per replica of the fixed fleet); * best"
+    )
     return "\n".join(lines)
 
 

@@ -136,3 +136,19 @@ def test_repeated_trace_copies_never_hit_each_other() -> None:
     assert len(twice) == 2 * len(base)
     assert twice.duration_s > 2 * base.duration_s
     assert twice.stats().block_hit_ceiling == pytest.approx(base.stats().block_hit_ceiling, rel=1e-6)
+
+
+def test_capacity_planner_finds_the_smallest_fixed_fleet_and_prices_it() -> None:
+    from bench.capacity_plan import cost_per_million, min_fixed_fleet
+
+    cfg = small_cfg()
+    trace = busy_trace()
+    fleet, row, met = min_fixed_fleet(cfg, trace, slo_target=0.95)
+    assert met and row["slo_attainment"] >= 0.95
+    from bench.autoscale_eval import run_fleet
+
+    for pool, n in fleet.items():
+        if n > 1:  # one replica fewer in any pool misses the target
+            assert run_fleet(cfg, trace, fixed={**fleet, pool: n - 1})["slo_attainment"] < 0.95
+    # $20 over 1M input + 1M output tokens, split 1:3 like the API's $2 / $6.
+    assert cost_per_million(10.0, 2.0, 1_000_000, 1_000_000) == pytest.approx((5.0, 15.0))
