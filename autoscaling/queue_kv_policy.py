@@ -84,17 +84,3 @@ class QueueKVAutoscalingPolicy:
             "held_for_kv": held,
         }
         return desired, state
-
-
-def queue_kv_policy_config(
-    target_waiting_per_replica: float = 4.0, target_kv_usage: float = 0.85, kv_hold: float = 0.5
-) -> dict[str, Any]:
-    """The `policy` entry of a deployment's autoscaling_config selecting this policy."""
-    return {
-        "policy_function": POLICY_IMPORT_PATH,
-        "policy_kwargs": {
-            "target_waiting_per_replica": target_waiting_per_replica,
-            "target_kv_usage": target_kv_usage,
-            "kv_hold": kv_hold,
-        },
-    }

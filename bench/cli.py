@@ -16,6 +16,7 @@ from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "sim": ("bench.sim_cli", "compare routing policies on a trace with the cluster simulator"),
+    "autoscale": ("bench.autoscale_eval", "autoscaling policies on shaped traffic: GPU-hours against SLO"),
     "replay": ("bench.replay_cluster", "replay a scaled-down trace against the running local cluster"),
     "router": ("bench.router_latency", "routing decision latency of each policy"),
     "router-cluster": ("bench.router_cluster", "routing through the real cluster's request router"),

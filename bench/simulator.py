@@ -13,6 +13,11 @@ Events, in time order (ties in this order):
     block hashes are the chained trace block ids (block size = the trace's, 512 tokens
     for Mooncake; policies get that block size and the KV capacity in those blocks).
 
+With a `fleet` (bench/fleet.py), the replica set changes during the run: the fleet's
+events (autoscaler ticks, replicas becoming ready) interleave with the others; a replica
+added is routable only once ready, a replica removed stops taking requests and is
+released when its last request finishes (drain).
+
 Only replicas with work have a pending event (a heap of next-step times), so the cost is
 per engine step, not per token. Everything is deterministic for a given seed.
 """
@@ -25,7 +30,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bench.replica_model import ReplicaModel, Seq, StepTime
 from bench.traces import Trace, TraceStats, chain_block_ids
@@ -35,6 +40,20 @@ from cluster.routing.pool_selector import ContextTooLong, PoolLoad, PoolSelector
 
 StepTimeFactory = Callable[[ClusterConfig, PoolConfig], StepTime]
 PolicyFactory = Callable[..., RoutingPolicy]
+ReplicaFactory = Callable[..., ReplicaModel]
+
+
+class FleetHook(Protocol):
+    """What the simulator asks of a changing fleet (bench/fleet.py)."""
+
+    def next_event_s(self) -> float: ...
+
+    def on_event(self, now: float, sim: ClusterSimulator) -> None: ...
+
+    def on_arrival(self, now: float, replica: ReplicaModel) -> None: ...
+
+    def on_drained(self, now: float, replica: ReplicaModel) -> None: ...
+
 
 INF = float("inf")
 
@@ -113,13 +132,22 @@ class SimResult:
 
 
 class _Pool:
-    def __init__(self, pool: PoolConfig, replicas: list[ReplicaModel], policy: RoutingPolicy, capacity: int) -> None:
+    def __init__(
+        self,
+        pool: PoolConfig,
+        replicas: list[ReplicaModel],
+        policy: RoutingPolicy,
+        capacity: int,
+        make_replica: Callable[[int], ReplicaModel],
+    ) -> None:
         self.config = pool
-        self.replicas = replicas
+        self.replicas = replicas  # routable ones
         self.by_id = {r.replica_id: r for r in replicas}
         self.policy = policy
         self.capacity_blocks = capacity
         self.in_flight = 0  # routed here, not finished
+        self.make_replica = make_replica
+        self.created = len(replicas)
 
 
 class ClusterSimulator:
@@ -138,6 +166,8 @@ class ClusterSimulator:
         spill: bool = True,
         decode_runs: bool = True,
         async_scheduling: bool = True,
+        replica_factory: ReplicaFactory = ReplicaModel,
+        fleet: FleetHook | None = None,
     ) -> None:
         unknown = set(replicas) - {p.name for p in cfg.pools}
         if unknown:
@@ -151,6 +181,7 @@ class ClusterSimulator:
         self.seed = seed
         self.stats_period_s = cfg.router.stats_period_s if stats_period_s is None else stats_period_s
         self.spill = spill
+        self.fleet = fleet
         self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
         B = trace.block_size
         fresh = itertools.count(1)
@@ -170,9 +201,12 @@ class ClusterSimulator:
             if callable(describe):
                 self.step_time_notes.append(f"{pool.name}: {describe()}")
             e = pool.engine
-            reps = [
-                ReplicaModel(
-                    f"{pool.name}-{i}",
+
+            def make_replica(
+                i: int, name: str = pool.name, st: StepTime = st, capacity: int = capacity, e: Any = e
+            ) -> ReplicaModel:
+                return replica_factory(
+                    f"{name}-{i}",
                     step_time=st,
                     capacity_blocks=capacity,
                     block_size=B,
@@ -182,16 +216,51 @@ class ClusterSimulator:
                     decode_runs=decode_runs,
                     async_scheduling=async_scheduling,
                 )
-                for i in range(n)
-            ]
+
+            reps = [make_replica(i) for i in range(n)]
             options = dict(cfg.router.options) if policy == cfg.router.policy else {}
             options.update(policy_options or {})
             pol = policy_factory(policy, block_size=B, seed=seed + pi, **options)
             pol.on_replicas_changed([r.replica_id for r in reps])
-            self.pools[pool.name] = _Pool(pool, reps, pol, capacity)
+            self.pools[pool.name] = _Pool(pool, reps, pol, capacity, make_replica)
         self.selector = PoolSelector([self.pools[name].config for name in self.pools])
         self.replicas: list[ReplicaModel] = [r for p in self.pools.values() for r in p.replicas]
         self._pool_of = {r.replica_id: p for p in self.pools.values() for r in p.replicas}
+        self._replica_idx = {r.replica_id: i for i, r in enumerate(self.replicas)}
+        self._since_snap: dict[str, int] = {r.replica_id: 0 for r in self.replicas}
+        self._heap: list[tuple[float, int]] = []
+        self._bound = INF  # the next external event while run() is inside an arrival
+
+    # -- a changing fleet (bench/fleet.py drives these) --------------------------------
+
+    def add_replica(self, pool_name: str) -> ReplicaModel:
+        """A new replica of a pool, not yet routable (it is starting)."""
+        pool = self.pools[pool_name]
+        rep = pool.make_replica(pool.created)
+        pool.created += 1
+        self._replica_idx[rep.replica_id] = len(self.replicas)
+        self.replicas.append(rep)
+        self._pool_of[rep.replica_id] = pool
+        self._since_snap[rep.replica_id] = 0
+        return rep
+
+    def make_routable(self, rep: ReplicaModel) -> None:
+        pool = self._pool_of[rep.replica_id]
+        pool.replicas.append(rep)
+        pool.by_id[rep.replica_id] = rep
+        pool.policy.on_replicas_changed([r.replica_id for r in pool.replicas])
+
+    def stop_routing(self, rep: ReplicaModel) -> bool:
+        """Take a replica out of its pool's routing set (drain); True when it is idle now."""
+        pool = self._pool_of[rep.replica_id]
+        if rep.replica_id in pool.by_id:
+            del pool.by_id[rep.replica_id]
+            pool.replicas = [r for r in pool.replicas if r is not rep]
+            pool.policy.on_replicas_changed([r.replica_id for r in pool.replicas])
+        return not (rep.has_work() or rep.busy)
+
+    def pool_of(self, rep: ReplicaModel) -> str:
+        return self._pool_of[rep.replica_id].config.name
 
     # ---------------------------------------------------------------------------------
 
@@ -205,13 +274,14 @@ class ClusterSimulator:
         seqs: list[Seq | None] = [None] * N
         rejected = [False] * N
         spilled = [False] * N
-        replica_idx = {r.replica_id: i for i, r in enumerate(self.replicas)}
-        heap: list[tuple[float, int]] = []
+        replica_idx = self._replica_idx
+        heap = self._heap
+        fleet = self.fleet
         period = self.stats_period_s
         next_snap = 0.0 if period > 0 else INF
         epoch = 0
         snapshot: dict[str, tuple[int, int, float]] = {}
-        since_snap: dict[str, int] = {r.replica_id: 0 for r in self.replicas}
+        since_snap = self._since_snap
         session_replica: dict[str, str] = {}
         i = 0
 
@@ -224,15 +294,21 @@ class ClusterSimulator:
             t_arr = reqs[i].arrival_s if i < N else INF
             t_step = heap[0][0] if heap else INF
             t_snap = next_snap if i < N else INF
-            if t_step <= t_snap and t_step <= t_arr:
+            t_fleet = fleet.next_event_s() if fleet is not None and (i < N or heap) else INF
+            if t_step <= t_snap and t_step <= t_arr and t_step <= t_fleet:
                 now, ri = heapq.heappop(heap)
                 rep = self.replicas[ri]
                 for seq in rep.finish_step(now):
                     self._finish(rep, seq, epoch, since_snap, session_replica)
                 if rep.has_work():
-                    heapq.heappush(heap, (rep.start_step(now, min(t_arr, t_snap)), ri))
+                    heapq.heappush(heap, (rep.start_step(now, min(t_arr, t_snap, t_fleet)), ri))
                 else:
                     rep.flush_late()  # idle: the last outputs are processed
+                    if fleet is not None and rep.replica_id not in self._pool_of[rep.replica_id].by_id:
+                        fleet.on_drained(now, rep)
+            elif t_fleet <= t_snap and t_fleet <= t_arr:
+                assert fleet is not None
+                fleet.on_event(t_fleet, self)
             elif t_snap <= t_arr:
                 take_snapshot()
                 epoch += 1
@@ -266,8 +342,12 @@ class ClusterSimulator:
                 pool.in_flight += 1
                 was_busy = rep.busy
                 rep.enqueue(seq)
+                if fleet is not None:
+                    fleet.on_arrival(now, rep)
                 if not was_busy:
                     bound = min(reqs[i].arrival_s, next_snap) if i < N else INF
+                    if fleet is not None:
+                        bound = min(bound, fleet.next_event_s())
                     heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))
         if check:
             for r in self.replicas:

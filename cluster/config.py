@@ -77,14 +77,63 @@ class EngineArgs(_Strict):
         return "bfloat16" if self.dtype == "auto" else self.dtype
 
 
+AutoscalingPolicyName = Literal["ongoing-requests", "queue-kv", "slo"]
+
+
+class QueueKVPolicyConfig(_Strict):
+    """Parameters of autoscaling/queue_kv_policy.py."""
+
+    target_waiting_per_replica: float = Field(4.0, gt=0)
+    target_kv_usage: float = Field(0.85, gt=0, le=1)
+    kv_hold: float = Field(0.5, ge=0, le=1)
+
+
+class SLOPolicyConfig(_Strict):
+    """Parameters of autoscaling/slo_policy.py: scale on measured queue wait against a
+    target, and ahead of a rising arrival rate by the pool's cold start."""
+
+    # Mean time a request waits in an engine's queue before its prefill starts. Waiting is
+    # the part of TTFT more replicas remove; the prefill itself is not.
+    target_queue_wait_s: float = Field(0.5, gt=0)
+    # Scale down only while the measured wait is below this fraction of the target.
+    scale_down_below: float = Field(0.25, ge=0, lt=1)
+    # Arrival-rate trend over this window, projected over the cold start.
+    trend_window_s: float = Field(120.0, gt=0)
+    # None: the pool's estimated cold start (ColdStartConfig), the time a replica asked
+    # for now needs before it serves.
+    lead_s: float | None = Field(None, ge=0)
+
+
+class ColdStartConfig(_Strict):
+    """How long a new engine replica takes to serve: the simulator and the SLO policy's
+    lead time use it. Defaults reproduce Ray's deployment-initialization guide figure for
+    a 70B model on TP=4 (141 GB bf16: 360 s to first token unoptimised): 141 GB at 0.6 GB/s
+    is 235 s plus 120 s of engine start (torch.compile, CUDA-graph capture, warm-up).
+    Streamed weights and a persistent compile cache gave 126 s there: about 2.1 GB/s and
+    60 s. Node provisioning (cloud GPU node + image pull) is our assumption."""
+
+    node_provision_s: float = Field(180.0, ge=0)
+    weight_load_gb_per_s: float = Field(0.6, gt=0)
+    engine_start_s: float = Field(120.0, ge=0)
+
+
 class AutoscalingConfig(_Strict):
     """Ray Serve replica autoscaling of one pool (engine replicas, not pods)."""
 
+    # ongoing-requests: Serve's default policy; queue-kv and slo: ours (autoscaling/).
+    policy: AutoscalingPolicyName = "ongoing-requests"
     target_ongoing_requests: float = Field(32.0, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     upscaling_factor: float = Field(1.0, gt=0)
     downscaling_factor: float = Field(0.5, gt=0)
+    # Serve's metric cadence: replicas report every metrics_interval_s, the controller
+    # averages over look_back_period_s (Ray's defaults).
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    queue_kv: QueueKVPolicyConfig = Field(default_factory=QueueKVPolicyConfig)
+    slo: SLOPolicyConfig = Field(default_factory=SLOPolicyConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
 
 
 class PoolConfig(_Strict):
@@ -436,6 +485,8 @@ class ClusterConfig(_Strict):
 __all__ = [
     "AuthConfig",
     "AutoscalingConfig",
+    "AutoscalingPolicyName",
+    "ColdStartConfig",
     "ClusterConfig",
     "DrainConfig",
     "EngineArgs",
@@ -444,8 +495,10 @@ __all__ = [
     "ModelConfig",
     "NodeShape",
     "PoolConfig",
+    "QueueKVPolicyConfig",
     "RouterConfig",
     "SERVED_MODEL_NAME",
+    "SLOPolicyConfig",
     "SessionConfig",
     "TelemetryConfig",
 ]

@@ -103,7 +103,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
         engine_kwargs=engine_kwargs(cfg, pool),
         placement_group_config=placement_group_config(cfg, pool),
         deployment_config={
-            "autoscaling_config": serve_autoscaling_config(pool),
+            "autoscaling_config": serve_autoscaling_config(cfg, pool),
             "request_router_config": request_router_config(cfg, pool),
             "max_ongoing_requests": pool.engine.serve_max_ongoing_requests,
             # A wedged engine fails its check (deployments.engine); Serve replaces a replica

@@ -24,6 +24,9 @@ from typing import Any
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
+from autoscaling.engine_metrics import QueueWaitMeter
+from cluster.upstream import ray_serve as upstream_ray
+from cluster.upstream import vllm as upstream_vllm
 from deployments.engine_stats import latest_tap
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
@@ -59,6 +62,20 @@ class PoolEngine(LLMServer):
             raise RuntimeError(
                 f"engine wedged: {self._unfinished} request(s) in flight and no engine step for {stalled:.0f} s"
             )
+
+    _meter: QueueWaitMeter | None = None
+
+    def _queue_meter(self) -> QueueWaitMeter:
+        if self._meter is None:
+            self._meter = QueueWaitMeter(time.monotonic())
+        return self._meter
+
+    def queue_figures(self) -> dict[str, float]:
+        """queue_wait_s and arrival_rate (autoscaling/engine_metrics.py) from vLLM's
+        per-request timestamps: queued_ts / scheduled_ts are the engine core's
+        time.monotonic(), one clock per host, so comparable with ours."""
+        requests = upstream_vllm.request_timestamps(upstream_ray.async_llm_of(self))
+        return self._queue_meter().report(requests, time.monotonic())
 
     async def start(self) -> None:
         await super().start()
@@ -96,6 +113,7 @@ class PoolEngine(LLMServer):
         return self._counted(await super().completions(request, raw_request_info))
 
     async def _counted(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        self._queue_meter().on_request()
         if self._unfinished == 0:
             self._busy_since = time.monotonic()
         self._unfinished += 1
@@ -137,14 +155,18 @@ class PoolEngine(LLMServer):
         return stats
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics (autoscaling/queue_kv_policy.py reads
-        num_waiting and kv_usage); the same figures as the routing stats."""
+        """Serve's custom autoscaling metrics: num_waiting and kv_usage (the routing
+        stats; autoscaling/queue_kv_policy.py) and queue_wait_s / arrival_rate
+        (autoscaling/slo_policy.py)."""
         try:
             stats = self.engine_stats()
+            figures = self.queue_figures()
         except Exception:
             logger.exception("reading vLLM scheduler stats failed")
             return {}
-        return {k: float(stats.get(k, 0.0)) for k in ("num_waiting", "num_running", "kv_usage")}
+        out: dict[str, float] = {k: float(stats[k]) for k in ("num_waiting", "num_running", "kv_usage") if k in stats}
+        out.update(figures)
+        return out
 
     async def record_routing_stats(self) -> dict[str, Any]:
         base = await super().record_routing_stats()

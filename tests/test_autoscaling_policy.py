@@ -16,8 +16,11 @@ from deployments.serve_autoscaling import serve_autoscaling_config
 
 
 def serve_config(queue_kv_policy: bool) -> AutoscalingConfig:
-    pool = load_profile("h200x4-fp8").pool("long")
-    return AutoscalingConfig(**serve_autoscaling_config(pool, queue_kv_policy=queue_kv_policy))
+    cfg = load_profile("h200x4-fp8")
+    pool = cfg.pool("long")
+    if queue_kv_policy:
+        pool.autoscaling.policy = "queue-kv"
+    return AutoscalingConfig(**serve_autoscaling_config(cfg, pool))
 
 
 def context(

@@ -4,6 +4,7 @@ cluster demo [--exit]                   local cluster on cpu-tiny + a real chat 
 cluster serve [--profile P | --config F] [--port N]
 cluster render [--profile P | --config F] [--format serve|helm-values]
 cluster plan [--profile P | --config F]  memory arithmetic (all GPU profiles by default)
+cluster plan --trace F --profile P --gpu-hour-price USD [--slo 0.99]   capacity plan on a trace
 cluster bench <name> ...                 benchmarks (bench/)
 cluster doctor --release R [-n NS]       what is wrong with a release on Kubernetes, and the runbook
 """
@@ -110,7 +111,39 @@ def plan_table(cfg: ClusterConfig) -> str:
     return "\n".join([head, *out, *explain])
 
 
+def cmd_capacity_plan(args: argparse.Namespace) -> int:
+    """Replicas, GPU-hours and $ per 1M tokens that meet the SLO on a trace (simulated)."""
+    import json
+
+    from bench.autoscale_eval import load_window  # the simulator: imported only here
+    from bench.capacity_plan import format_plan, plan
+    from bench.traffic_shapes import apply_shape, make_shape
+
+    cfg = load_config(args.profile or "h100x8-bf16", args.config)
+    if args.gpu_hour_price is None or args.gpu_hour_price <= 0:
+        raise SystemExit("error: --gpu-hour-price (USD per GPU-hour, > 0) is needed with --trace")
+    if not 0 < args.slo <= 1:
+        raise SystemExit(f"error: --slo is the fraction of requests that must meet the SLO, got {args.slo}")
+    try:
+        trace = apply_shape(load_window(args.trace, args.limit, args.window_min), make_shape(args.shape))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not trace.requests:
+        raise SystemExit("error: no requests in the trace window")
+    print(plan_table(cfg))
+    print(f"\ncapacity plan: simulating {trace.name} ({len(trace):,} requests) ...", flush=True)
+    result = plan(cfg, trace, price=args.gpu_hour_price, slo_target=args.slo, router=args.router)
+    print()
+    print(format_plan(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=float))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.trace:
+        return cmd_capacity_plan(args)
     if args.config or args.profile:
         print(plan_table(load_config(args.profile, args.config)))
         return 0
@@ -283,8 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["serve", "helm-values"], default="serve")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("plan", help="memory arithmetic of a profile (all profiles by default)")
+    p = sub.add_parser("plan", help="memory arithmetic of a profile; with --trace, a capacity plan")
     _add_config_args(p, default_profile=None)
+    p.add_argument("--trace", default=None, help="Mooncake JSONL or Azure CSV: plan capacity on it (simulated)")
+    p.add_argument("--gpu-hour-price", type=float, default=None, help="USD per GPU-hour (with --trace)")
+    p.add_argument("--slo", type=float, default=0.99, help="fraction of requests that must meet the per-request SLO")
+    p.add_argument("--shape", default="flat", help="traffic shape: flat, diurnal, burst, ramp")
+    p.add_argument("--router", default=None, help="routing policy (default: the config's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    p.add_argument("--window-min", default=None, help="START:END minutes of the trace")
+    p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="start the local cluster on cpu-tiny and show a real chat completion")

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from autoscaling.cold_start import cold_start
 from cluster.config import ClusterConfig, GiB, PoolConfig
 from deployments.serve_config import (
     GATEWAY_RAY_RESOURCE,
@@ -116,6 +117,14 @@ def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         "minPods": math.ceil(pool.min_replicas / per_pod),
         "maxPods": math.ceil(pool.max_replicas / per_pod),
         "initialPods": math.ceil(pool.start_replicas / per_pod),
+        # What Serve runs inside the pods (the serve config holds the full setting); shown
+        # on the worker pods as labels so `kubectl get pods -L` tells which policy scales them.
+        "autoscaling": {
+            "policy": pool.autoscaling.policy,
+            "minReplicas": pool.min_replicas,
+            "maxReplicas": pool.max_replicas,
+            "coldStartSeconds": round(cold_start(cfg, pool).on_new_node_s),
+        },
         "resources": pod_resources(cfg, pool),
         "shmSize": shm,
         "objectStoreMemoryBytes": object_store_bytes,

@@ -40,3 +40,9 @@ def raw_request_info(headers: dict[str, str]) -> Any:
     from ray.llm._internal.serve.core.protocol import RawRequestInfo
 
     return RawRequestInfo(headers=dict(headers))
+
+
+def async_llm_of(server: Any) -> Any:
+    """vLLM's AsyncLLM inside a ray.serve.llm LLMServer (VLLMEngine keeps it in
+    `_engine_client`); None before the engine started."""
+    return getattr(getattr(server, "engine", None), "_engine_client", None)

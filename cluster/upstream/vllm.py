@@ -84,3 +84,14 @@ def request_models() -> tuple[type, type]:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     return ChatCompletionRequest, CompletionRequest
+
+
+def request_timestamps(async_llm: Any) -> list[tuple[str, float, float]]:
+    """(request id, queued_ts, scheduled_ts) of the requests an AsyncLLM is serving, from
+    its output processor's per-request stats (0.0 where not yet scheduled)."""
+    states = getattr(getattr(async_llm, "output_processor", None), "request_states", None) or {}
+    return [
+        (rid, float(st.stats.queued_ts or 0.0), float(st.stats.scheduled_ts or 0.0))
+        for rid, st in list(states.items())
+        if getattr(st, "stats", None) is not None
+    ]
