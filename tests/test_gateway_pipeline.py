@@ -219,7 +219,8 @@ async def gw() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine, Any]]:
 
 async def test_steps_in_request_order(gw: Any) -> None:
     _, _, gateway = gw
-    order = ["trace", "authenticate", "validate", "session", "tokenize", "choose_pool", "route", "dispatch", "finish"]
+    order = ["trace", "authenticate", "validate", "session", "tokenize", "admit", "choose_pool", "fair_share",
+             "isolate", "route", "dispatch", "finish"]  # fmt: skip
     assert gateway.chat.step_names == order and gateway.completions.step_names == order
 
 

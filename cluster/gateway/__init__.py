@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.admission.limiter import TenantLimiter
 from cluster.auth import TenantAuthenticator
 from cluster.config import ClusterConfig
 from cluster.gateway.engine import EngineClient
 from cluster.gateway.fleet import FleetStatus
 from cluster.gateway.pipeline import Pipeline
+from cluster.gateway.steps.admit import Admit
 from cluster.gateway.steps.authenticate import Authenticate
 from cluster.gateway.steps.choose_pool import ChoosePool
 from cluster.gateway.steps.dispatch import Dispatch
+from cluster.gateway.steps.fair_share import FairShare
 from cluster.gateway.steps.finish import Finish
+from cluster.gateway.steps.isolate import Isolate
 from cluster.gateway.steps.route import Route
 from cluster.gateway.steps.session import Session
 from cluster.gateway.steps.tokenize import TokenizeChat, TokenizeCompletion
@@ -39,6 +43,7 @@ class Gateway:
     chat: Pipeline
     completions: Pipeline
     pools: ChoosePool  # shared by both pipelines: one in-flight count per pool
+    limiter: TenantLimiter | None = None
 
 
 def build_gateway(
@@ -48,6 +53,7 @@ def build_gateway(
     sessions: SessionFlow | None = None,
     tokenizer: PromptTokenizer | None = None,
     board: HintBoard = HINTS,
+    limiter: TenantLimiter | None = None,
 ) -> Gateway:
     tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
     auth = TenantAuthenticator.from_config(cfg.auth)
@@ -56,6 +62,11 @@ def build_gateway(
     fleet = FleetStatus.from_config(cfg)
     pools = ChoosePool(PoolSelector(cfg.pools), fleet.snapshot)
     block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
+    limiter = limiter or TenantLimiter.from_config(cfg, gateways=lambda: fleet.gateways)
+    # Shared by both pipelines: one queue per pool.
+    admit = Admit(cfg.admission, limiter, cfg.max_context)
+    fair_share = FairShare(cfg, fleet.snapshot)
+    isolate = Isolate(cfg.admission)
 
     def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
         return Pipeline(
@@ -65,7 +76,10 @@ def build_gateway(
                 Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
                 Session(sessions),  # history prepended; turn committed at the end (409/503)
                 tokenize,  # prompt tokens, counted once as the engine will
+                admit,  # tenant caps (400), rate limits in Redis (429), x-ratelimit-* headers
                 pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
+                fair_share,  # saturated pool: fair queue across tenants, by priority (503)
+                isolate,  # the tenant's prefix-cache salt, before the prompt is hashed
                 Route(board, block_sizes),  # hint for the pool's router: hashes, affinity
                 Dispatch(engine, cfg.model.served_name),  # call the engines; first chunk or 4xx/503
                 Finish(board, tokenizer),  # tell the router what the replica now caches
@@ -80,6 +94,7 @@ def build_gateway(
         chat=pipeline(TokenizeChat(tokenizer)),
         completions=pipeline(TokenizeCompletion(tokenizer)),
         pools=pools,
+        limiter=limiter,
     )
 
 

@@ -9,17 +9,19 @@ deployment, vLLM's in unit tests), so this module needs no Ray.
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations, and
 # the request model classes are local to build_gateway_app.
 
+import importlib.metadata
 import logging
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from cluster import errors
-from cluster.gateway import Gateway
+from cluster.gateway import Gateway, public_api
 from cluster.gateway.context import RequestContext
 from cluster.sessions import api as session_api
 
@@ -45,12 +47,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = details[0] if details else {}
         if first.get("type") == "json_invalid":
             return _error_response(errors.invalid_json(str(first.get("ctx", {}).get("error", "malformed JSON"))))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = str(first.get("msg", "invalid request"))
-        if param:
-            message = f"{message} (at `{param}`)"
-        return _error_response(errors.bad_request(f"Invalid request: {message}", param=param, code="invalid_parameter"))
+        return _error_response(public_api.validation_error(details))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -75,14 +72,43 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
+PROJECT = "mistral-large-serve"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(PROJECT)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _publish_request_schemas(app: FastAPI, chat_model: type, completion_model: type) -> None:
+    """/openapi.json describes the public request bodies (the handlers parse them)."""
+    extra = {
+        **public_api.public_schemas("chat", chat_model),
+        **public_api.public_schemas("completions", completion_model),
+        "CreateSessionRequest": public_api.CREATE_SESSION_SCHEMA,
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(extra)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type) -> FastAPI:
     cfg = gateway.cfg
     app = FastAPI(
-        title="mistral-large-serve",
-        version="0.1.0",
+        title=PROJECT,
+        version=_version(),
         description=f"OpenAI-compatible API for {cfg.model.served_name}",
     )
     install_error_handlers(app)
+    _publish_request_schemas(app, chat_model, completion_model)
 
     def card() -> dict[str, Any]:
         return {
@@ -100,15 +126,20 @@ def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type
             return await pipeline.run(ctx)
         except errors.APIError as exc:
             response = _error_response(exc)
-            response.headers[REQUEST_ID_HEADER] = ctx.request_id
+            # What steps learnt before the refusal (rate-limit headers, pool) goes too.
+            for name, value in ctx.response_headers.items():
+                if name not in response.headers:
+                    response.headers[name] = value
             return response
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: chat_model, request: Request) -> Response:  # type: ignore[valid-type]
+    @app.post("/v1/chat/completions", openapi_extra=public_api.body_spec("ChatCompletionRequest"))
+    async def chat(request: Request) -> Response:
+        body = public_api.parse_request("chat", await request.body(), chat_model)
         return await run("chat", gateway.chat, body, request)
 
-    @app.post("/v1/completions")
-    async def completions(body: completion_model, request: Request) -> Response:  # type: ignore[valid-type]
+    @app.post("/v1/completions", openapi_extra=public_api.body_spec("CompletionRequest"))
+    async def completions(request: Request) -> Response:
+        body = public_api.parse_request("completions", await request.body(), completion_model)
         return await run("completions", gateway.completions, body, request)
 
     @app.get("/v1/models")
@@ -121,7 +152,7 @@ def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type
             raise errors.model_not_found(model, cfg.model.served_name)
         return card()
 
-    @app.post("/v1/sessions", status_code=201)
+    @app.post("/v1/sessions", status_code=201, openapi_extra=public_api.body_spec("CreateSessionRequest"))
     async def create_session(request: Request) -> Response:
         return await session_api.create_session(gateway.sessions, gateway.auth, request)
 

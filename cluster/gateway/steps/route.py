@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from cluster.gateway.context import RequestContext
 from cluster.gateway.pipeline import Step
-from cluster.routing.block_hash import chain_block_hashes
+from cluster.routing.block_hash import chain_block_hashes, salt_root
 from cluster.routing.hints import HintBoard, RoutingHint
 
 
@@ -28,7 +28,8 @@ class Route(Step):
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.pool is not None, "route runs after choose_pool"
         block_size = self.block_sizes[ctx.pool]
-        hashes = await asyncio.to_thread(chain_block_hashes, ctx.prompt_ids, block_size)
+        root = salt_root(getattr(ctx.body, "cache_salt", None))  # the tenant's own chain
+        hashes = await asyncio.to_thread(chain_block_hashes, ctx.prompt_ids, block_size, root)
         ctx.hint = RoutingHint(
             prompt_token_ids=ctx.prompt_ids,
             pool=ctx.pool,
