@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from cluster import errors
 from cluster.gateway.context import RequestKind
+from cluster.upstream import vllm as upstream_vllm
 
 # OpenAI's chat and completion request fields that vLLM implements.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -93,6 +94,11 @@ def parse_request(kind: RequestKind, raw: bytes, model: type) -> Any:
     except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
         # The engine model's own validators may fail on shapes they did not expect.
         raise errors.bad_request(f"Invalid request: {exc}") from None
+    except Exception as exc:
+        if isinstance(exc, upstream_vllm.client_error_type()):
+            param = getattr(exc, "parameter", None)
+            raise errors.bad_request(f"Invalid request: {exc}", param=param, code="invalid_parameter") from None
+        raise
 
 
 def public_schemas(kind: RequestKind, model: type) -> dict[str, Any]:

@@ -64,6 +64,14 @@ def error_response_type() -> type:
     return ErrorResponse
 
 
+def client_error_type() -> type[Exception]:
+    """vLLM's VLLMClientError: its request validators raise it (not a ValueError, so
+    pydantic does not wrap it) for a request the client got wrong; `.parameter` names it."""
+    from vllm.exceptions import VLLMClientError
+
+    return VLLMClientError
+
+
 def aggregate_stat_logger_base() -> type:
     from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
