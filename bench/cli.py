@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "router": ("bench.router_latency", "routing decision latency of each policy"),
     "router-cluster": ("bench.router_cluster", "routing through the real cluster's request router"),
     "sessions": ("bench.sessions_bench", "session store throughput and latency"),
+    "tenants": ("bench.tenants_bench", "noisy neighbour: tenant B's TTFT with A flooding, fair share on/off"),
 }
 
 
