@@ -20,7 +20,13 @@ from cluster.routing.hints import HintBoard
 from tests.gateway_fakes import FakeEngine, fake_gateway_app
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 
-KEYS = {"acme": "key-acme", "globex": "key-globex", "initech": "key-initech", "tight": "key-tight"}
+KEYS = {
+    "acme": "key-acme",
+    "globex": "key-globex",
+    "initech": "key-initech",
+    "tight": "key-tight",
+    "hooli": "key-hooli",
+}
 RATE_HEADERS = [
     f"x-ratelimit-{what}-{dim}" for what in ("limit", "remaining", "reset") for dim in ("requests", "tokens")
 ]
@@ -165,3 +171,68 @@ async def test_each_tenant_gets_its_own_cache_salt_and_prefix_chain(gateways: An
     ids = list(range(64))
     own = chain_block_hashes(ids, 32, salt_root(salts[0]))
     assert own != chain_block_hashes(ids, 32, salt_root(salts[1])) and own != chain_block_hashes(ids, 32, ROOT_HASH)
+
+
+class HeldEngine(FakeEngine):
+    """Holds every request until `release` is set (a saturated pool)."""
+
+    def __init__(self) -> None:
+        super().__init__(board=HintBoard())
+        self.release = asyncio.Event()
+        self.order: list[str] = []
+
+    async def generate(self, pool: str, kind: Any, body: Any, *, session_id: str | None = None) -> Any:
+        self.order.append(body.messages[-1]["content"])
+        await self.release.wait()
+        async for chunk in super().generate(pool, kind, body, session_id=session_id):
+            yield chunk
+
+
+async def test_saturated_pool_queues_fairly_and_sheds_after_the_deadline(redis_server: RedisServer) -> None:  # noqa: F811
+    cfg = config(redis_server.url)
+    cfg.pools = cfg.pools[:1]
+    cfg.admission.queue.in_flight_per_replica = 1
+    cfg.admission.queue.deadline_s = 0.3
+    engine = HeldEngine()
+    app = fake_gateway_app(cfg, engine)  # 2 standard replicas x 1: two requests in flight
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+
+        def send(tenant: str, tag: str) -> Any:
+            return asyncio.create_task(c.post("/v1/chat/completions", json=chat(tag), headers=auth(tenant)))
+
+        running = [send("acme", "a-run-0"), send("acme", "a-run-1")]
+        await asyncio.sleep(0.1)
+        late = send("acme", "a-late")
+        timed_out = await late  # nobody finished within the deadline
+        assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "queue_timeout"
+        assert int(timed_out.headers["retry-after"]) >= 1 and "x-ratelimit-limit-requests" in timed_out.headers
+        cfg.admission.queue.deadline_s = 30
+        queued = [send("acme", f"a-{i}") for i in range(4)]
+        await asyncio.sleep(0.1)
+        queued += [send("globex", f"g-{i}") for i in range(2)]
+        await asyncio.sleep(0.1)
+        engine.release.set()
+        replies = await asyncio.gather(*running, *queued)
+    assert all(r.status_code == 200 for r in replies)
+    # globex queued after four of acme's, yet both of its requests were among the next
+    # four served (first come, first served would have served them last).
+    served = [t for t in engine.order if t not in ("a-run-0", "a-run-1")]
+    assert len(served) == 6 and {"g-0", "g-1"} <= set(served[:4]), served
+
+
+async def test_usage_per_tenant_and_day_for_chargeback(gateways: Any) -> None:
+    (a, _), (b, _) = gateways
+    for client in (a, b):
+        r = await client.post("/v1/chat/completions", json=chat("count me"), headers=auth("hooli"))
+        assert r.status_code == 200
+    for _ in range(50):  # counted when each request has ended, in the background
+        usage = (await a.get("/v1/usage", headers=auth("hooli"))).json()
+        if usage["requests"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    # The fake engine reports 1 prompt + 2 completion tokens per request.
+    assert usage["requests"] == 2 and usage["prompt_tokens"] == 2 and usage["completion_tokens"] == 4
+    assert usage["tenant"] == "hooli"
+    assert (await a.get("/v1/usage", headers=auth("hooli"), params={"day": "2001-01-01"})).json()["requests"] == 0
+    assert (await a.get("/v1/usage", params={"day": "x"}, headers=auth("hooli"))).status_code == 400
+    assert (await a.get("/v1/usage")).status_code == 401

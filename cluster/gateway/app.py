@@ -11,6 +11,7 @@ deployment, vLLM's in unit tests), so this module needs no Ray.
 
 import importlib.metadata
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -21,11 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from cluster import errors
+from cluster.admission.limiter import UNREACHABLE, utc_day
 from cluster.gateway import Gateway, public_api
 from cluster.gateway.context import RequestContext
 from cluster.sessions import api as session_api
 
 log = logging.getLogger(__name__)
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+USAGE_FIELDS = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -163,6 +168,21 @@ def build_gateway_app(gateway: Gateway, chat_model: type, completion_model: type
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request) -> Response:
         return await session_api.delete_session(gateway.sessions, gateway.auth, session_id, request)
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, day: str | None = None) -> Response:
+        """The caller's own usage of one UTC day (YYYY-MM-DD, today by default), for chargeback."""
+        tenant = gateway.auth.authenticate(request.headers.get("authorization"))
+        if day is not None and not _DAY.fullmatch(day):
+            raise errors.bad_request("day must be YYYY-MM-DD", param="day")
+        if gateway.limiter is None:
+            raise errors.service_unavailable("usage accounting is off")
+        chosen = day or utc_day()
+        try:
+            counted = await gateway.limiter.usage(tenant, chosen)
+        except UNREACHABLE:
+            raise errors.service_unavailable("the usage store (Redis) is unreachable; retry later") from None
+        return JSONResponse({"object": "usage", "tenant": tenant, "day": chosen, **USAGE_FIELDS, **counted})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
