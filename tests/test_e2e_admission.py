@@ -49,6 +49,7 @@ def test_strict_api_on_the_live_gateway(local_cluster: Any) -> None:
     for field in ("kv_transfer_params", "vllm_xargs", "priority", "request_id", "cache_salt"):
         r = httpx.post(url, json=chat(**{field: "x"}), headers=bearer(local_cluster, "acme"), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    messages: list[Any] | None
     for messages in (None, []):
         r = httpx.post(url, json={"messages": messages}, headers=bearer(local_cluster, "acme"), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
