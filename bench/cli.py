@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "sessions": ("bench.sessions_bench", "session store throughput and latency"),
     "chaos": ("bench.chaos", "streaming load while engine replicas are killed or wedged; what clients saw"),
     "published-check": ("bench.published_check", "the simulator against a published vLLM figure (Lambda, TP=8)"),
+    "tenants": ("bench.tenants_bench", "noisy neighbour: tenant B's TTFT with A flooding, fair share on/off"),
 }
 
 

@@ -59,8 +59,9 @@ def read(urls: Sequence[str]) -> tuple[float, float] | None:
         except OSError:
             continue
         q, h = prometheus_sum(text, "vllm:prefix_cache_queries"), prometheus_sum(text, "vllm:prefix_cache_hits")
-        if q is not None and h is not None:
-            queries, hits, found = queries + q, hits + h, True
+        # Ray exports a counter only once it moved: no hits yet means 0 hits.
+        if q is not None:
+            queries, hits, found = queries + q, hits + (h or 0.0), True
     return (queries, hits) if found else None
 
 

@@ -284,6 +284,81 @@ class AuthConfig(_Strict):
         return self
 
 
+PriorityClass = Literal["interactive", "batch"]
+# Served first to last at saturation (see cluster.admission.fair_queue).
+PRIORITY_ORDER: tuple[PriorityClass, ...] = ("interactive", "batch")
+
+
+class TenantLimits(_Strict):
+    """One tenant's admission limits; None means unlimited. See cluster.admission."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    # prompt + max_tokens x n is reserved at admission, corrected with real usage at the end
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    max_tokens_cap: int | None = Field(None, ge=1)  # a larger max_tokens is refused (400)
+    max_tokens_default: int | None = Field(None, ge=1)  # used when the request sets none
+    max_n: int = Field(8, ge=1)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    # Fair share at saturation: queued requests are served in proportion to weights.
+    weight: float = Field(1.0, gt=0)
+    priority: PriorityClass = "interactive"  # the tenant's default class
+    allowed_priorities: list[PriorityClass] = Field(default_factory=lambda: list(PRIORITY_ORDER))
+    # Tenants naming the same group share one prefix-cache salt (e.g. one organisation's
+    # common system prompt); None: the tenant's cache is its own.
+    cache_group: str | None = Field(None, pattern=TENANT_PATTERN)
+
+    @model_validator(mode="after")
+    def _check(self) -> TenantLimits:
+        if self.max_tokens_cap and self.max_tokens_default and self.max_tokens_default > self.max_tokens_cap:
+            raise ValueError(f"max_tokens_default {self.max_tokens_default} > max_tokens_cap {self.max_tokens_cap}")
+        if self.priority not in self.allowed_priorities:
+            raise ValueError(f"default priority {self.priority!r} is not in allowed_priorities")
+        return self
+
+
+class FairQueueConfig(_Strict):
+    """The gateway's queue per pool once the pool is saturated (cluster.admission.fair_queue)."""
+
+    enabled: bool = True
+    # A pool is saturated at this many requests in flight per running engine replica
+    # (None: the engine's max_num_seqs, i.e. what it batches at once).
+    in_flight_per_replica: int | None = Field(None, ge=1)
+    max_queued_per_pool: int = Field(256, ge=0)  # beyond it: shed (503)
+    deadline_s: float = Field(10.0, gt=0)  # queued longer: 429 with Retry-After
+    retry_after_s: int = Field(2, ge=1)
+
+
+class AdmissionConfig(_Strict):
+    """Per-tenant limits enforced across gateway replicas with shared state in Redis (the
+    sessions' Redis); see cluster.admission."""
+
+    enabled: bool = True
+    default_limits: TenantLimits = Field(default_factory=TenantLimits)
+    # tenant -> limits replacing the defaults for that tenant (whole, not merged)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+    # Redis for a decision must answer within this; otherwise the local fallback decides.
+    redis_timeout_s: float = Field(0.25, gt=0)
+    # After a Redis failure each gateway enforces 1/N of every budget alone for this long
+    # before it tries Redis again (N: running gateway replicas).
+    fallback_s: float = Field(2.0, gt=0)
+    # A concurrency slot of a gateway that died is freed after this long.
+    lease_s: int = Field(900, ge=10)
+    usage_ttl_days: int = Field(62, ge=1)  # per-day usage counters kept for chargeback
+    isolate_cache: bool = True  # cache_salt per tenant (or cache_group)
+    queue: FairQueueConfig = Field(default_factory=FairQueueConfig)
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> AdmissionConfig:
+        for tenant in self.tenants:
+            if not re.fullmatch(TENANT_PATTERN, tenant):
+                raise ValueError(f"admission tenant name {tenant!r} must match {TENANT_PATTERN}")
+        return self
+
+    def limits(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.default_limits)
+
+
 class GatewayConfig(_Strict):
     """The ingress deployment (CPU only): Serve autoscales it on ongoing requests."""
 
@@ -392,6 +467,7 @@ class ClusterConfig(_Strict):
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     http_port: int = Field(8000, ge=1, le=65535)
 
     @model_validator(mode="after")
@@ -483,7 +559,12 @@ class ClusterConfig(_Strict):
 
 
 __all__ = [
+    "AdmissionConfig",
     "AuthConfig",
+    "FairQueueConfig",
+    "PRIORITY_ORDER",
+    "PriorityClass",
+    "TenantLimits",
     "AutoscalingConfig",
     "AutoscalingPolicyName",
     "ColdStartConfig",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cluster.auth import hash_api_key, new_api_key
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, TenantLimits
 from cluster.profiles import load_profile
 from tests.otlp_receiver import OTLPReceiver
 from tests.redis_server import RedisServer
@@ -62,21 +62,30 @@ def local_cluster(
     local_cluster_config: ClusterConfig, local_cluster_redis: RedisServer, otlp_receiver: OTLPReceiver
 ) -> Iterator[Any]:
     """A running LocalCluster: `.base_url`, `.cfg`, `.http_port`, `.metrics_export_port`,
-    `.ready_after_s`, `.api_key` (tenant "acme") and `.other_api_key` (tenant "globex");
-    its traces go to `otlp_receiver`."""
+    `.ready_after_s`, `.api_key` (tenant "acme"), `.other_api_key` (tenant "globex") and
+    `.tenant_keys` (also "limited": 3 requests/min, and "fuzz": small caps, for the
+    admission tests); its traces go to `otlp_receiver`."""
     from cluster.ops.local import start_local_cluster
 
     cfg = local_cluster_config.model_copy(deep=True)
     cfg.telemetry.otlp_endpoint, cfg.telemetry.otlp_protocol = otlp_receiver.endpoint, "http/protobuf"
     cfg.sessions.redis_url = local_cluster_redis.url
     cfg.sessions.redis_url_env = None
-    keys = {"acme": new_api_key(), "globex": new_api_key()}
+    keys = {tenant: new_api_key() for tenant in ("acme", "globex", "limited", "fuzz")}
     cfg.auth.enabled = True
     cfg.auth.api_keys_env = None
     cfg.auth.tenants = {tenant: [hash_api_key(key)] for tenant, key in keys.items()}
+    # Generous limits for the shared tenants (so every response has x-ratelimit-*
+    # headers); a tight one to be refused; cheap caps for the fuzzer's tenant.
+    cfg.admission.default_limits = TenantLimits(requests_per_minute=100_000, tokens_per_minute=100_000_000)
+    cfg.admission.tenants = {
+        "limited": TenantLimits(requests_per_minute=3, tokens_per_minute=100_000),
+        "fuzz": TenantLimits(max_tokens_cap=8, max_tokens_default=4, max_n=2, max_prompt_tokens=1024),
+    }
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cluster = start_local_cluster(cfg, progress=progress)
     cluster.api_key, cluster.other_api_key = keys["acme"], keys["globex"]  # type: ignore[attr-defined]
+    cluster.tenant_keys = keys  # type: ignore[attr-defined]
     try:
         yield cluster
     finally:

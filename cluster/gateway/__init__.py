@@ -12,16 +12,20 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Tracer
 
+from cluster.admission.limiter import TenantLimiter
 from cluster.auth import TenantAuthenticator
 from cluster.config import ClusterConfig
 from cluster.gateway.engine import EngineClient
 from cluster.gateway.fleet import FleetStatus
 from cluster.gateway.metrics import GatewayMetrics, InFlightCollector
 from cluster.gateway.pipeline import Pipeline
+from cluster.gateway.steps.admit import Admit
 from cluster.gateway.steps.authenticate import Authenticate
 from cluster.gateway.steps.choose_pool import ChoosePool
 from cluster.gateway.steps.dispatch import Dispatch
+from cluster.gateway.steps.fair_share import FairShare
 from cluster.gateway.steps.finish import Finish
+from cluster.gateway.steps.isolate import Isolate
 from cluster.gateway.steps.measure import Measure
 from cluster.gateway.steps.route import Route
 from cluster.gateway.steps.session import Session
@@ -48,6 +52,7 @@ class Gateway:
     chat_model: type
     completion_model: type
     metrics: GatewayMetrics
+    limiter: TenantLimiter | None = None
 
 
 def build_gateway(
@@ -60,6 +65,7 @@ def build_gateway(
     board: HintBoard = HINTS,
     health: ReplicaHealth = HEALTH,
     tracer: Tracer | None = None,
+    limiter: TenantLimiter | None = None,
 ) -> Gateway:
     """`request_models`: the (chat, completion) request classes."""
     tokenizer = tokenizer or PromptTokenizer.for_model(cfg.model)
@@ -72,6 +78,11 @@ def build_gateway(
     metrics.add_gauges(InFlightCollector(pools.in_flight))
     block_sizes = {p.name: cfg.router.index_block_size or p.engine.block_size for p in cfg.pools}
     chat_model, completion_model = request_models
+    limiter = limiter or TenantLimiter.from_config(cfg, gateways=lambda: fleet.gateways)
+    # Shared by both pipelines: one limiter view and one fair queue per pool.
+    admit = Admit(cfg.admission, limiter, cfg.max_context)
+    fair_share = FairShare(cfg, fleet.snapshot)
+    isolate = Isolate(cfg.admission)
 
     def pipeline(tokenize: TokenizeChat | TokenizeCompletion) -> Pipeline:
         route = Route(board, block_sizes)
@@ -83,7 +94,10 @@ def build_gateway(
                 Validate(cfg.model.served_name),  # model name, non-empty input (400/404)
                 Session(sessions),  # history prepended; turn committed at the end (409/503)
                 tokenize,  # prompt tokens, counted once as the engine will
+                admit,  # tenant caps (400), rate limits in Redis (429), x-ratelimit-* headers
                 pools,  # smallest fitting pool, spill when saturated (400 beyond the largest)
+                fair_share,  # saturated pool: fair queue across tenants, by priority (503)
+                isolate,  # the tenant's prefix-cache salt, before the prompt is hashed
                 route,  # hint for the pool's router: hashes, affinity, replicas to avoid
                 TraceEngineCall(tracer),  # a span for the engine call; its traceparent goes to vLLM
                 Dispatch(  # call the engines: retry before the first chunk, migrate a cut stream
@@ -111,6 +125,7 @@ def build_gateway(
         chat_model=chat_model,
         completion_model=completion_model,
         metrics=metrics,
+        limiter=limiter,
     )
 
 

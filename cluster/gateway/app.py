@@ -9,23 +9,30 @@ deployment, vLLM's in unit tests), so this module needs no Ray.
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations, and
 # the request model classes are local to build_gateway_app.
 
+import importlib.metadata
 import logging
+import re
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from cluster import errors
-from cluster.gateway import Gateway
+from cluster.admission.limiter import UNREACHABLE, utc_day
+from cluster.gateway import Gateway, public_api
 from cluster.gateway.context import RequestContext
 from cluster.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.sessions import api as session_api
 from cluster.upstream import vllm as upstream_vllm
 
 log = logging.getLogger(__name__)
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+USAGE_FIELDS = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -47,12 +54,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = details[0] if details else {}
         if first.get("type") == "json_invalid":
             return _error_response(errors.invalid_json(str(first.get("ctx", {}).get("error", "malformed JSON"))))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = str(first.get("msg", "invalid request"))
-        if param:
-            message = f"{message} (at `{param}`)"
-        return _error_response(errors.bad_request(f"Invalid request: {message}", param=param, code="invalid_parameter"))
+        return _error_response(public_api.validation_error(details))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -85,15 +87,44 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
+PROJECT = "mistral-large-serve"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(PROJECT)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _publish_request_schemas(app: FastAPI, chat_model: type, completion_model: type) -> None:
+    """/openapi.json describes the public request bodies (the handlers parse them)."""
+    extra = {
+        **public_api.public_schemas("chat", chat_model),
+        **public_api.public_schemas("completions", completion_model),
+        "CreateSessionRequest": public_api.CREATE_SESSION_SCHEMA,
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(extra)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_gateway_app(gateway: Gateway) -> FastAPI:
     cfg = gateway.cfg
     chat_model, completion_model = gateway.chat_model, gateway.completion_model
     app = FastAPI(
-        title="mistral-large-serve",
-        version="0.1.0",
+        title=PROJECT,
+        version=_version(),
         description=f"OpenAI-compatible API for {cfg.model.served_name}",
     )
     install_error_handlers(app)
+    _publish_request_schemas(app, chat_model, completion_model)
 
     def card() -> dict[str, Any]:
         return {
@@ -111,15 +142,20 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
             return await pipeline.run(ctx)
         except errors.APIError as exc:
             response = _error_response(exc)
-            response.headers[REQUEST_ID_HEADER] = ctx.request_id
+            # What steps learnt before the refusal (rate-limit headers, pool) goes too.
+            for name, value in ctx.response_headers.items():
+                if name not in response.headers:
+                    response.headers[name] = value
             return response
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: chat_model, request: Request) -> Response:  # type: ignore[valid-type]
+    @app.post("/v1/chat/completions", openapi_extra=public_api.body_spec("ChatCompletionRequest"))
+    async def chat(request: Request) -> Response:
+        body = public_api.parse_request("chat", await request.body(), chat_model)
         return await run("chat", gateway.chat, body, request)
 
-    @app.post("/v1/completions")
-    async def completions(body: completion_model, request: Request) -> Response:  # type: ignore[valid-type]
+    @app.post("/v1/completions", openapi_extra=public_api.body_spec("CompletionRequest"))
+    async def completions(request: Request) -> Response:
+        body = public_api.parse_request("completions", await request.body(), completion_model)
         return await run("completions", gateway.completions, body, request)
 
     @app.get("/v1/models")
@@ -132,7 +168,7 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
             raise errors.model_not_found(model, cfg.model.served_name)
         return card()
 
-    @app.post("/v1/sessions", status_code=201)
+    @app.post("/v1/sessions", status_code=201, openapi_extra=public_api.body_spec("CreateSessionRequest"))
     async def create_session(request: Request) -> Response:
         return await session_api.create_session(gateway.sessions, gateway.auth, request)
 
@@ -151,6 +187,21 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
         async def metrics() -> Response:
             """This gateway replica's Prometheus metrics (cluster.gateway.metrics)."""
             return Response(gateway.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, day: str | None = None) -> Response:
+        """The caller's own usage of one UTC day (YYYY-MM-DD, today by default), for chargeback."""
+        tenant = gateway.auth.authenticate(request.headers.get("authorization"))
+        if day is not None and not _DAY.fullmatch(day):
+            raise errors.bad_request("day must be YYYY-MM-DD", param="day")
+        if gateway.limiter is None:
+            raise errors.service_unavailable("usage accounting is off")
+        chosen = day or utc_day()
+        try:
+            counted = await gateway.limiter.usage(tenant, chosen)
+        except UNREACHABLE:
+            raise errors.service_unavailable("the usage store (Redis) is unreachable; retry later") from None
+        return JSONResponse({"object": "usage", "tenant": tenant, "day": chosen, **USAGE_FIELDS, **counted})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -117,6 +117,9 @@ class StreamMigrator:
             "request_id": request_id,
             "echo": False,
         }
+        # The tenant's prefix-cache salt (set by the gateway's isolate step) goes along.
+        if getattr(body, "cache_salt", None):
+            fields["cache_salt"] = body.cache_salt
         for name in SAMPLING_FIELDS:
             value = getattr(body, name, None)
             if value is not None:

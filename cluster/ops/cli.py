@@ -299,6 +299,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+# ---- usage ------------------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Per-tenant usage of one UTC day from Redis (chargeback), as JSON lines."""
+    import asyncio
+    import json
+
+    from cluster.admission.limiter import TenantLimiter, utc_day
+
+    cfg = load_config(args.profile, args.config)
+    if args.redis_url:
+        cfg.sessions.redis_url, cfg.sessions.redis_url_env = args.redis_url, None
+    day = args.day or utc_day()
+
+    async def read() -> list[dict[str, object]]:
+        limiter = TenantLimiter.from_config(cfg)
+        try:
+            return [{"tenant": t, "day": day, **await limiter.usage(t, day)} for t in args.tenant]
+        finally:
+            await limiter.aclose()
+
+    for row in asyncio.run(read()):
+        print(json.dumps(row))
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------------------
 
 
@@ -342,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="FILE", help="also write what was read as JSON (for a ticket or a test)")
     p.add_argument("--from-file", metavar="FILE", help="diagnose a snapshot written by --save instead")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("usage", help="a tenant's usage of one UTC day (requests, prompt/completion/cached tokens)")
+    _add_config_args(p)
+    p.add_argument("--tenant", action="append", required=True, help="tenant name (repeat for several)")
+    p.add_argument("--day", default=None, help="YYYY-MM-DD (UTC; default today)")
+    p.add_argument("--redis-url", default=None, help="Redis to read (default: the config's sessions.redis_url)")
+    p.set_defaults(func=cmd_usage)
 
     try:
         from bench.cli import register  # the benchmarks' own subcommands

@@ -15,6 +15,7 @@ rather than a 40-byte one; 60 bits keep collisions negligible at billions of blo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 HASH_BITS = 60
@@ -41,12 +42,22 @@ def chain_block_hashes(token_ids: Sequence[int], block_size: int, parent: int = 
     return out
 
 
-def extend_chain(block_hashes: Sequence[int], token_ids: Sequence[int], block_size: int) -> list[int]:
+def salt_root(cache_salt: str | None) -> int:
+    """The parent of block 0 for requests with a cache salt: vLLM mixes the salt into
+    block 0's hash, so chains of different salts never meet, here as in the engine."""
+    if not cache_salt:
+        return ROOT_HASH
+    return int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "little") & _MASK
+
+
+def extend_chain(
+    block_hashes: Sequence[int], token_ids: Sequence[int], block_size: int, root: int = ROOT_HASH
+) -> list[int]:
     """The chain of `token_ids` where its first `len(block_hashes)` blocks are already
     hashed (`block_hashes`): hashes only the new full blocks, e.g. a reply appended to a
-    prompt. Returns the whole chain."""
+    prompt. Returns the whole chain (`root`: block 0's parent, see salt_root)."""
     done = len(block_hashes)
-    parent = block_hashes[-1] if done else ROOT_HASH
+    parent = block_hashes[-1] if done else root
     return list(block_hashes) + chain_block_hashes(token_ids[done * block_size :], block_size, parent)
 
 
@@ -59,4 +70,4 @@ def text_pseudo_tokens(text: str) -> list[int]:
     return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4)]
 
 
-__all__ = ["HASH_BITS", "ROOT_HASH", "chain_block_hashes", "extend_chain", "text_pseudo_tokens"]
+__all__ = ["HASH_BITS", "ROOT_HASH", "chain_block_hashes", "extend_chain", "salt_root", "text_pseudo_tokens"]

@@ -64,9 +64,9 @@ def error_response_type() -> type:
     return ErrorResponse
 
 
-def client_error_type() -> type:
-    """vLLM's base of request errors its protocol models raise while validating a body
-    (VLLMValidationError: `.parameter` names the field); they are the client's fault."""
+def client_error_type() -> type[Exception]:
+    """vLLM's VLLMClientError: its request validators raise it (not a ValueError, so
+    pydantic does not wrap it) for a request the client got wrong; `.parameter` names it."""
     from vllm.exceptions import VLLMClientError
 
     return VLLMClientError

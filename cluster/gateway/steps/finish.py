@@ -16,7 +16,7 @@ from typing import Any
 
 from cluster.gateway.context import RequestContext
 from cluster.gateway.pipeline import Step
-from cluster.routing.block_hash import extend_chain
+from cluster.routing.block_hash import extend_chain, salt_root
 from cluster.routing.hints import HintBoard
 from cluster.tokenizer import PromptTokenizer
 
@@ -64,4 +64,5 @@ class Finish(Step):
         same = len(prompt_hashes) * block
         if held[:same] != ctx.prompt_ids[:same]:
             prompt_hashes = []
-        return extend_chain(prompt_hashes, held, block), len(held)
+        root = salt_root(getattr(ctx.body, "cache_salt", None))
+        return extend_chain(prompt_hashes, held, block, root), len(held)

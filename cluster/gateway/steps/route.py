@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from cluster.gateway.context import RequestContext
 from cluster.gateway.pipeline import Step
-from cluster.routing.block_hash import chain_block_hashes
+from cluster.routing.block_hash import chain_block_hashes, salt_root
 from cluster.routing.hints import HintBoard, RoutingHint
 
 
@@ -33,7 +33,8 @@ class Route(Step):
         """(Re)post the request's hint for `pool` under `engine_request_id`, keeping the
         replicas it already failed on; the previous hint is withdrawn."""
         block_size = self.block_sizes[pool]
-        hashes = await asyncio.to_thread(chain_block_hashes, token_ids, block_size)
+        root = salt_root(getattr(ctx.body, "cache_salt", None))  # the tenant's own chain
+        hashes = await asyncio.to_thread(chain_block_hashes, token_ids, block_size, root)
         excluded = set(ctx.hint.excluded_replicas) if ctx.hint is not None else set()
         if ctx.engine_request_id:
             self.board.pop(ctx.engine_request_id)
