@@ -56,14 +56,28 @@ def test_overloaded_holder_is_avoided() -> None:
 
 def test_cache_bonus_is_weighed_against_queue_delay() -> None:
     system = tokens(1, 4096)  # 0.5 s of prefill at the default 8k tokens/s
+    # Own TTFT only (externality off): four queued 1k-token requests outweigh the prefix.
     for waiting, expect_holder in ((2, True), (12, False)):
-        p = policy()
+        p = policy(externality_weight=0.0)
         p.index.insert("r0", chain_block_hashes(system, B))
         d = p.choose(request(system + tokens(2, 64)), views(r0={"num_waiting": waiting}))
         assert (d.replica_id == "r0") is expect_holder, (waiting, d.scores)
 
 
-def test_full_kv_cache_loses_its_bonus() -> None:
+def test_saturated_cluster_keeps_cache_hits() -> None:
+    """With a queue everywhere, the prefill a miss adds delays everyone queued: the
+    holder keeps the request even with a longer queue than own-TTFT alone accepts."""
+    system = tokens(1, 4096)
+    busy = {f"r{i}": {"num_waiting": 8} for i in range(4)}
+    busy["r0"] = {"num_waiting": 14}
+    for weight, expect_holder in ((0.0, False), (3.0, True)):
+        p = policy(externality_weight=weight)
+        p.index.insert("r0", chain_block_hashes(system, B))
+        d = p.choose(request(system + tokens(2, 64)), views(**busy))
+        assert (d.replica_id == "r0") is expect_holder, (weight, d.scores)
+
+
+def test_full_kv_cache_is_priced_as_waiting() -> None:
     p = policy()
     system = tokens(1, 2048)
     p.index.insert("r0", chain_block_hashes(system, B))
@@ -147,7 +161,8 @@ def test_scores_are_the_documented_expected_ttft() -> None:
     p.mean_uncached_tokens = mean_before
     for v in vs:
         cached = 1024 if v.replica_id == "r1" else 0
-        assert abs(d.scores[v.replica_id] - p.expected_ttft_s(v, len(prompt) - cached)) < 1e-12
+        expected = p.expected_ttft_s(v, len(prompt) - cached, mean_queue=p.mean_queue(vs))
+        assert abs(d.scores[v.replica_id] - expected) < 1e-12
 
 
 def test_prefill_backlog_spreads_a_burst_the_statistics_cannot_see_yet() -> None:

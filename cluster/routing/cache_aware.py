@@ -97,7 +97,7 @@ class CacheAwarePolicy:
         request_duration_s: float = 10.0,
         in_flight_weight: float = 0.5,
         kv_high: float = 0.90,
-        kv_overload: float = 0.98,
+        kv_overload: float | None = None,
         kv_penalty_s: float = 2.0,
         balance_abs: int = 32,
         balance_rel: float = 1.5,
@@ -107,6 +107,7 @@ class CacheAwarePolicy:
         index_generations: int = 32,
         ewma_alpha: float = 0.1,
         backlog_weight: float = 1.0,
+        externality_weight: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -132,6 +133,9 @@ class CacheAwarePolicy:
         if backlog_weight < 0:
             raise ValueError(f"backlog_weight must be >= 0, got {backlog_weight}")
         self.backlog_weight = backlog_weight
+        if externality_weight < 0:
+            raise ValueError(f"externality_weight must be >= 0, got {externality_weight}")
+        self.externality_weight = externality_weight
         self._clock = clock
         # replica id -> when the prefill work this router sent there is done (virtual time).
         self._backlog_until: dict[str, float] = {}
@@ -151,13 +155,21 @@ class CacheAwarePolicy:
         load = r.load
         if load - min_load > self.balance_abs and load > self.balance_rel * min_load:
             return True
-        return r.kv_usage >= self.kv_overload
+        return self.kv_overload is not None and r.kv_usage >= self.kv_overload
+
+    def mean_queue(self, replicas: Sequence[ReplicaView]) -> float:
+        """Requests queued per replica, on average (waiting + weighted in flight): about
+        how many requests each second of prefill added now delays (0 on an idle cluster)."""
+        w = self.in_flight_weight
+        return sum(r.num_waiting + w * r.in_flight for r in replicas) / len(replicas)
 
     def backlog_s(self, replica_id: str, now: float) -> float:
         """Prefill work this router sent to the replica that is not done yet at `now`."""
         return max(0.0, self._backlog_until.get(replica_id, now) - now)
 
-    def expected_ttft_s(self, r: ReplicaView, uncached_tokens: int, backlog_s: float = 0.0) -> float:
+    def expected_ttft_s(
+        self, r: ReplicaView, uncached_tokens: int, backlog_s: float = 0.0, mean_queue: float = 0.0
+    ) -> float:
         """max(queue_delay(r) + prefill of `uncached_tokens` on r, the router's own prefill
         backlog there + that prefill) (see the module docstring)."""
         # Running decodes take one token each of every step's budget; the rest prefills.
@@ -173,7 +185,7 @@ class CacheAwarePolicy:
         ttft = queue_s + uncached_tokens / rate
         if self.backlog_weight and backlog_s > 0:
             ttft = max(ttft, self.backlog_weight * backlog_s + uncached_tokens / self.prefill_tokens_per_s)
-        return ttft
+        return ttft + self.externality_weight * mean_queue * uncached_tokens / rate
 
     # --- RoutingPolicy ---------------------------------------------------------------
 
@@ -189,7 +201,9 @@ class CacheAwarePolicy:
         min_load = min(loads)
         abs_limit = min_load + self.balance_abs
         rel_limit = self.balance_rel * min_load
-        kv_overload = self.kv_overload
+        # Off by default: a full KV cache still holds its prefixes, and KV pressure is
+        # already priced (kv_penalty_s); at saturation every cache is full.
+        kv_overload = self.kv_overload if self.kv_overload is not None else 2.0
         overloaded = [
             (load > abs_limit and load > rel_limit) or r.kv_usage >= kv_overload
             for r, load in zip(replicas, loads, strict=True)
@@ -215,6 +229,7 @@ class CacheAwarePolicy:
         mean_tokens, duration_s = self.mean_uncached_tokens, self.request_duration_s
         in_flight_weight = self.in_flight_weight
         kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
+        ext = self.externality_weight * self.mean_queue(replicas)
         scores: dict[str, float] = {}
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
@@ -240,6 +255,8 @@ class CacheAwarePolicy:
                 backlog_s = backlog_until.get(ids[i], now) - now
                 if backlog_s > 0:
                     ttft = max(ttft, backlog_weight * backlog_s + uncached / prefill_rate)
+            if ext:
+                ttft += ext * uncached / rate
             scores[ids[i]] = ttft
             if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
                 best_ttft, best_load = ttft, loads[i]
