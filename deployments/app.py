@@ -54,6 +54,9 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
     }
     if e.quantization is not None:
         kwargs["quantization"] = e.quantization
+    kv_events = cfg.router.kv_events.engine_config()
+    if kv_events is not None:
+        kwargs["kv_events_config"] = kv_events
     if cfg.node.accelerator == "gpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     kwargs.update(e.extra)

@@ -189,3 +189,15 @@ def test_backlog_can_be_turned_off() -> None:
     p.choose(request(tokens(1, 80_000), "a", arrival_s=0.0), idle)
     d = p.choose(request(tokens(2, 8_000), "b", arrival_s=0.5), idle)
     assert d.scores["r0"] == d.scores["r1"]  # only the (idle) statistics count
+
+
+def test_kv_owed_to_a_replica_prices_its_admission_wait() -> None:
+    """Requests this router sent and that have not finished hold KV: a replica owed more
+    than its capacity admits the next one only as they finish."""
+    p = policy()
+    small = views(2, r0={"kv_capacity_blocks": 10}, r1={"kv_capacity_blocks": 10})  # 10 x 16 tokens
+    first = p.choose(request(tokens(1, 150), "a", max_tokens=10, arrival_s=0.0), small)
+    second = p.choose(request(tokens(2, 150), "b", max_tokens=10, arrival_s=100.0), small)
+    assert second.replica_id != first.replica_id
+    p.on_finished(request(tokens(1, 150), "a", max_tokens=10), first.replica_id, [])
+    assert p._kv_owed[first.replica_id] == 0.0

@@ -100,7 +100,7 @@ class CacheAwarePolicy:
         kv_overload: float | None = None,
         kv_penalty_s: float = 2.0,
         balance_abs: int = 32,
-        balance_rel: float = 1.5,
+        balance_rel: float = 3.0,
         use_affinity: bool = True,
         default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         index_capacity_fraction: float = 1.0,
@@ -108,6 +108,7 @@ class CacheAwarePolicy:
         ewma_alpha: float = 0.1,
         backlog_weight: float = 1.0,
         externality_weight: float = 3.0,
+        kv_wait_weight: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -136,6 +137,13 @@ class CacheAwarePolicy:
         if externality_weight < 0:
             raise ValueError(f"externality_weight must be >= 0, got {externality_weight}")
         self.externality_weight = externality_weight
+        if kv_wait_weight < 0:
+            raise ValueError(f"kv_wait_weight must be >= 0, got {kv_wait_weight}")
+        self.kv_wait_weight = kv_wait_weight
+        # replica id -> KV tokens (uncached prompt + reply) of the requests this router sent
+        # there that have not finished; request id -> (replica, tokens) to take them back.
+        self._kv_owed: dict[str, float] = {}
+        self._kv_of: dict[str, tuple[str, float]] = {}
         self._clock = clock
         # replica id -> when the prefill work this router sent there is done (virtual time).
         self._backlog_until: dict[str, float] = {}
@@ -230,6 +238,8 @@ class CacheAwarePolicy:
         in_flight_weight = self.in_flight_weight
         kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
         ext = self.externality_weight * self.mean_queue(replicas)
+        kv_owed, kv_wait_weight = self._kv_owed, self.kv_wait_weight
+        out_tokens = request.max_tokens or 0
         scores: dict[str, float] = {}
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
@@ -255,6 +265,12 @@ class CacheAwarePolicy:
                 backlog_s = backlog_until.get(ids[i], now) - now
                 if backlog_s > 0:
                     ttft = max(ttft, backlog_weight * backlog_s + uncached / prefill_rate)
+            if kv_wait_weight:
+                cap = r.kv_capacity_blocks * block_size
+                over = kv_owed.get(ids[i], 0.0) + uncached + out_tokens - cap
+                if over > 0 and cap > 0:
+                    # Admission waits until running requests free that much KV.
+                    ttft += kv_wait_weight * over / cap * duration_s
             if ext:
                 ttft += ext * uncached / rate
             scores[ids[i]] = ttft
@@ -274,11 +290,18 @@ class CacheAwarePolicy:
         # Optimistic: the engine will hold the prompt's blocks once it prefills them.
         index.insert(rid, blocks)
         backlog_until[rid] = max(now, backlog_until.get(rid, now)) + uncached / prefill_rate
+        if kv_wait_weight:
+            owed = uncached + out_tokens
+            kv_owed[rid] = kv_owed.get(rid, 0.0) + owed
+            self._kv_of[request.request_id] = (rid, owed)
         return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
 
     def on_finished(self, request: RouteRequest, replica_id: str, output_block_hashes: Sequence[int]) -> None:
         """Index the whole conversation the replica now caches (prompt + reply), so the
         next turn, which starts with it, finds its full history here."""
+        owed = self._kv_of.pop(request.request_id, None)
+        if owed is not None and owed[0] in self._kv_owed:
+            self._kv_owed[owed[0]] = max(0.0, self._kv_owed[owed[0]] - owed[1])
         chain = list(request.block_hashes)
         if output_block_hashes:
             if chain and output_block_hashes[0] == chain[0]:
@@ -292,6 +315,8 @@ class CacheAwarePolicy:
         live = set(replica_ids)
         for rid in [r for r in self._backlog_until if r not in live]:
             del self._backlog_until[rid]
+        for rid in [r for r in self._kv_owed if r not in live]:
+            del self._kv_owed[rid]
 
 
 __all__ = ["CacheAwarePolicy"]
