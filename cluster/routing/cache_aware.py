@@ -31,7 +31,19 @@ scaled by `backlog_weight` (0 turns it off). On the Mooncake trace (bench sim, 1
 h100x8-bf16 replicas) this cut TTFT p99 from 14.3 s to 12.4 s at the trace's rate and
 from 17.9 s to 14.1 s at 2x, with p50 unchanged.
 
-So a cached prefix wins exactly while the prefill time it saves exceeds the extra queue
+Saturation: a miss costs everyone queued
+----------------------------------------
+Own TTFT alone undervalues a hit once queues form: every second of prefill a miss adds
+on replica r is also waited for by the requests queued behind it. The policy adds
+`externality_weight` (3) x the mean queue per replica (waiting + weighted in flight) x
+the uncached prefill on r, 0 on an idle cluster, so at saturation it keeps the hits that
+are the cluster's capacity (Mooncake, 16 replicas: hit rate at 4x load 25% -> 29%, TTFT
+p99 149 -> 100 s, SLO goodput 3.75x the trace rate against the best peer's 3.1x).
+Admission at a full replica also waits for KV: the tokens (uncached prompt + reply) this
+router sent to r and that have not finished, beyond r's KV capacity, cost
+`kv_wait_weight` x (excess / capacity) x `request_duration_s`.
+
+Without queues, a cached prefix wins exactly while the prefill time it saves exceeds the extra queue
 delay at its holder: with the defaults a 4,096-token cached prefix (0.5 s of prefill)
 is worth about four extra 1k-token requests queued ahead. When the holder's queue grows
 past that, the next request goes elsewhere and the prefix gets a second holder.
@@ -41,7 +53,8 @@ Hot-spot guard
 Estimates lag (stats arrive every `stats_period_s`), and one very hot prefix would keep
 attracting work. A replica whose load (waiting + running + in flight) exceeds the
 least-loaded replica's by more than `balance_abs` requests *and* by a factor
-`balance_rel`, or whose KV usage is at least `kv_overload`, loses its cache bonus (it is
+`balance_rel` (3), or whose KV usage is at least `kv_overload` (off by default: a full
+cache still holds its prefixes and KV pressure is priced), loses its cache bonus (it is
 scored as if it held nothing) and its session affinity.
 
 Session affinity
@@ -68,8 +81,9 @@ converge as follows:
   gateway serves each turn; the indexes only decide the first turn and shared prefixes
   that span sessions (system prompts, documents). `tests/test_routing_multi_router.py`
   measures the loss: two routers splitting a multi-turn workload vs one router.
-* KV cache events from the engines would make the indexes exact and shared; they are
-  not wired yet (`PrefixIndex.remove` is the hook they would call).
+* KV cache events from the engines make the indexes exact and shared:
+  `cluster.routing.kv_events` applies vLLM's BlockStored / BlockRemoved to this index
+  (`router.kv_events` in the config turns the engines' publisher on).
 """
 
 from __future__ import annotations
