@@ -279,14 +279,16 @@ class CacheAwarePolicy:
                 backlog_s = backlog_until.get(ids[i], now) - now
                 if backlog_s > 0:
                     ttft = max(ttft, backlog_weight * backlog_s + uncached / prefill_rate)
-            if kv_wait_weight:
-                cap = r.kv_capacity_blocks * block_size
-                over = kv_owed.get(ids[i], 0.0) + uncached + out_tokens - cap
-                if over > 0 and cap > 0:
-                    # Admission waits until running requests free that much KV.
-                    ttft += kv_wait_weight * over / cap * duration_s
             if ext:
                 ttft += ext * uncached / rate
+            if kv_owed:
+                owed = kv_owed.get(ids[i])
+                if owed:
+                    cap = r.kv_capacity_blocks * block_size
+                    over = owed + uncached + out_tokens - cap
+                    if over > 0 and cap > 0:
+                        # Admission waits until running requests free that much KV.
+                        ttft += kv_wait_weight * over / cap * duration_s
             scores[ids[i]] = ttft
             if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
                 best_ttft, best_load = ttft, loads[i]
