@@ -22,8 +22,12 @@ def _by_policy(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return out
 
 
-def plot_latency_vs_load(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """TTFT p50/p90/p99 and TPOT p99 against the arrival-rate scale, one line per policy."""
+def plot_latency_vs_load(
+    rows: Sequence[dict[str, Any]], path: Path, title: str, floor: dict[str, float] | None = None
+) -> Path:
+    """TTFT p50/p90/p99 and TPOT p99 against the arrival-rate scale, one line per policy;
+    with `floor` (bench.sim_floor percentiles), the TTFT floor as a dashed black line:
+    every request alone on an idle replica with perfect reuse, the same at every load."""
     panels = [
         ("ttft_p50_s", "TTFT p50 (s)"),
         ("ttft_p90_s", "TTFT p90 (s)"),
@@ -36,6 +40,8 @@ def plot_latency_vs_load(rows: Sequence[dict[str, Any]], path: Path, title: str)
             xs = [r["rate_scale"] for r in rs]
             ys = [r[key] for r in rs]
             ax.plot(xs, ys, marker="o", label=policy, linewidth=2.5 if policy == "cache-aware" else 1.2)
+        if floor and key in floor:  # the floor's keys name the TTFT percentiles alike
+            ax.axhline(floor[key], color="black", linestyle="--", linewidth=1.2, label="floor (perfect reuse)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)

@@ -54,6 +54,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not infer reply blocks from later turns (replies then never hit the cache)",
     )
+    p.add_argument("--slo-ttft-s", type=float, default=2.0, help="SLO: TTFT budget floor in s (default 2)")
+    p.add_argument(
+        "--slo-ttft-floor-x",
+        type=float,
+        default=1.5,
+        help="SLO: TTFT may also reach this multiple of the request's no-cache floor (default 1.5)",
+    )
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="SLO: mean TPOT budget in ms (default 100)")
+    p.add_argument("--slo-target", type=float, default=0.90, help="attainment that counts as goodput (default 0.9)")
+    p.add_argument(
+        "--goodput",
+        default=None,
+        help="'all' or a comma list of policies: bisect each one's SLO goodput (largest rate scale "
+        "with attainment >= --slo-target), starting from the sweep's runs",
+    )
+    p.add_argument("--goodput-max", type=float, default=8.0, help="largest rate scale the goodput search tries")
+    p.add_argument("--goodput-tol", type=float, default=0.05, help="relative precision of the goodput search")
     p.add_argument("--sync-scheduling", action="store_true", help="vLLM's synchronous scheduler instead of async")
 
 
@@ -115,7 +132,7 @@ def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
             progress_q.put(done - last[0])
             last[0] = done
 
-    summary = summarize(sim.run(progress))
+    summary = summarize(sim.run(progress), job["floors"], job["slo"])
     summary["rate_scale"] = rate_scale
     summary["arrival_rate_req_s"] = len(trace) / trace.duration_s if trace.duration_s else float("nan")
     summary["step_time_notes"] = sim.step_time_notes
@@ -123,70 +140,24 @@ def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
+def _pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    a = a[~np.isnan(a)]
+    return float(np.percentile(a, q)) if a.size else float("nan")
+
+
+def _run_tasks(tasks: list[tuple[str, float]], jobs: int, n_requests: int, desc: str) -> list[dict[str, Any]]:
+    """Run (policy, rate scale) pairs, in `jobs` forked processes; rows in task order."""
     from tqdm import tqdm
 
-    from bench.sim_metrics import format_table
-    from bench.simulator import split_replicas
-
-    # Analytic step times are reported once in the summary, not once per run.
-    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
-
-    try:
-        cfg = _load_cfg(args)
-        trace = _load_trace(args)
-        scales = [float(x) for x in str(args.rate_scale).split(",") if x.strip()]
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"--rate-scale needs positive numbers, got {args.rate_scale!r}")
-        from cluster.routing.registry import POLICY_NAMES
-
-        policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
-        unknown = [p for p in policies if p not in POLICY_NAMES]
-        if unknown:
-            raise ValueError(f"unknown policies {unknown}; known: {POLICY_NAMES}")
-        if args.pool_replicas:
-            replicas = _parse_pool_replicas(args.pool_replicas)
-        elif args.pool:
-            cfg.pool(args.pool)  # KeyError names the pools
-            replicas = {args.pool: args.replicas}
-        else:
-            replicas = split_replicas(cfg, trace, args.replicas)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(trace) == 0:
-        print("error: the trace has no requests", file=sys.stderr)
-        return 2
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stats = trace.stats()
-    print(
-        f"trace {trace.name}: {len(trace):,} requests over {trace.duration_s / 60:.1f} min, "
-        f"{stats.prompt_tokens / len(trace):,.0f} prompt / {stats.output_tokens / len(trace):,.0f} output tokens "
-        f"per request, block hit ceiling {stats.block_hit_ceiling:.1%}"
-    )
-    print(f"profile {cfg.profile}: replicas {replicas}; {len(policies)} policies x {len(scales)} rate scales")
-    sched = "synchronous" if args.sync_scheduling else "async (vLLM 0.29 default)"
-    print(f"scheduling {sched}; reply blocks {trace.meta.get('reply_blocks', 'not inferred')}")
-
-    _JOB.update(
-        cfg=cfg,
-        trace=trace,
-        replicas=replicas,
-        seed=args.seed,
-        stats_period=args.stats_period,
-        spill=not args.no_spill,
-        async_scheduling=not args.sync_scheduling,
-    )
-    tasks = [(p, s) for s in scales for p in policies]
-    started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    total = len(tasks) * len(trace)
-    jobs = max(1, min(args.jobs, len(tasks)))
+    total = len(tasks) * n_requests
+    jobs = max(1, min(jobs, len(tasks)))
     # Also on a log file (no TTY): a line every 15 s instead of a live bar.
     tty = sys.stderr.isatty()
-    with tqdm(total=total, unit="req", desc="simulating", file=sys.stderr, mininterval=0.5 if tty else 15) as bar:
+    with tqdm(total=total, unit="req", desc=desc, file=sys.stderr, mininterval=0.5 if tty else 15) as bar:
         if jobs == 1:
             q: Any = queue.SimpleQueue()
             _JOB["progress"] = q
@@ -217,10 +188,151 @@ def run(args: argparse.Namespace) -> int:
                         bar.update(mq.get_nowait())
                     except queue.Empty:
                         break
-    wall = time.perf_counter() - started
     rows.sort(key=lambda r: r["run_index"])
+    return rows
 
-    table = format_table(rows)
+
+def _search_goodput(
+    policies: list[str], sweep: list[dict[str, Any]], args: argparse.Namespace, n_requests: int
+) -> dict[str, Any]:
+    """Bisect every policy's SLO goodput side by side: each round runs one probe per
+    policy still searching, in parallel."""
+    from bench.sim_slo import GoodputSearch
+
+    searches = {
+        p: GoodputSearch(
+            target=args.slo_target,
+            lo=min(0.25, *(r["rate_scale"] for r in sweep)) if sweep else 0.25,
+            hi=args.goodput_max,
+            tol=args.goodput_tol,
+            known={r["rate_scale"]: r["slo_attainment"] for r in sweep if r["policy"] == p},
+        )
+        for p in policies
+    }
+    probe_rows: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    rounds = 0
+    while True:
+        todo = [(p, s) for p, gs in searches.items() if (s := gs.next_probe()) is not None]
+        if not todo:
+            break
+        rounds += 1
+        for row in _run_tasks(todo, args.jobs, n_requests, f"goodput round {rounds}"):
+            row["goodput_probe"] = True
+            searches[row["policy"]].record(row["rate_scale"], row["slo_attainment"])
+            probe_rows[row["policy"]].append(row)
+    out: dict[str, Any] = {}
+    for p, gs in searches.items():
+        g = gs.result()
+        out[p] = {
+            "rate_scale": g.rate_scale,
+            "bounded": g.bounded,
+            "probes": {f"{s:g}": a for s, a in sorted(g.probes.items())},
+            "_rows": probe_rows[p],
+        }
+    return out
+
+
+def format_goodput(goodput: dict[str, Any], slo: Any) -> str:
+    """One line per policy: its goodput and the attainment of every probe."""
+    lines = [f"SLO goodput (largest rate scale with attainment >= {slo.target:.0%}):"]
+    best_peer = max((g["rate_scale"] for p, g in goodput.items() if p != "cache-aware"), default=0.0)
+    for p, g in sorted(goodput.items(), key=lambda kv: -kv[1]["rate_scale"]):
+        mark = "" if g["bounded"] else "+ (search ceiling)"
+        vs = ""
+        if p == "cache-aware" and best_peer > 0:
+            vs = f"  ({g['rate_scale'] / best_peer:.2f}x the best peer)"
+        probes = ", ".join(f"x{s}: {a:.1%}" for s, a in g["probes"].items())
+        lines.append(f"  {p:>12}: x{g['rate_scale']:g}{mark}{vs}   [{probes}]")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.sim_metrics import format_table
+    from bench.simulator import split_replicas
+
+    # Analytic step times are reported once in the summary, not once per run.
+    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
+
+    try:
+        cfg = _load_cfg(args)
+        trace = _load_trace(args)
+        scales = [float(x) for x in str(args.rate_scale).split(",") if x.strip()]
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"--rate-scale needs positive numbers, got {args.rate_scale!r}")
+        from cluster.routing.registry import POLICY_NAMES
+
+        policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+        goodput_policies: list[str] = []
+        if args.goodput:
+            goodput_policies = policies if args.goodput == "all" else [p.strip() for p in args.goodput.split(",")]
+        unknown = [p for p in policies + goodput_policies if p not in POLICY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; known: {POLICY_NAMES}")
+        if args.pool_replicas:
+            replicas = _parse_pool_replicas(args.pool_replicas)
+        elif args.pool:
+            cfg.pool(args.pool)  # KeyError names the pools
+            replicas = {args.pool: args.replicas}
+        else:
+            replicas = split_replicas(cfg, trace, args.replicas)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(trace) == 0:
+        print("error: the trace has no requests", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = trace.stats()
+    print(
+        f"trace {trace.name}: {len(trace):,} requests over {trace.duration_s / 60:.1f} min, "
+        f"{stats.prompt_tokens / len(trace):,.0f} prompt / {stats.output_tokens / len(trace):,.0f} output tokens "
+        f"per request, block hit ceiling {stats.block_hit_ceiling:.1%}"
+    )
+    print(f"profile {cfg.profile}: replicas {replicas}; {len(policies)} policies x {len(scales)} rate scales")
+    sched = "synchronous" if args.sync_scheduling else "async (vLLM 0.29 default)"
+    print(f"scheduling {sched}; reply blocks {trace.meta.get('reply_blocks', 'not inferred')}")
+
+    from bench.sim_floor import ttft_floors
+    from bench.sim_slo import SloSpec
+
+    slo = SloSpec(args.slo_ttft_s, args.slo_ttft_floor_x, args.slo_tpot_ms, args.slo_target)
+    floors = ttft_floors(cfg, trace, replicas)
+    print(
+        f"TTFT floor (alone on an idle replica, perfect reuse): p50 {_pct(floors.perfect_reuse_s, 50):.2f} s, "
+        f"p90 {_pct(floors.perfect_reuse_s, 90):.2f} s, p99 {_pct(floors.perfect_reuse_s, 99):.2f} s; "
+        f"no cache: p50 {_pct(floors.no_cache_s, 50):.2f} s, p99 {_pct(floors.no_cache_s, 99):.2f} s"
+    )
+    print(
+        f"SLO: TTFT <= max({slo.ttft_min_s:g} s, {slo.ttft_floor_factor:g} x no-cache floor), "
+        f"mean TPOT <= {slo.tpot_mean_ms:g} ms; goodput at attainment >= {slo.target:.0%}"
+    )
+    _JOB.update(
+        floors=floors,
+        slo=slo,
+        cfg=cfg,
+        trace=trace,
+        replicas=replicas,
+        seed=args.seed,
+        stats_period=args.stats_period,
+        spill=not args.no_spill,
+        async_scheduling=not args.sync_scheduling,
+    )
+    tasks = [(p, s) for s in scales for p in policies]
+    started = time.perf_counter()
+    rows = _run_tasks(tasks, args.jobs, len(trace), "simulating")
+    goodput: dict[str, Any] = {}
+    if goodput_policies:
+        goodput = _search_goodput(goodput_policies, rows, args, len(trace))
+        rows += [r for g in goodput.values() for r in g.pop("_rows")]
+    wall = time.perf_counter() - started
+    jobs = max(1, min(args.jobs, len(tasks)))
+    sweep = [r for r in rows if not r.get("goodput_probe")]
+
+    table = format_table(sweep)
+    if goodput:
+        table += "\n\n" + format_goodput(goodput, slo)
     print(table)
     cpu = [r["sim_cpu_s"] for r in rows]
     print(
@@ -240,7 +352,19 @@ def run(args: argparse.Namespace) -> int:
         "spill": not args.no_spill,
         "async_scheduling": not args.sync_scheduling,
         "wall_s": wall,
-        "runs": rows,
+        "slo": slo.to_dict(),
+        "floor": {
+            "ttft_p50_s": _pct(floors.perfect_reuse_s, 50),
+            "ttft_p90_s": _pct(floors.perfect_reuse_s, 90),
+            "ttft_p99_s": _pct(floors.perfect_reuse_s, 99),
+            "nocache_ttft_p50_s": _pct(floors.no_cache_s, 50),
+            "nocache_ttft_p90_s": _pct(floors.no_cache_s, 90),
+            "nocache_ttft_p99_s": _pct(floors.no_cache_s, 99),
+        },
+        "goodput_rate_scale": {p: g["rate_scale"] for p, g in goodput.items()},
+        "goodput": goodput,
+        "runs": sweep,
+        "goodput_runs": [r for r in rows if r.get("goodput_probe")],
     }
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "table.txt").write_text(table + "\n")
@@ -249,8 +373,8 @@ def run(args: argparse.Namespace) -> int:
         from bench.plots import plot_hit_rate, plot_latency_vs_load
 
         title = f"{trace.name}, {cfg.profile}, replicas {replicas}"
-        written.append(plot_latency_vs_load(rows, out / "latency_vs_load.png", title))
-        written.append(plot_hit_rate(rows, out / "hit_rate.png", title))
+        written.append(plot_latency_vs_load(sweep, out / "latency_vs_load.png", title, result["floor"]))
+        written.append(plot_hit_rate(sweep, out / "hit_rate.png", title))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.sim_floor import TtftFloors
+from bench.sim_slo import SloSpec, attainment, slo_met
 from bench.simulator import SimResult
 
 
@@ -58,7 +60,29 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"max_over_mean": float(a.max() / mean), "cv": float(a.std() / mean)}
 
 
-def summarize(res: SimResult) -> dict[str, Any]:
+def floor_summary(res: SimResult, floors: TtftFloors, slo: SloSpec) -> dict[str, Any]:
+    """TTFT floors (percentiles over the completed requests), TTFT/floor ratios at each
+    percentile, and SLO attainment over every request (see bench.sim_slo)."""
+    done = [i for i, rej in enumerate(res.rejected) if not rej and res.finish[i] >= 0]
+    ttft = [res.first_token[i] - res.arrival[i] for i in done]
+    perfect = [floors.perfect_reuse_s[i] for i in done]
+    cold = [floors.no_cache_s[i] for i in done]
+    out: dict[str, Any] = {}
+    for q in (50, 90, 99):
+        f = _pct(perfect, q)
+        out[f"floor_ttft_p{q}_s"] = f
+        out[f"floor_nocache_ttft_p{q}_s"] = _pct(cold, q)
+        out[f"ttft_over_floor_p{q}"] = _pct(ttft, q) / f if f > 0 else math.nan
+    per_request = [t / f for t, f in zip(ttft, perfect, strict=True) if f > 0]
+    out["ttft_over_floor_per_request_p50"] = _pct(per_request, 50)
+    met = slo_met(slo, res.arrival, res.first_token, res.finish, res.output_tokens, floors.no_cache_s)
+    out["slo_attainment"] = attainment(met)
+    out["slo"] = slo.to_dict()
+    return out
+
+
+def summarize(res: SimResult, floors: TtftFloors | None = None, slo: SloSpec | None = None) -> dict[str, Any]:
+    """Every figure of a run; with `floors`, also the floor figures and SLO attainment."""
     done = [i for i, rej in enumerate(res.rejected) if not rej and res.finish[i] >= 0]
     out: dict[str, Any] = dict(latency_summary(res.arrival, res.first_token, res.finish, res.output_tokens))
     start = min(res.arrival) if res.arrival else 0.0
@@ -122,6 +146,8 @@ def summarize(res: SimResult) -> dict[str, Any]:
             "sim_cpu_s": res.cpu_s,
         }
     )
+    if floors is not None:
+        out.update(floor_summary(res, floors, slo or SloSpec()))
     return out
 
 
@@ -131,6 +157,10 @@ COLUMNS = [
     ("TTFT p50", "ttft_p50_s", "{:.2f}s"),
     ("p90", "ttft_p90_s", "{:.2f}s"),
     ("p99", "ttft_p99_s", "{:.2f}s"),
+    ("/floor p50", "ttft_over_floor_p50", "{:.2f}"),
+    ("p90", "ttft_over_floor_p90", "{:.2f}"),
+    ("p99", "ttft_over_floor_p99", "{:.2f}"),
+    ("SLO", "slo_attainment", "{:.1%}"),
     ("TPOT p50", "tpot_p50_ms", "{:.1f}ms"),
     ("p99", "tpot_p99_ms", "{:.1f}ms"),
     ("E2E p50", "e2e_p50_s", "{:.1f}s"),

@@ -184,6 +184,24 @@ class NodeShape(_Strict):
     pin_pools: bool = True
 
 
+class KvEventsConfig(_Strict):
+    """vLLM's KV cache events (cluster.routing.kv_events): the engines publish them on
+    `port` (ZMQ PUB, with a replay socket on `replay_port`) and the routers' prefix
+    indexes consume them; one section, so both sides agree. Off: the index is the
+    router's own approximation."""
+
+    enabled: bool = False
+    port: int = Field(5557, ge=1, le=65535)
+    replay_port: int | None = Field(5558, ge=1, le=65535)
+    topic: str = "kv-events"
+
+    def engine_config(self) -> dict[str, Any] | None:
+        """vLLM's `kv_events_config` engine argument, None when off."""
+        from cluster.routing.kv_events import kv_events_engine_config
+
+        return kv_events_engine_config(self.enabled, self.port, self.replay_port, self.topic)
+
+
 class RouterConfig(_Strict):
     """Request routing inside a pool; see cluster.routing."""
 
@@ -193,6 +211,7 @@ class RouterConfig(_Strict):
     # Tokens per block of the prefix index; None means the engine's block size.
     index_block_size: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    kv_events: KvEventsConfig = Field(default_factory=KvEventsConfig)
 
     @model_validator(mode="after")
     def _check_policy(self) -> RouterConfig:

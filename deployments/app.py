@@ -63,6 +63,9 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         kwargs["otlp_traces_endpoint"] = traces
     if e.quantization is not None:
         kwargs["quantization"] = e.quantization
+    kv_events = cfg.router.kv_events.engine_config()
+    if kv_events is not None:
+        kwargs["kv_events_config"] = kv_events
     if cfg.node.accelerator == "gpu":
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     kwargs.update(e.extra)

@@ -56,14 +56,28 @@ def test_overloaded_holder_is_avoided() -> None:
 
 def test_cache_bonus_is_weighed_against_queue_delay() -> None:
     system = tokens(1, 4096)  # 0.5 s of prefill at the default 8k tokens/s
+    # Own TTFT only (externality off): four queued 1k-token requests outweigh the prefix.
     for waiting, expect_holder in ((2, True), (12, False)):
-        p = policy()
+        p = policy(externality_weight=0.0)
         p.index.insert("r0", chain_block_hashes(system, B))
         d = p.choose(request(system + tokens(2, 64)), views(r0={"num_waiting": waiting}))
         assert (d.replica_id == "r0") is expect_holder, (waiting, d.scores)
 
 
-def test_full_kv_cache_loses_its_bonus() -> None:
+def test_saturated_cluster_keeps_cache_hits() -> None:
+    """With a queue everywhere, the prefill a miss adds delays everyone queued: the
+    holder keeps the request even with a longer queue than own-TTFT alone accepts."""
+    system = tokens(1, 4096)
+    busy = {f"r{i}": {"num_waiting": 8} for i in range(4)}
+    busy["r0"] = {"num_waiting": 14}
+    for weight, expect_holder in ((0.0, False), (3.0, True)):
+        p = policy(externality_weight=weight)
+        p.index.insert("r0", chain_block_hashes(system, B))
+        d = p.choose(request(system + tokens(2, 64)), views(**busy))
+        assert (d.replica_id == "r0") is expect_holder, (weight, d.scores)
+
+
+def test_full_kv_cache_is_priced_as_waiting() -> None:
     p = policy()
     system = tokens(1, 2048)
     p.index.insert("r0", chain_block_hashes(system, B))
@@ -147,7 +161,8 @@ def test_scores_are_the_documented_expected_ttft() -> None:
     p.mean_uncached_tokens = mean_before
     for v in vs:
         cached = 1024 if v.replica_id == "r1" else 0
-        assert abs(d.scores[v.replica_id] - p.expected_ttft_s(v, len(prompt) - cached)) < 1e-12
+        expected = p.expected_ttft_s(v, len(prompt) - cached, mean_queue=p.mean_queue(vs))
+        assert abs(d.scores[v.replica_id] - expected) < 1e-12
 
 
 def test_prefill_backlog_spreads_a_burst_the_statistics_cannot_see_yet() -> None:
@@ -174,3 +189,15 @@ def test_backlog_can_be_turned_off() -> None:
     p.choose(request(tokens(1, 80_000), "a", arrival_s=0.0), idle)
     d = p.choose(request(tokens(2, 8_000), "b", arrival_s=0.5), idle)
     assert d.scores["r0"] == d.scores["r1"]  # only the (idle) statistics count
+
+
+def test_kv_owed_to_a_replica_prices_its_admission_wait() -> None:
+    """Requests this router sent and that have not finished hold KV: a replica owed more
+    than its capacity admits the next one only as they finish."""
+    p = policy()
+    small = views(2, r0={"kv_capacity_blocks": 10}, r1={"kv_capacity_blocks": 10})  # 10 x 16 tokens
+    first = p.choose(request(tokens(1, 150), "a", max_tokens=10, arrival_s=0.0), small)
+    second = p.choose(request(tokens(2, 150), "b", max_tokens=10, arrival_s=100.0), small)
+    assert second.replica_id != first.replica_id
+    p.on_finished(request(tokens(1, 150), "a", max_tokens=10), first.replica_id, [])
+    assert p._kv_owed[first.replica_id] == 0.0
