@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.prefix_counters import prometheus_sum
 from cluster.admission.cache_salt import cache_salt
 from cluster.auth import hash_api_key
 from cluster.config import ClusterConfig, TenantLimits
@@ -87,6 +88,9 @@ async def test_a_burst_over_two_gateways_is_admitted_up_to_the_limit(gateways: A
         assert all(h in r.headers for h in RATE_HEADERS), r.headers
         assert r.headers["x-ratelimit-limit-requests"] == "5"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    # Each gateway counts its refusals on /metrics (cluster.gateway.metrics).
+    scraped = [(await gw.get("/metrics")).text for gw in (a, b)]
+    assert sum(prometheus_sum(text, "mls_gateway_rate_limited") or 0 for text in scraped) == 7
 
 
 async def test_streamed_reply_carries_the_headers_and_tokens_are_given_back(gateways: Any) -> None:

@@ -92,6 +92,10 @@ class Measure(Step):
         m.duration.labels(pool, tenant).observe(time.monotonic() - ctx.started_at)
         if ctx.spilled_from and ctx.pool:
             m.spills.labels(ctx.spilled_from, pool).inc()
+        if ctx.error_code == RATE_LIMITED:
+            m.rate_limit_refusal(ctx)
+        elif ctx.error_code in SHED:
+            m.shed_request(ctx)
         hint = ctx.hint
         if hint is not None and hint.chosen_replica is not None:
             if hint.reason:
@@ -108,6 +112,11 @@ class Measure(Step):
             m.completion_tokens.labels(pool, tenant).inc(completion if completion is not None else timing.token_chunks)
         if ctx.session_id is not None:
             m.sessions.labels(tenant, session_outcome(ctx)).inc()
+
+
+# Refusal codes of the admit and fair_share steps.
+RATE_LIMITED = "rate_limit_exceeded"
+SHED = ("overloaded", "queue_timeout")
 
 
 def session_outcome(ctx: RequestContext) -> str:
