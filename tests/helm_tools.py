@@ -140,3 +140,26 @@ def checkov() -> Path:
                 )
                 marker.touch()
     return exe
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (alerts, dashboard panels)."""
+    import promql_parser
+
+    names: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+        for attr in ("expr", "lhs", "rhs", "vector_selector"):
+            child = getattr(node, attr, None)
+            if child is not None:
+                visit(child)
+        for arg in getattr(node, "args", None) or []:
+            visit(arg)
+        param = getattr(node, "param", None)
+        if param is not None and not isinstance(param, (int, float, str)):
+            visit(param)
+
+    visit(promql_parser.parse(expr))
+    return names

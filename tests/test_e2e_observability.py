@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import promql_parser
 import pytest
 import yaml
 
@@ -52,24 +51,7 @@ def _headers(cluster: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {cluster.api_key}"}
 
 
-def metric_names(expr: str) -> set[str]:
-    names: set[str] = set()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, promql_parser.VectorSelector) and node.name:
-            names.add(node.name)
-        for attr in ("expr", "lhs", "rhs", "vector_selector"):
-            child = getattr(node, attr, None)
-            if child is not None:
-                visit(child)
-        for arg in getattr(node, "args", None) or []:
-            visit(arg)
-        param = getattr(node, "param", None)
-        if param is not None and not isinstance(param, (int, float, str)):
-            visit(param)
-
-    visit(promql_parser.parse(expr))
-    return names
+metric_names = helm_tools.promql_metric_names
 
 
 def _grafana_to_promql(expr: str) -> str:

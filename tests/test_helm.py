@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import promql_parser
 import pytest
 import yaml
 
@@ -896,24 +895,7 @@ def test_every_alert_links_its_runbook(rendered: dict[str, list[dict]]) -> None:
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
 
 
-def _metric_names(expr: str) -> set[str]:
-    names: set[str] = set()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, promql_parser.VectorSelector) and node.name:
-            names.add(node.name)
-        for attr in ("expr", "lhs", "rhs", "vector_selector"):
-            child = getattr(node, attr, None)
-            if child is not None:
-                visit(child)
-        for arg in getattr(node, "args", None) or []:
-            visit(arg)
-        param = getattr(node, "param", None)
-        if param is not None and not isinstance(param, (int, float, str)):
-            visit(param)
-
-    visit(promql_parser.parse(expr))
-    return names
+_metric_names = helm_tools.promql_metric_names
 
 
 def _dashboard_exprs() -> list[str]:
