@@ -138,6 +138,15 @@ async def test_internal_and_unknown_fields_are_refused_by_name(gateways: Any, fi
     assert engine.calls == []
 
 
+async def test_our_sampling_extensions_reach_the_engine(gateways: Any) -> None:
+    (a, engine), _ = gateways
+    body = chat(max_tokens=4, ignore_eos=True, min_tokens=2, top_k=5, min_p=0.1, repetition_penalty=1.1)
+    r = await a.post("/v1/chat/completions", json=body, headers=auth("acme"))
+    assert r.status_code == 200, r.text
+    sent = engine.calls[-1][2]
+    assert (sent.ignore_eos, sent.min_tokens, sent.top_k) == (True, 2, 5)
+
+
 @pytest.mark.parametrize(
     "body", [{"messages": None}, {"messages": []}, {"messages": {}}, {}, [], "x", {"messages": [None]}]
 )

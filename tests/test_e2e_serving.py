@@ -269,5 +269,5 @@ def test_engines_report_routing_stats(local_cluster: Any) -> None:
         assert 0.0 <= stats["kv_usage"] <= 1.0
         assert stats["num_waiting"] >= 0 and stats["num_running"] >= 0
         auto = handle.record_autoscaling_stats.remote().result(timeout_s=60)
-        assert set(auto) == {"num_waiting", "num_running", "kv_usage"}
+        assert set(auto) == {"num_waiting", "num_running", "kv_usage", "queue_wait_s", "arrival_rate"}
         assert all(isinstance(v, float) for v in auto.values())

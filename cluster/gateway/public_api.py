@@ -36,9 +36,10 @@ OPENAI_COMPLETION_FIELDS = frozenset(
         "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
     }
 )  # fmt: skip
-# Our extensions (documented in README "The API"): the session of a chat, and three
-# sampling parameters of vLLM that are safe for any client.
-SAMPLING_EXTENSIONS = frozenset({"top_k", "min_p", "repetition_penalty"})
+# Our extensions (documented in README "The API"): the session of a chat, and sampling
+# parameters of vLLM that are safe for any client (length stays bounded by max_tokens and
+# the tenant's cap; load generators need ignore_eos for a fixed reply length).
+SAMPLING_EXTENSIONS = frozenset({"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens"})
 CHAT_EXTENSIONS = frozenset({"session_id"}) | SAMPLING_EXTENSIONS
 COMPLETION_EXTENSIONS = SAMPLING_EXTENSIONS
 
