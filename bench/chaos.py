@@ -101,6 +101,15 @@ def engine_replica_pids(app: str, pool: str) -> dict[str, int]:
     return out
 
 
+def _running(app: str, pool: str) -> int:
+    """Replicas of `pool` Serve reports RUNNING (started, warmed up, health-checked)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    dep = status.deployments.get(f"engine-{pool}") if status is not None else None
+    return int(dep.replica_states.get("RUNNING", 0)) if dep is not None else 0  # type: ignore[call-overload]
+
+
 def child_pids(pid: int) -> list[int]:
     """Processes whose parent is `pid` (the engine core a replica started)."""
     out = []
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             back = None
             while time.monotonic() < end:
                 now_ids = engine_replica_pids(APP_NAME, "standard")
-                if len(now_ids) == want and victim not in now_ids:
+                if victim not in now_ids and _running(APP_NAME, "standard") == want:
                     back = time.monotonic() - hit
                     break
                 time.sleep(2)
