@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         want = cfg.pool("standard").start_replicas
         for kind, at in sorted(faults, key=lambda f: f[1]):
             time.sleep(max(0.0, t0 + at - time.monotonic()))
-            victim, pid = sorted(engine_replica_pids(APP_NAME, "standard").items())[0]
+            before = engine_replica_pids(APP_NAME, "standard")
+            victim, pid = sorted(before.items())[0]
             if kind == "kill":
                 os.kill(pid, signal.SIGKILL)
             else:
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
             back = None
             while time.monotonic() < end:
                 now_ids = engine_replica_pids(APP_NAME, "standard")
-                if victim not in now_ids and _running(APP_NAME, "standard") == want:
+                # A replica that did not exist at the fault, and the pool whole and RUNNING.
+                replaced = bool(set(now_ids) - set(before)) and victim not in now_ids
+                if replaced and _running(APP_NAME, "standard") == want:
                     back = time.monotonic() - hit
                     break
                 time.sleep(2)
