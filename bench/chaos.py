@@ -21,6 +21,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class Sample:
     attempts: int
     max_gap_s: float
     seconds: float
+    error: str = ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,10 +70,11 @@ def _one(http: httpx.Client, model: str, max_tokens: int, i: int) -> Sample:
                 *done, buf = buf.split("\n\n")
                 events += [e[6:] for e in done if e.startswith("data: ")]
             status = r.status_code
-    except httpx.HTTPError:
-        return Sample(0, False, 0, gap, time.monotonic() - t0)
+    except httpx.HTTPError as exc:  # the connection broke: what the client library saw
+        return Sample(0, False, 0, gap, time.monotonic() - t0, f"{type(exc).__name__}: {exc}"[:200])
     chunks = [json.loads(e) for e in events if e != "[DONE]"]
     usage = [c["usage"] for c in chunks if c.get("usage")]
+    errors = [c["error"].get("message", "") for c in chunks if isinstance(c.get("error"), dict)]
     ok = (
         status == 200
         and bool(events)
@@ -80,7 +83,8 @@ def _one(http: httpx.Client, model: str, max_tokens: int, i: int) -> Sample:
         and bool(usage)
         and usage[-1]["completion_tokens"] == max_tokens
     )
-    return Sample(status, ok, attempts, gap, time.monotonic() - t0)
+    error = "" if ok else (errors[0] if errors else f"status {status}, {len(events)} events")[:200]
+    return Sample(status, ok, attempts, gap, time.monotonic() - t0, error)
 
 
 def engine_replica_pids(app: str, pool: str) -> dict[str, int]:
@@ -195,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [s for s in samples if not s.ok]
     print(f"\nrequests sent      {len(samples)}")
     print(f"failed             {len(failed)}  (status {sorted({s.status for s in failed})})")
+    for error, count in Counter(s.error for s in failed).most_common(5):
+        print(f"  {count} x {error}")
     print(f"retried (attempts) {sum(1 for s in samples if s.attempts > 1)}")
     print(f"stalled streams    {len(stalls)} (gap > {args.stall_s} s): p50 {_pct(stalls, 0.5):.2f} s, "
           f"p99 {_pct(stalls, 0.99):.2f} s")  # fmt: skip
