@@ -200,6 +200,8 @@ class TokenEngine:
         for i in range(limit):
             if isinstance(fault, int) and i >= fault:
                 raise EngineUnavailable(f"{replica} died mid-stream")
+            if fault == "cancelled" and i >= 3:  # Serve cancels the call on a stopping replica
+                raise asyncio.CancelledError()
             t = next_token(context + ids)
             ids.append(t)
             finish = "length" if i == limit - 1 else None

@@ -172,3 +172,13 @@ async def test_a_request_waiting_on_a_replica_marked_wedged_fails_over(setup: An
     await marker
     assert r.status_code == 200 and r.headers["x-served-by"] == "b" and r.headers["x-attempts"] == "2"
     assert events(r.text)[-1] == "[DONE]"
+
+
+async def test_a_call_cancelled_on_the_replica_is_migrated_not_cut(setup: Any) -> None:
+    client, engine, _ = setup
+    engine.faults["a"] = "cancelled"
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    got = events(r.text)
+    assert r.status_code == 200 and got[-1] == "[DONE]" and not any("error" in e for e in got[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got[:-1] if c.get("choices"))
+    assert text == "".join(f"<{t}>" for t in expected_tokens(chat_prompt("go"), 12))

@@ -109,7 +109,7 @@ class Dispatch(Step):
             while True:
                 done, _ = await asyncio.wait({step}, timeout=WATCH_S)
                 if done:
-                    return step.result()
+                    return _result(step)
                 replica = ctx.replica
                 if replica is not None and self.health.is_excluded(replica):
                     raise EngineUnavailable(f"replica {replica} stopped making progress")
@@ -171,6 +171,18 @@ class Dispatch(Step):
             ctx.pool or "", "completions", body, session_id=ctx.session_id, headers=ctx.engine_headers or None
         )
         return self.migrator.reshape(ctx, sent, stream, len(sent.ids))
+
+
+def _result(step: asyncio.Future[EngineChunk]) -> EngineChunk:
+    """The chunk; a cancellation that is not ours (Serve cancelled the call on a replica it
+    is stopping) is a replica failure, not a client that left."""
+    try:
+        return step.result()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise EngineUnavailable("the engine call was cancelled on the replica") from None
 
 
 async def _aclose(stream: AsyncIterator[EngineChunk]) -> None:
