@@ -4,7 +4,7 @@ replicas, refreshed by the Serve glue (deployments.gateway polls the controller)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
 
@@ -16,7 +16,6 @@ class FleetStatus:
     gateways: int = 1
     ready: bool = False
     detail: str = "waiting for the first status poll"
-    _polled: bool = field(default=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: ClusterConfig) -> FleetStatus:
@@ -33,7 +32,6 @@ class FleetStatus:
         missing = [f"{n}: 0 running replicas" for n, k in self.replicas.items() if k == 0 and self.min_replicas[n] > 0]
         self.ready = not missing
         self.detail = "; ".join(missing) or "all pools have running replicas"
-        self._polled = True
 
     def failed(self, reason: str) -> None:
         """The controller could not be asked (it may be restarting): keep the last counts."""
