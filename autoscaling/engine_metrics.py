@@ -1,7 +1,7 @@
 """The figures an engine replica reports for autoscaling/slo_policy.py through Serve's
 `record_autoscaling_stats()`, computed the same way by the real engine
 (deployments/engine.py, from vLLM's per-request timestamps) and the simulator
-(bench/fleet.py):
+(bench/sim/fleet.py):
 
 * `queue_wait_s`: mean over the requests admitted since the last report (arrival to
   first scheduled: vLLM's scheduled_ts - queued_ts) and the requests still waiting

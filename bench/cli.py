@@ -15,15 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "sim": ("bench.sim_cli", "compare routing policies on a trace with the cluster simulator"),
-    "autoscale": ("bench.autoscale_eval", "autoscaling policies on shaped traffic: GPU-hours against SLO"),
-    "replay": ("bench.replay_cluster", "replay a scaled-down trace against the running local cluster"),
+    "sim": ("bench.sim.cli", "compare routing policies on a trace with the cluster simulator"),
+    "autoscale": ("bench.sim.autoscale_eval", "autoscaling policies on shaped traffic: GPU-hours against SLO"),
+    "replay": ("bench.live.replay_cluster", "replay a scaled-down trace against the running local cluster"),
     "router": ("bench.router_latency", "routing decision latency of each policy"),
-    "router-cluster": ("bench.router_cluster", "routing through the real cluster's request router"),
-    "sessions": ("bench.sessions_bench", "session store throughput and latency"),
-    "chaos": ("bench.chaos", "streaming load while engine replicas are killed or wedged; what clients saw"),
-    "published-check": ("bench.published_check", "the simulator against a published vLLM figure (Lambda, TP=8)"),
-    "tenants": ("bench.tenants_bench", "noisy neighbour: tenant B's TTFT with A flooding, fair share on/off"),
+    "router-cluster": ("bench.live.router_cluster", "routing through the real cluster's request router"),
+    "sessions": ("bench.live.sessions", "session store throughput and latency"),
+    "chaos": ("bench.live.chaos", "streaming load while engine replicas are killed or wedged; what clients saw"),
+    "published-check": (
+        "bench.calibration.published_check",
+        "the simulator against a published vLLM figure (Lambda, TP=8)",
+    ),
+    "tenants": ("bench.live.tenants", "noisy neighbour: tenant B's TTFT with A flooding, fair share on/off"),
 }
 
 

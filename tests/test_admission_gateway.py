@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.prefix_counters import prometheus_sum
+from bench.live.prefix_counters import prometheus_sum
 from cluster.admission.cache_salt import cache_salt
 from cluster.auth import hash_api_key
 from cluster.config import ClusterConfig, TenantLimits

@@ -63,7 +63,7 @@ def test_strict_api_on_the_live_gateway(local_cluster: Any) -> None:
 def test_one_tenants_cached_prefix_is_invisible_to_another(local_cluster: Any) -> None:
     """A, then B with the same prompt: B hits nothing; A again: A hits its own blocks
     (vLLM's prefix-cache counters, summed over the engines)."""
-    from bench.prefix_counters import metrics_urls, settle
+    from bench.live.prefix_counters import metrics_urls, settle
 
     urls = metrics_urls()
     assert urls

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.chaos import child_pids, engine_replica_pids
+from bench.live.chaos import child_pids, engine_replica_pids
 from deployments.serve_config import APP_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]

@@ -6,7 +6,7 @@ conversation returns to the replica of its last turn whichever gateway serves it
 replay one multi-turn workload through one router, through two routers splitting the
 traffic at random, and through two routers without session affinity, and compare the
 prefix-cache hit rate the engines would see. The engines are the simulator's model of
-vLLM's paged block cache (bench.kv_cache.PrefixKVCache, one per replica, LRU eviction of
+vLLM's paged block cache (bench.sim.kv_cache.PrefixKVCache, one per replica, LRU eviction of
 unreferenced blocks), fed with *all* traffic: independent of the routers' own indexes.
 """
 
@@ -16,7 +16,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 
-from bench.kv_cache import PrefixKVCache
+from bench.sim.kv_cache import PrefixKVCache
 from cluster.routing.block_hash import chain_block_hashes
 from cluster.routing.policy import ReplicaView, RouteRequest
 from cluster.routing.registry import make_policy

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from bench.sim_floor import prefill_ttft_s, ttft_floors
-from bench.sim_metrics import format_table, summarize
-from bench.sim_slo import GoodputSearch, SloSpec, bisect_goodput, slo_met
-from bench.simulator import ClusterSimulator
+from bench.sim.floor import prefill_ttft_s, ttft_floors
+from bench.sim.goodput import GoodputSearch, SloSpec, bisect_goodput, slo_met
+from bench.sim.metrics import format_table, summarize
+from bench.sim.simulator import ClusterSimulator
 from bench.traces import SyntheticSpec, Trace, TraceRequest, synthetic_multiturn
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from bench.sim_metrics import format_table, summarize
-from bench.simulator import ClusterSimulator, SimResult, split_replicas
-from bench.step_time import StepTimeModel
+from bench.calibration.step_time import StepTimeModel
+from bench.sim.metrics import format_table, summarize
+from bench.sim.simulator import ClusterSimulator, SimResult, split_replicas
 from bench.traces import SyntheticSpec, Trace, TraceRequest, synthetic_multiturn
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
@@ -205,7 +205,7 @@ def test_split_replicas_follows_token_share(cfg: ClusterConfig) -> None:
 
 
 def test_cli_writes_results_and_plots(tmp_path: Path, conversations: Trace) -> None:
-    from bench import sim_cli
+    from bench.sim import cli as sim_cli
 
     path = tmp_path / "trace.jsonl"
     with path.open("w") as f:
@@ -252,8 +252,8 @@ def test_replay_hit_rate_matches_real_engines(local_cluster: Any) -> None:
     """The same scaled conversation trace through the real cluster (gateway, request
     router, vLLM engines) and through the simulator: vLLM's own prefix-cache counters
     agree with the simulator's cache model."""
-    from bench.prefix_counters import metrics_urls
-    from bench.replay_cluster import replay_and_measure, scale_trace, simulate_same
+    from bench.live.prefix_counters import metrics_urls
+    from bench.live.replay_cluster import replay_and_measure, scale_trace, simulate_same
 
     cfg = local_cluster.cfg
     spec = SyntheticSpec(
@@ -348,10 +348,10 @@ def test_inferred_reply_blocks_let_a_follow_up_turn_hit_the_reply(cfg: ClusterCo
 
 
 def test_published_check_replays_the_published_setup() -> None:
-    """bench.published_check replays Lambda's 320 requests on one TP=8 replica: every
+    """bench.calibration.published_check replays Lambda's 320 requests on one TP=8 replica: every
     request completes, the recorded steps cover the run, and the figures are reported
     next to the published ones (the comparison itself is in the README, not asserted)."""
-    from bench.published_check import PUBLISHED, format_check, run_check, weighted_median
+    from bench.calibration.published_check import PUBLISHED, format_check, run_check, weighted_median
 
     assert weighted_median([(1.0, 1), (5.0, 3), (9.0, 0)]) == 5.0
     pub = json.loads(PUBLISHED.read_text())
@@ -388,7 +388,7 @@ class _UnitSteps:
 
 
 def test_a_preempted_request_resumes_from_its_cached_prompt_and_reply() -> None:
-    from bench.replica_model import ReplicaModel, Seq
+    from bench.sim.replica_model import ReplicaModel, Seq
     from bench.traces import chain_block_ids
 
     bs = 16

@@ -1,15 +1,15 @@
-"""The simulator on a changing fleet (bench/fleet.py) and the traffic shapes
-(bench/traffic_shapes.py): the policy objects decide inside Serve's rules, replicas serve
+"""The simulator on a changing fleet (bench/sim/fleet.py) and the traffic shapes
+(bench/sim/traffic_shapes.py): the policy objects decide inside Serve's rules, replicas serve
 only after their cold start and leave only after draining, nodes are billed whole."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.fleet import FleetController, FleetReplica, fixed_gpu_hours
-from bench.simulator import ClusterSimulator, SimResult
+from bench.sim.fleet import FleetController, FleetReplica, fixed_gpu_hours
+from bench.sim.simulator import ClusterSimulator, SimResult
+from bench.sim.traffic_shapes import apply_shape, load_series, make_shape, repeat_trace
 from bench.traces import SyntheticSpec, Trace, TraceRequest, synthetic_multiturn
-from bench.traffic_shapes import apply_shape, load_series, make_shape, repeat_trace
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
 
@@ -139,13 +139,13 @@ def test_repeated_trace_copies_never_hit_each_other() -> None:
 
 
 def test_capacity_planner_finds_the_smallest_fixed_fleet_and_prices_it() -> None:
-    from bench.capacity_plan import cost_per_million, min_fixed_fleet
+    from bench.sim.capacity_plan import cost_per_million, min_fixed_fleet
 
     cfg = small_cfg()
     trace = busy_trace()
     fleet, row, met = min_fixed_fleet(cfg, trace, slo_target=0.95)
     assert met and row["slo_attainment"] >= 0.95
-    from bench.autoscale_eval import run_fleet
+    from bench.sim.autoscale_eval import run_fleet
 
     for pool, n in fleet.items():
         if n > 1:  # one replica fewer in any pool misses the target

@@ -1,5 +1,5 @@
-"""Step-time model of the simulator (bench/step_time.py) and the all-reduce fit
-(bench/profile_allreduce.py): table points come back exactly, time never falls when work
+"""Step-time model of the simulator (bench/calibration/step_time.py) and the all-reduce fit
+(bench/calibration/profile_allreduce.py): table points come back exactly, time never falls when work
 grows, a missing table is flagged as analytic, and the all-reduce fit reproduces the
 measured points within its recorded error. Tables are built here or read from the
 committed bench/calibration/; nothing here touches a GPU."""
@@ -13,10 +13,17 @@ from typing import Any
 
 import pytest
 
-from bench import profile_allreduce, profile_layers
-from bench.profile_allreduce import HIDDEN, build_table, fit_alpha_beta, ring_us
-from bench.step_time import CALIBRATION_DIR, GPU_SPECS, AllReduceModel, Grid2D, StepTimeModel, layer_table_name
-from bench.vllm_allreduce import NcclCurve, VllmAllReduce, algorithm, fuses_rmsnorm
+from bench.calibration import profile_allreduce, profile_layers
+from bench.calibration.profile_allreduce import HIDDEN, build_table, fit_alpha_beta, ring_us
+from bench.calibration.step_time import (
+    CALIBRATION_DIR,
+    GPU_SPECS,
+    AllReduceModel,
+    Grid2D,
+    StepTimeModel,
+    layer_table_name,
+)
+from bench.calibration.vllm_allreduce import NcclCurve, VllmAllReduce, algorithm, fuses_rmsnorm
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
 

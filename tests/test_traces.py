@@ -139,7 +139,7 @@ def test_head_and_scaled_keep_block_size() -> None:
 
 
 def test_scaled_down_replay_trace_keeps_block_structure(tmp_path: Path) -> None:
-    from bench.replay_cluster import prompt_token_ids, scale_trace
+    from bench.live.replay_cluster import prompt_token_ids, scale_trace
 
     trace = read_trace(_write_mooncake(tmp_path / "m.jsonl", MOONCAKE_ROWS))
     small = scale_trace(trace, 1 / 32, rate_scale=2.0, max_output=3)
@@ -158,7 +158,7 @@ def test_scaled_down_replay_trace_keeps_block_structure(tmp_path: Path) -> None:
 
 
 def test_prometheus_counters_of_vllm() -> None:
-    from bench.prefix_counters import prometheus_sum
+    from bench.live.prefix_counters import prometheus_sum
 
     text = "\n".join(
         [

@@ -115,9 +115,9 @@ def cmd_capacity_plan(args: argparse.Namespace) -> int:
     """Replicas, GPU-hours and $ per 1M tokens that meet the SLO on a trace (simulated)."""
     import json
 
-    from bench.autoscale_eval import load_window  # the simulator: imported only here
-    from bench.capacity_plan import format_plan, plan
-    from bench.traffic_shapes import apply_shape, make_shape
+    from bench.sim.autoscale_eval import load_window  # the simulator: imported only here
+    from bench.sim.capacity_plan import format_plan, plan
+    from bench.sim.traffic_shapes import apply_shape, make_shape
 
     cfg = load_config(args.profile or "h100x8-bf16", args.config)
     if args.gpu_hour_price is None or args.gpu_hour_price <= 0:

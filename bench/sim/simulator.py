@@ -1,5 +1,5 @@
 """Discrete-event simulator of a Mistral Large 2 cluster: pools of engine replicas
-(`bench.replica_model`) behind the project's own routing policies.
+(`bench.sim.replica_model`) behind the project's own routing policies.
 
 Events, in time order (ties in this order):
   * a replica's step (or pure-decode run) ends: its results apply, finished requests are
@@ -13,7 +13,7 @@ Events, in time order (ties in this order):
     block hashes are the chained trace block ids (block size = the trace's, 512 tokens
     for Mooncake; policies get that block size and the KV capacity in those blocks).
 
-With a `fleet` (bench/fleet.py), the replica set changes during the run: the fleet's
+With a `fleet` (bench/sim/fleet.py), the replica set changes during the run: the fleet's
 events (autoscaler ticks, replicas becoming ready) interleave with the others; a replica
 added is routable only once ready, a replica removed stops taking requests and is
 released when its last request finishes (drain).
@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bench.replica_model import ReplicaModel, Seq, StepTime
+from bench.sim.replica_model import ReplicaModel, Seq, StepTime
 from bench.traces import Trace, TraceStats, chain_block_ids
 from cluster.config import ClusterConfig, PoolConfig
 from cluster.routing.policy import ReplicaView, RouteRequest, RoutingPolicy
@@ -44,7 +44,7 @@ ReplicaFactory = Callable[..., ReplicaModel]
 
 
 class FleetHook(Protocol):
-    """What the simulator asks of a changing fleet (bench/fleet.py)."""
+    """What the simulator asks of a changing fleet (bench/sim/fleet.py)."""
 
     def next_event_s(self) -> float: ...
 
@@ -60,7 +60,7 @@ INF = float("inf")
 
 def default_step_time(cfg: ClusterConfig, pool: PoolConfig, **options: Any) -> StepTime:
     """The calibrated model; options go to StepTimeModel.for_pool (allreduce_scaling, ...)."""
-    from bench.step_time import StepTimeModel
+    from bench.calibration.step_time import StepTimeModel
 
     return StepTimeModel.for_pool(cfg, pool, **options)
 
@@ -104,7 +104,7 @@ def split_replicas(cfg: ClusterConfig, trace: Trace, total: int) -> dict[str, in
 
 @dataclass
 class SimResult:
-    """Raw outcome of one simulated run; `bench.sim_metrics.summarize` reduces it."""
+    """Raw outcome of one simulated run; `bench.sim.metrics.summarize` reduces it."""
 
     policy: str
     trace: str
@@ -231,7 +231,7 @@ class ClusterSimulator:
         self._heap: list[tuple[float, int]] = []
         self._bound = INF  # the next external event while run() is inside an arrival
 
-    # -- a changing fleet (bench/fleet.py drives these) --------------------------------
+    # -- a changing fleet (bench/sim/fleet.py drives these) --------------------------------
 
     def add_replica(self, pool_name: str) -> ReplicaModel:
         """A new replica of a pool, not yet routable (it is starting)."""

@@ -3,12 +3,12 @@
     cluster bench autoscale --trace ../shared/traces/mooncake_conversation.jsonl \\
         --profile h100x8-bf16 --shape diurnal,burst --policy all --out out/autoscale
 
-Per (shape, policy): the trace replayed under the shape (bench/traffic_shapes.py) on a
-changing fleet (bench/fleet.py) where each pool's autoscaling policy object decides as
+Per (shape, policy): the trace replayed under the shape (bench/sim/traffic_shapes.py) on a
+changing fleet (bench/sim/fleet.py) where each pool's autoscaling policy object decides as
 in Serve, plus two fixed fleets as references: `fixed-peak` (per pool, the most
 replicas any autoscaled run used) and `fixed-mean` (the time-mean of the
 `ongoing-requests` run's fleet, rounded up). Figures per run: GPU-hours (whole nodes,
-provisioning to release), SLO attainment (bench/slo.py: TTFT <= max(2 s, 1.5 x own
+provisioning to release), SLO attainment (bench/sim/slo.py: TTFT <= max(2 s, 1.5 x own
 no-cache floor), TPOT <= 100 ms), TTFT p50/p99, requests stalled by cold starts (SLO
 missed while a replica of their pool was starting), scale-ups. Writes results.json (one
 run per policy and shape), table.txt and replicas_<shape>.png (replicas over time next
@@ -88,10 +88,10 @@ def run_fleet(
     keep_result: list[Any] | None = None,
 ) -> dict[str, Any]:
     """One simulated run on an autoscaled fleet (or a fixed one) and its figures."""
-    from bench.fleet import DEFAULT_NODE_IDLE_TIMEOUT_S, FleetController, FleetReplica, fixed_gpu_hours
-    from bench.sim_metrics import latency_summary
-    from bench.simulator import ClusterSimulator, default_step_time
-    from bench.slo import FloorTable, RequestSLO, meets_slo
+    from bench.sim.fleet import DEFAULT_NODE_IDLE_TIMEOUT_S, FleetController, FleetReplica, fixed_gpu_hours
+    from bench.sim.metrics import latency_summary
+    from bench.sim.simulator import ClusterSimulator, default_step_time
+    from bench.sim.slo import FloorTable, RequestSLO, meets_slo
 
     started = time.perf_counter()
     router = router or cfg.router.policy
@@ -338,7 +338,7 @@ def plot_replicas(rows: list[dict[str, Any]], load: list[tuple[float, float]], p
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.traffic_shapes import SHAPES, apply_shape, load_series, make_shape, repeat_trace
+    from bench.sim.traffic_shapes import SHAPES, apply_shape, load_series, make_shape, repeat_trace
     from cluster.config import ClusterConfig
     from cluster.profiles import load_profile
 
@@ -370,11 +370,11 @@ def run(args: argparse.Namespace) -> int:
     for s, t in traces.items():
         print(f"  shape {s}: {t.meta.get('shape_describe')}, {t.duration_s / 60:.1f} min")
     started = time.perf_counter()
-    # Fixed references at the SLO target (bench/capacity_plan.py): sized for the shaped
+    # Fixed references at the SLO target (bench/sim/capacity_plan.py): sized for the shaped
     # trace (its peak decides) and for the flat trace at the same mean rate; the
     # autoscaled runs start at the fleet the first 10 minutes need (a fleet that has
     # followed the night, not a cold cluster).
-    from bench.capacity_plan import START_WINDOW_S, head_window, min_fixed_fleet
+    from bench.sim.capacity_plan import START_WINDOW_S, head_window, min_fixed_fleet
 
     def size(trace: Trace) -> dict[str, int]:
         return min_fixed_fleet(cfg, trace, slo_target=args.slo_target, router=args.router)[0]

@@ -11,12 +11,12 @@ replays its decode steps from graphs), and fits the ring model
 per ring step. Group sizes that could not be run are extrapolated from the fit, and the
 table keeps `measured` and `extrapolated` apart.
 
-    python3 bench/profile_allreduce.py --out DIR            # every GPU of the machine
-    python3 bench/profile_allreduce.py --smoke --out DIR    # 2 CPU processes over gloo
-    python3 bench/profile_allreduce.py --refit FILE.json    # refit an existing table
+    python3 bench/calibration/profile_allreduce.py --out DIR            # every GPU of the machine
+    python3 bench/calibration/profile_allreduce.py --smoke --out DIR    # 2 CPU processes over gloo
+    python3 bench/calibration/profile_allreduce.py --refit FILE.json    # refit an existing table
 
 NVLink multicast (NVLS) stays off: a program that uses it can take a shared host's GPUs
-out of service. torch is imported lazily so bench/step_time.py can import the fit.
+out of service. torch is imported lazily so bench/calibration/step_time.py can import the fit.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import prefix_counters
+from bench.live import prefix_counters
 from bench.traces import Trace, TraceRequest, read_trace
 
 FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
@@ -178,7 +178,7 @@ async def warm_up(base_url: str, model: str, vocab_size: int, requests: int, api
 
 
 def summarize_replay(trace: Trace, outcomes: list[Outcome], wall: float) -> dict[str, Any]:
-    from bench.sim_metrics import latency_summary, spread
+    from bench.sim.metrics import latency_summary, spread
 
     ok = [o for o in outcomes if o.status == 200 and o.finish >= 0]
     rejected = [o for o in outcomes if o.status == 400]
@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from bench.sim_metrics import format_table
+    from bench.sim.metrics import format_table
     from cluster.config import ClusterConfig
     from cluster.profiles import load_profile
 
@@ -404,10 +404,10 @@ def simulate_same(cfg: Any, trace: Trace) -> dict[str, Any]:
     """The simulator on the same scaled trace, pools at their start replica counts."""
     import logging
 
-    from bench.sim_metrics import summarize
-    from bench.simulator import ClusterSimulator
+    from bench.sim.metrics import summarize
+    from bench.sim.simulator import ClusterSimulator
 
-    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
+    logging.getLogger("bench.calibration.step_time").setLevel(logging.ERROR)
     replicas = {p.name: p.start_replicas for p in cfg.pools}
     sim = ClusterSimulator(cfg, trace, policy=cfg.router.policy, replicas=replicas)
     return summarize(sim.run())

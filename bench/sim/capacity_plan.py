@@ -5,8 +5,8 @@ what the router and autoscaling save.
         --gpu-hour-price 2.5 [--slo 0.99] [--shape diurnal] [--window-min 0:30]
 
 * fixed fleet: per pool, the fewest replicas (bisection, pools in turn, the others held)
-  for which at least `--slo` of the requests meet the per-request SLO (bench/slo.py);
-* autoscaled: each autoscaling policy (bench/fleet.py) started at the fleet the first
+  for which at least `--slo` of the requests meet the per-request SLO (bench/sim/slo.py);
+* autoscaled: each autoscaling policy (bench/sim/fleet.py) started at the fleet the first
   10 minutes need, with the profile's bounds and `target_ongoing_requests` set to the
   requests in flight per replica of that fixed fleet: GPU-hours and SLO attainment;
 * cost: GPU-hours x price per hour, per 1M input and 1M output tokens. Input and output
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.autoscale_eval import (
+from bench.sim.autoscale_eval import (
     AUTOSCALING_POLICIES,
     calibrated_targets,
     run_fleet,

@@ -13,7 +13,7 @@ of the last chunk. Two floors per request:
 * no cache: the whole prompt is prefilled.
 
 The perfect-reuse floor is the line no router can beat; the no-cache floor prices the
-request's own size in the SLO (`bench.sim_slo`). Both are independent of the arrival rate.
+request's own size in the SLO (`bench.sim.goodput`). Both are independent of the arrival rate.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bench.replica_model import StepTime
-from bench.simulator import StepTimeFactory, default_step_time
+from bench.sim.replica_model import StepTime
+from bench.sim.simulator import StepTimeFactory, default_step_time
 from bench.traces import Trace, chain_block_ids, output_chain_seed
 from cluster.config import ClusterConfig
 from cluster.routing.pool_selector import ContextTooLong, PoolSelector

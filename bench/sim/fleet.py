@@ -31,8 +31,8 @@ from typing import Any
 from autoscaling.cold_start import ColdStart, cold_start
 from autoscaling.engine_metrics import QueueWaitMeter
 from autoscaling.serve_rules import PolicyContext, ScalingRules, ServeAutoscaler
-from bench.replica_model import ReplicaModel, Seq
-from bench.simulator import ClusterSimulator
+from bench.sim.replica_model import ReplicaModel, Seq
+from bench.sim.simulator import ClusterSimulator
 from cluster.config import ClusterConfig, PoolConfig
 from deployments.serve_autoscaling import make_policy, serve_autoscaling_config
 

@@ -109,8 +109,8 @@ def _parse_pool_replicas(text: str) -> dict[str, int]:
 
 
 def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
-    from bench.sim_metrics import summarize
-    from bench.simulator import ClusterSimulator
+    from bench.sim.metrics import summarize
+    from bench.sim.simulator import ClusterSimulator
 
     job = _JOB
     progress_q = job.get("progress")
@@ -197,7 +197,7 @@ def _search_goodput(
 ) -> dict[str, Any]:
     """Bisect every policy's SLO goodput side by side: each round runs one probe per
     policy still searching, in parallel."""
-    from bench.sim_slo import GoodputSearch
+    from bench.sim.goodput import GoodputSearch
 
     searches = {
         p: GoodputSearch(
@@ -247,11 +247,11 @@ def format_goodput(goodput: dict[str, Any], slo: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.sim_metrics import format_table
-    from bench.simulator import split_replicas
+    from bench.sim.metrics import format_table
+    from bench.sim.simulator import split_replicas
 
     # Analytic step times are reported once in the summary, not once per run.
-    logging.getLogger("bench.step_time").setLevel(logging.ERROR)
+    logging.getLogger("bench.calibration.step_time").setLevel(logging.ERROR)
 
     try:
         cfg = _load_cfg(args)
@@ -294,8 +294,8 @@ def run(args: argparse.Namespace) -> int:
     sched = "synchronous" if args.sync_scheduling else "async (vLLM 0.29 default)"
     print(f"scheduling {sched}; reply blocks {trace.meta.get('reply_blocks', 'not inferred')}")
 
-    from bench.sim_floor import ttft_floors
-    from bench.sim_slo import SloSpec
+    from bench.sim.floor import ttft_floors
+    from bench.sim.goodput import SloSpec
 
     slo = SloSpec(args.slo_ttft_s, args.slo_ttft_floor_x, args.slo_tpot_ms, args.slo_target)
     floors = ttft_floors(cfg, trace, replicas)
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "table.txt").write_text(table + "\n")
     written = [out / "results.json", out / "table.txt"]
     if not args.no_plots:
-        from bench.plots import plot_hit_rate, plot_latency_vs_load
+        from bench.sim.plots import plot_hit_rate, plot_latency_vs_load
 
         title = f"{trace.name}, {cfg.profile}, replicas {replicas}"
         written.append(plot_latency_vs_load(sweep, out / "latency_vs_load.png", title, result["floor"]))

@@ -10,9 +10,9 @@ tensor parallelism adds two all-reduces of the hidden state per layer. So a step
 with T the tokens in the step, S the sequences (one logits row each) and L the layers.
 
 Each layer term comes from the measured tables under bench/calibration/
-(bench/profile_layers.py) when one exists for the pool's GPU, tensor-parallel size and
+(bench/calibration/profile_layers.py) when one exists for the pool's GPU, tensor-parallel size and
 weight dtype; otherwise from a roofline estimate, and `StepTimeModel.source` says which.
-The all-reduce follows the path vLLM 0.29 takes per message and TP (bench/vllm_allreduce.py:
+The all-reduce follows the path vLLM 0.29 takes per message and TP (bench/calibration/vllm_allreduce.py:
 NCCL and the one-GPU parts measured, the NVLink kernels modelled).
 The simulator calls `step_ms` millions of times: everything that depends on T alone is
 precomputed into lists, and the rest is a bisect and a few multiplications.
@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.profile_allreduce import ring_us
-from bench.vllm_allreduce import LocalParts, NcclCurve, VllmAllReduce, algorithm
+from bench.calibration.profile_allreduce import ring_us
+from bench.calibration.vllm_allreduce import LocalParts, NcclCurve, VllmAllReduce, algorithm
 from cluster.architecture import DTYPE_BYTES, ModelArchitecture
 from cluster.config import ClusterConfig, PoolConfig
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_DIR = Path(__file__).parent / "calibration"
+CALIBRATION_DIR = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class AllReduceModel:
 
     - "vllm" (default): the path vLLM 0.29 takes per message and TP on Hopper (custom
       one-/two-shot P2P, symmetric-memory multimem, NCCL beyond) and the RMSNorm it
-      fuses, from bench/vllm_allreduce.py: NCCL and the local parts measured, the NVLink
+      fuses, from bench/calibration/vllm_allreduce.py: NCCL and the local parts measured, the NVLink
       kernels modelled; `source` is "modelled".
 
     The NCCL-only alternatives: where a measured curve for this group size exists it is

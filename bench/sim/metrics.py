@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.sim_floor import TtftFloors
-from bench.sim_slo import SloSpec, attainment, slo_met
-from bench.simulator import SimResult
+from bench.sim.floor import TtftFloors
+from bench.sim.goodput import SloSpec, attainment, slo_met
+from bench.sim.simulator import SimResult
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -62,7 +62,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 def floor_summary(res: SimResult, floors: TtftFloors, slo: SloSpec) -> dict[str, Any]:
     """TTFT floors (percentiles over the completed requests), TTFT/floor ratios at each
-    percentile, and SLO attainment over every request (see bench.sim_slo)."""
+    percentile, and SLO attainment over every request (see bench.sim.goodput)."""
     done = [i for i, rej in enumerate(res.rejected) if not rej and res.finish[i] >= 0]
     ttft = [res.first_token[i] - res.arrival[i] for i in done]
     perfect = [floors.perfect_reuse_s[i] for i in done]

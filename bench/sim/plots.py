@@ -26,7 +26,7 @@ def plot_latency_vs_load(
     rows: Sequence[dict[str, Any]], path: Path, title: str, floor: dict[str, float] | None = None
 ) -> Path:
     """TTFT p50/p90/p99 and TPOT p99 against the arrival-rate scale, one line per policy;
-    with `floor` (bench.sim_floor percentiles), the TTFT floor as a dashed black line:
+    with `floor` (bench.sim.floor percentiles), the TTFT floor as a dashed black line:
     every request alone on an idle replica with perfect reuse, the same at every load."""
     panels = [
         ("ttft_p50_s", "TTFT p50 (s)"),

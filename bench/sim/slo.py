@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.replica_model import StepTime
+from bench.sim.replica_model import StepTime
 
 TTFT_FLOOR_S = 2.0
 TTFT_FLOOR_FACTOR = 1.5

@@ -56,7 +56,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from bench.kv_cache import PrefixKVCache
+from bench.sim.kv_cache import PrefixKVCache
 from bench.traces import TraceRequest, chain_block_ids, output_chain_seed
 
 

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import prefix_counters
+from bench.live import prefix_counters
 
 DEFAULT_POLICIES = ["cache-aware", "pow2", "char-tree"]
 _WORDS = (

@@ -9,7 +9,7 @@ not vLLM: `--slots` requests at a time per pool (a continuous batch), each holdi
 slot for `--service-ms`, the first token `--prefill-ms` after it got one; waiting
 requests are served first come, first served, as vLLM's default scheduler does.
 
-    python -m bench.tenants_bench --flood 64 --slots 8 --duration 5
+    python -m bench.live.tenants --flood 64 --slots 8 --duration 5
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ By default a private redis-server is started on a free port (no persistence, or
 `--appendonly` for `appendonly yes` + `appendfsync everysec`); `--redis-url` targets an
 existing one (keys go under a throwaway prefix and are deleted afterwards).
 
-    python -m bench.sessions_bench --clients 1,16,64 --duration 5
+    python -m bench.live.sessions --clients 1,16,64 --duration 5
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ StepTimeModel.for_pool). The simulated engine is vLLM 0.29 (chunked prefill, asy
 scheduling, CUDA graphs, custom all-reduce), the published one 0.5.4, so the simulator
 should come out faster; how much is the point of the check.
 
-    cluster bench published-check      # or python -m bench.published_check
+    cluster bench published-check      # or python -m bench.calibration.published_check
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.simulator import ClusterSimulator, default_step_time
-from bench.step_time import CALIBRATION_DIR
+from bench.calibration.step_time import CALIBRATION_DIR
+from bench.sim.simulator import ClusterSimulator, default_step_time
 from bench.traces import Trace, TraceRequest
 from cluster.config import ClusterConfig, PoolConfig
 from cluster.profiles import load_profile

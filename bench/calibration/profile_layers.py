@@ -3,12 +3,12 @@
 Self-contained (PyTorch only, no vLLM, no project imports) so it runs as-is on a bare GPU
 machine:
 
-    python3 bench/profile_layers.py --tp 8 --weights bf16 --out DIR
-    python3 bench/profile_layers.py --smoke --out DIR      # tiny shapes on CPU, seconds
+    python3 bench/calibration/profile_layers.py --tp 8 --weights bf16 --out DIR
+    python3 bench/calibration/profile_layers.py --smoke --out DIR      # tiny shapes on CPU, seconds
 
 Per GPU of a TP=N replica: 96/N query heads, max(1, 8/N) KV heads of 128, hidden 12288,
 intermediate 28672/N, vocab 32768/N. What it measures, per layer (all-reduces excluded:
-bench/profile_allreduce.py measures those):
+bench/calibration/profile_allreduce.py measures those):
 
 - dense_ms[T]: RMSNorm, QKV, RoPE, O, RMSNorm, gate/up, SiLU*mul, down for T tokens, the
   elementwise work compiled with torch.compile (as vLLM compiles it) where that works,

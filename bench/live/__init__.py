@@ -1,0 +1,1 @@
+"""Live benchmarks: load replays and fault schedules against a running cluster."""
