@@ -24,8 +24,28 @@ from tests.redis_server import RedisServer
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fault-injection tests run last, so a replica they kill never disturbs another test."""
-    items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+    """Fault-injection tests run after every other test of the shared cluster, so a replica
+    they kill never disturbs another test; tests with a cluster of their own run last (they
+    stop the shared one: one Ray per process)."""
+
+    def phase(item: pytest.Item) -> int:
+        if item.get_closest_marker("own_cluster") is not None:
+            return 2
+        return 1 if item.get_closest_marker("fault") is not None else 0
+
+    items.sort(key=phase)  # stable: file order within a phase
+
+
+# The shared cluster while it runs, so a test that needs a cluster of its own can stop it.
+_shared: dict[str, Any] = {}
+
+
+def stop_shared_cluster() -> None:
+    """Stop the shared local cluster now, if it runs (an `own_cluster` test calls this
+    before it starts its own; the shared fixture's teardown is then a no-op)."""
+    cluster = _shared.pop("cluster", None)
+    if cluster is not None:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +106,11 @@ def local_cluster(
     cluster = start_local_cluster(cfg, progress=progress)
     cluster.api_key, cluster.other_api_key = keys["acme"], keys["globex"]  # type: ignore[attr-defined]
     cluster.tenant_keys = keys  # type: ignore[attr-defined]
+    _shared["cluster"] = cluster
     try:
         yield cluster
     finally:
-        cluster.stop()
+        stop_shared_cluster()
 
 
 @pytest.fixture(scope="session")
