@@ -57,7 +57,8 @@ class GatewayDeployment:
             logger.warning(f"gateway metrics port {port} is taken; this replica's metrics: API port only")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_gateway_app(self.gateway)
+        # Serve's proxy returns X-Request-Id itself (the id it gave this request).
+        return build_gateway_app(self.gateway, echo_request_id=False)
 
     async def check_health(self) -> None:
         # Serve calls this periodically on the replica's loop: keep the status poll alive.
