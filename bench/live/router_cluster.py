@@ -102,6 +102,8 @@ class RunResult:
     ttfts_s: list[float] = field(default_factory=list)
     # (router's predicted cached tokens, engine's cached tokens) per request, where both known
     cached_pairs: list[tuple[int, int]] = field(default_factory=list)
+    prompt_tokens: int = 0  # the gateway's count, summed (X-Prompt-Tokens)
+    engine_cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, summed
     served_by: Counter[str] = field(default_factory=Counter)
     followups: int = 0
     followups_same_replica: int = 0
@@ -151,6 +153,7 @@ class TurnResult:
     served_by: str = "?"
     predicted: int | None = None  # X-Predicted-Cached-Tokens (our routers only)
     cached: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    prompt_tokens: int = 0  # X-Prompt-Tokens (the gateway's count)
     error: str | None = None
 
 
@@ -168,6 +171,7 @@ async def stream_turn(client: Any, body: dict[str, Any]) -> TurnResult:
         out.served_by = r.headers.get("x-served-by", "?")
         predicted = r.headers.get("x-predicted-cached-tokens")
         out.predicted = int(predicted) if predicted is not None else None
+        out.prompt_tokens = int(r.headers.get("x-prompt-tokens") or 0)
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -224,11 +228,14 @@ async def replay(
                 result.latencies_s.append(turn_result.latency_s)
                 if turn_result.ttft_s is not None:
                     result.ttfts_s.append(turn_result.ttft_s)
+                result.prompt_tokens += turn_result.prompt_tokens
+                result.engine_cached_tokens += turn_result.cached or 0
                 if turn_result.predicted is not None and turn_result.cached is not None:
                     result.cached_pairs.append((turn_result.predicted, turn_result.cached))
                 replica = turn_result.served_by
                 result.served_by[replica] += 1
-                if previous is not None:
+                # Ray's own routers do not tell the gateway their choice ("?").
+                if previous is not None and replica != "?":
                     result.followups += 1
                     result.followups_same_replica += replica == previous
                 previous = replica
@@ -276,7 +283,13 @@ def run_policy(policy: str, workload: list[Conversation], args: argparse.Namespa
         before = prefix_counters.read(urls) or (0.0, 0.0)
         print(f"== {policy}: replaying {len(workload)} conversations x {args.turns} turns ...", flush=True)
         asyncio.run(replay(cluster.base_url, cfg.model.served_name, workload, args, result))
-        after = prefix_counters.settle(urls, baseline=before, stable_reads=2, timeout_s=90) or before
+        # Ray exports the counters every few seconds: wait until they count what was sent.
+        after = (
+            prefix_counters.settle(
+                urls, baseline=before, expect_queries=result.prompt_tokens, stable_reads=5, timeout_s=90
+            )
+            or before
+        )
         result.prefix_queries = after[0] - before[0]
         result.prefix_hits = after[1] - before[1]
     finally:
@@ -296,16 +309,19 @@ def print_table(results: list[RunResult]) -> None:
     print("vLLM prefix-cache hit rate on the local cluster (tokens, from the engines' own counters), client TTFT")
     header = (
         f"{'policy':<20} {'requests':>8} {'errors':>6} {'queries':>9} {'hits':>9} {'hit rate':>9} "
-        f"{'TTFT p50':>9} {'p90 s':>6} {'same replica':>13} {'split over replicas'}"
+        f"{'usage rate':>10} {'TTFT p50':>9} {'p90 s':>6} {'same replica':>13} {'split over replicas'}"
     )
     print(header)
     for r in results:
-        same = f"{r.followups_same_replica}/{r.followups}"
+        same = f"{r.followups_same_replica}/{r.followups}" if r.followups else "n/a"
         split = " ".join(f"{k[-6:]}={v}" for k, v in sorted(r.served_by.items()))
+        usage_rate = r.engine_cached_tokens / r.prompt_tokens if r.prompt_tokens else float("nan")
         print(
             f"{r.policy:<20} {r.requests:>8} {r.errors:>6} {r.prefix_queries:>9.0f} {r.prefix_hits:>9.0f} "
-            f"{r.hit_rate:>9.3f} {_pct(r.ttfts_s, 0.5):>9.3f} {_pct(r.ttfts_s, 0.9):>6.3f} {same:>13} {split}"
+            f"{r.hit_rate:>9.3f} {usage_rate:>10.3f} {_pct(r.ttfts_s, 0.5):>9.3f} {_pct(r.ttfts_s, 0.9):>6.3f} "
+            f"{same:>13} {split}"
         )
+    print("(hit rate: vLLM's prefix-cache counters; usage rate: cached / prompt tokens of the replies' usage)")
     agreeing = [(r, a) for r in results if (a := r.agreement()) is not None]
     if agreeing:
         print()

@@ -204,9 +204,9 @@ class KvEventSubscriber:
 
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        sub.connect(endpoint)
         rep = self.replicas[rid]
         try:
+            sub.connect(endpoint)
             if replay is not None:
                 await self._replay_or_log(rep, replay, 0)  # what the engine did before we listened
             while True:
