@@ -55,6 +55,7 @@ def _body(model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
         "messages": list(messages),
         "max_tokens": 16,
         "temperature": 0,
+        "ignore_eos": True,  # random weights may stop at once; an empty reply cannot be sent back
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -82,7 +83,7 @@ async def _conversations(base_url: str, model: str, n: int, turns: int) -> tuple
             if t == 0:
                 first_turns.append(list(messages))
             turn = await send(client, messages)
-            messages.append({"role": "assistant", "content": turn.content})
+            messages.append({"role": "assistant", "content": turn.content or "..."})
 
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         # Three conversations at a time: together they hold more blocks than the engines.

@@ -216,6 +216,7 @@ async def replay(
                     "messages": messages,
                     "max_tokens": args.max_tokens,
                     "temperature": 0,
+                    "ignore_eos": True,  # random weights may stop at once; an empty reply cannot be sent back
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 }
@@ -239,7 +240,7 @@ async def replay(
                     result.followups += 1
                     result.followups_same_replica += replica == previous
                 previous = replica
-                messages.append({"role": "assistant", "content": turn_result.content})
+                messages.append({"role": "assistant", "content": turn_result.content or "..."})
             done += 1
             print(f"    conversations done: {done}/{len(workload)}", flush=True)
 
