@@ -41,7 +41,8 @@ KV_LIFECYCLE_TO_KEY = "mls_kv_lifecycle_to"
 
 class PoolEngine(LLMServer):
     """LLMServer that reports num_waiting, num_running, kv_usage, kv_capacity_blocks,
-    max_num_seqs and block_size to the request router."""
+    max_num_seqs and block_size to the request router (with router.kv_events also where
+    it publishes its KV cache events)."""
 
     _unfinished = 0
     _busy_since = 0.0  # when the replica last went from idle to busy
