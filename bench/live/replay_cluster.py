@@ -252,6 +252,7 @@ def replay_and_measure(
         # everything sent before (the warm-up, earlier traffic) has arrived, so the
         # replay's delta holds the replay alone.
         before = prefix_counters.settle([metrics_url], stable_reads=3, timeout_s=60) or before
+    ttft_before = _engine_ttft_totals(metrics_url) if metrics_url else None
     outcomes, wall = asyncio.run(replay(base_url, model, trace, vocab, max_in_flight, progress, api_key))
     summary = summarize_replay(trace, outcomes, wall)
     summary["engine_token_hit_rate"] = None
@@ -265,6 +266,12 @@ def replay_and_measure(
             summary["engine_prefix_cache_queries"] = after[0] - before[0]
             summary["engine_prefix_cache_hits"] = after[1] - before[1]
             summary["engine_token_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
+        # vLLM's own mean TTFT over the replay (engine frontend arrival -> first token):
+        # the client's mean minus this is the serving path under the replay's load.
+        if ttft_before is not None:
+            ttft_after = _settled_ttft_totals(metrics_url, ttft_before[1] + summary["completed"], timeout_s=30)
+            if ttft_after is not None and ttft_after[1] > ttft_before[1]:
+                summary["engine_ttft_mean_s"] = (ttft_after[0] - ttft_before[0]) / (ttft_after[1] - ttft_before[1])
     return outcomes, summary
 
 
