@@ -504,6 +504,18 @@ class TelemetryConfig(_Strict):
     metrics: GatewayMetricsConfig = Field(default_factory=GatewayMetricsConfig)
 
 
+class SimulatorConfig(_Strict):
+    """What the cluster simulator (bench/sim/) needs to know of this deployment beyond
+    the engines; the engines' own step times come from bench/calibration/."""
+
+    # Time the serving path adds to every request outside the engine: client -> Serve
+    # proxy -> gateway pipeline -> router -> Serve handle -> engine frontend, and the
+    # first token's way back. The simulator delivers each request to its engine this
+    # long after the client sent it, so TTFT and E2E include it once and TPOT not at all.
+    # Measured per profile with `cluster bench replay --measure-overhead`.
+    request_overhead_ms: float = Field(0.0, ge=0)
+
+
 class ClusterConfig(_Strict):
     profile: str = "custom"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -517,6 +529,7 @@ class ClusterConfig(_Strict):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     http_port: int = Field(8000, ge=1, le=65535)
 
     @model_validator(mode="after")
@@ -649,5 +662,6 @@ __all__ = [
     "SERVED_MODEL_NAME",
     "SLOPolicyConfig",
     "SessionConfig",
+    "SimulatorConfig",
     "TelemetryConfig",
 ]

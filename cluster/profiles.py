@@ -16,6 +16,7 @@ from cluster.config import (
     PoolConfig,
     ResilienceConfig,
     RouterConfig,
+    SimulatorConfig,
 )
 
 H100_NODE = NodeShape(
@@ -136,6 +137,9 @@ def cpu_tiny() -> ClusterConfig:
         gateway=GatewayConfig(min_replicas=1, max_replicas=1),
         # Tiny CPU steps take milliseconds; 8 s without one is a stall even on a busy box.
         resilience=ResilienceConfig(wedged_after_s=8.0),
+        # Measured on the 2-core VM with `cluster bench replay --measure-overhead`: lone
+        # requests' client TTFT minus the simulator's (bench/calibration/README.md).
+        simulator=SimulatorConfig(request_overhead_ms=41.0),
     )
 
 

@@ -22,6 +22,14 @@ context_length_exceeded), and vLLM's prefix-cache hit rate: the increase of
 from Ray's Prometheus endpoint (vLLM's Ray stat logger exports them there), next to the
 simulator's token hit rate and the trace's ceiling.
 
+Timing: the same table sets client TTFT and TPOT percentiles beside the simulator's
+(`timing_errors`: relative errors of TTFT and TPOT p50/p90). The simulator's engines take
+their step times from the profile's table (for cpu-tiny the whole engine steps measured
+in vLLM, bench/calibration/engine_step_table.py) and every request pays the profile's
+`simulator.request_overhead_ms` for the serving path outside the engine.
+`--measure-overhead` measures that term first: lone requests on the idle cluster,
+client TTFT minus the simulator's TTFT of the same request alone on an idle replica.
+
 Without --base-url the local cluster is started here (profile cpu-tiny by default) and
 stopped at the end. Run one cluster per machine at a time: the engines need the cores.
 """
@@ -44,6 +52,8 @@ from bench.traces import Trace, TraceRequest, read_trace
 
 FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
 WARM_UP_PROMPT = 48  # tokens per warm-up request
+OVERHEAD_PROMPTS = (32, 96, 256)  # prompt tokens of the lone requests that measure the overhead
+TIMING_KEYS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_ms", "tpot_p90_ms")
 
 
 def scale_trace(trace: Trace, token_scale: float, rate_scale: float = 1.0, max_output: int | None = None) -> Trace:
@@ -242,6 +252,7 @@ def replay_and_measure(
         # everything sent before (the warm-up, earlier traffic) has arrived, so the
         # replay's delta holds the replay alone.
         before = prefix_counters.settle([metrics_url], stable_reads=3, timeout_s=60) or before
+    ttft_before = _engine_ttft_totals(metrics_url) if metrics_url else None
     outcomes, wall = asyncio.run(replay(base_url, model, trace, vocab, max_in_flight, progress, api_key))
     summary = summarize_replay(trace, outcomes, wall)
     summary["engine_token_hit_rate"] = None
@@ -255,7 +266,132 @@ def replay_and_measure(
             summary["engine_prefix_cache_queries"] = after[0] - before[0]
             summary["engine_prefix_cache_hits"] = after[1] - before[1]
             summary["engine_token_hit_rate"] = (after[1] - before[1]) / (after[0] - before[0])
+        # vLLM's own mean TTFT over the replay (engine frontend arrival -> first token):
+        # the client's mean minus this is the serving path under the replay's load.
+        if ttft_before is not None:
+            ttft_after = _settled_ttft_totals(metrics_url, ttft_before[1] + summary["completed"], timeout_s=30)
+            if ttft_after is not None and ttft_after[1] > ttft_before[1]:
+                summary["engine_ttft_mean_s"] = (ttft_after[0] - ttft_before[0]) / (ttft_after[1] - ttft_before[1])
     return outcomes, summary
+
+
+def timing_errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
+    """(simulated - real) / real of TTFT and TPOT p50 and p90."""
+    return {k: (float(sim[k]) - float(real[k])) / float(real[k]) for k in TIMING_KEYS if float(real[k]) > 0}
+
+
+def lone_request_ttft_s(cfg: Any, prompt_tokens: int, block_size: int) -> float:
+    """The simulator's TTFT of one request alone on an idle replica, no prefix hit and no
+    serving-path overhead: what the engine alone takes."""
+    from bench.sim.simulator import ClusterSimulator
+
+    bare = cfg.model_copy(deep=True)
+    bare.simulator.request_overhead_ms = 0.0
+    n = math.ceil(prompt_tokens / block_size)
+    req = TraceRequest("lone", 0.0, prompt_tokens, 2, tuple(range(1, n + 1)))
+    pool = next(p for p in bare.pools if prompt_tokens + 2 <= p.max_model_len)
+    sim = ClusterSimulator(bare, Trace("lone", block_size, [req]), policy="round-robin", replicas={pool.name: 1})
+    return sim.run().first_token[0]
+
+
+def _engine_ttft_totals(metrics_url: str) -> tuple[float, float] | None:
+    """(sum of seconds, count) of vLLM's own TTFT histogram over every engine."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    total = prefix_counters.prometheus_sum(text, "vllm:time_to_first_token_seconds_sum")
+    count = prefix_counters.prometheus_sum(text, "vllm:time_to_first_token_seconds_count")
+    return None if total is None or count is None else (total, count)
+
+
+def _settled_ttft_totals(metrics_url: str, at_least: float, timeout_s: float = 60.0) -> tuple[float, float] | None:
+    """The TTFT totals once their count reaches `at_least` and stops moving (Ray exports
+    every few seconds); None when the endpoint has none."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        now = _engine_ttft_totals(metrics_url)
+        if now is not None and now[1] >= at_least and now == last:
+            return now
+        last = now
+        time.sleep(prefix_counters.POLL_S)
+    return last
+
+
+def measure_overhead(
+    base_url: str,
+    cfg: Any,
+    *,
+    repeats: int = 8,
+    api_key: str = "none",
+    prompts: tuple[int, ...] = OVERHEAD_PROMPTS,
+    metrics_url: str | None = None,
+) -> dict[str, Any]:
+    """The serving path's time per request outside the engine, in ms: lone requests, one
+    at a time on the idle cluster (fresh content, so no prefix hit), client TTFT minus
+    the simulator's TTFT of the same request alone on an idle replica
+    (`request_overhead_ms`, per prompt size and the median over all). With a metrics
+    endpoint it is split by vLLM's own TTFT histogram (request arrival at the engine's
+    frontend -> first token): `serving_path_ms` is client minus vLLM (proxy, gateway,
+    router, Serve handle, the stream back), `engine_vs_table_ms` vLLM minus the simulator
+    (the engine's intake before its first step, and what the step table misses)."""
+    import statistics
+
+    block = cfg.pools[0].engine.block_size
+    vocab = cfg.model.architecture.vocab_size
+    per_size: dict[str, Any] = {}
+    excess: list[float] = []
+    client_all: list[float] = []
+    engine_all: list[float] = []
+    before = _settled_ttft_totals(metrics_url, 0.0) if metrics_url else None
+    base = -(2 * 10**9)  # block ids no trace and no warm-up uses
+    for size in prompts:
+        ttfts: list[float] = []
+        for rep in range(repeats):
+            n = math.ceil(size / block)
+            ids = tuple(base - (size * 1000 + rep) * 64 - k for k in range(n))
+            trace = Trace("overhead", block, [TraceRequest(f"o{size}-{rep}", 0.0, size, 2, ids)])
+            outcomes, _ = asyncio.run(replay(base_url, cfg.model.served_name, trace, vocab, api_key=api_key))
+            o = outcomes[0]
+            if o.status == 200 and o.first_token >= 0:
+                ttfts.append(o.first_token - o.sent)
+        engine_s = lone_request_ttft_s(cfg, size, block)
+        if ttfts:
+            client = statistics.median(ttfts)
+            per_size[str(size)] = {"client_ttft_ms": 1e3 * client, "simulated_engine_ttft_ms": 1e3 * engine_s}
+            excess.extend(1e3 * (t - engine_s) for t in ttfts)
+            client_all.extend(ttfts)
+            engine_all.extend(engine_s for _ in ttfts)
+    result: dict[str, Any] = {
+        "request_overhead_ms": statistics.median(excess) if excess else math.nan,
+        "by_prompt_tokens": per_size,
+        "requests": len(excess),
+    }
+    if metrics_url and before is not None and client_all:
+        after = _settled_ttft_totals(metrics_url, before[1] + len(client_all))
+        if after is not None and after[1] > before[1]:
+            vllm_mean = (after[0] - before[0]) / (after[1] - before[1])
+            client_mean = statistics.fmean(client_all)
+            result["vllm_ttft_mean_ms"] = 1e3 * vllm_mean
+            result["client_ttft_mean_ms"] = 1e3 * client_mean
+            result["serving_path_ms"] = 1e3 * (client_mean - vllm_mean)
+            result["engine_vs_table_ms"] = 1e3 * (vllm_mean - statistics.fmean(engine_all))
+    return result
+
+
+def print_timing(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
+    errors = timing_errors(real, sim)
+    print(f"{'':12} {'real':>9} {'simulated':>10} {'error':>8}")
+    for k in TIMING_KEYS:
+        scale, unit = (1e3, "ms") if k.endswith("_s") else (1.0, "ms")
+        name = k.replace("_s", "").replace("_ms", "")
+        err = f"{errors[k]:+.1%}" if k in errors else "n/a"
+        print(f"{name:12} {float(real[k]) * scale:>7.1f}{unit} {float(sim[k]) * scale:>8.1f}{unit} {err:>8}")
+    return errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -279,6 +415,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default="none")
     p.add_argument("--warm-up", type=int, default=6, help="warm-up requests before measuring")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's prediction")
+    p.add_argument(
+        "--measure-overhead",
+        action="store_true",
+        help="first measure the serving path's per-request overhead (lone requests, idle cluster) and simulate with it",
+    )
     p.add_argument("--out", default="out/replay")
 
 
@@ -336,6 +477,12 @@ def run(args: argparse.Namespace) -> int:
             cluster = start_local_cluster(cfg)
             base_url = cluster.base_url
             metrics_url = metrics_url or next(iter(prefix_counters.metrics_urls()), None)
+        overhead = None
+        if args.measure_overhead:
+            asyncio.run(warm_up(base_url, cfg.model.served_name, cfg.model.architecture.vocab_size, 4, args.api_key))
+            overhead = measure_overhead(base_url, cfg, api_key=args.api_key, metrics_url=metrics_url)
+            print(f"serving-path overhead per request: {overhead['request_overhead_ms']:.1f} ms ({overhead})")
+            cfg.simulator.request_overhead_ms = overhead["request_overhead_ms"]
         with tqdm(total=len(trace), unit="req", desc="replaying", file=sys.stderr) as bar:
             outcomes, summary = replay_and_measure(
                 base_url,
@@ -377,6 +524,7 @@ def run(args: argparse.Namespace) -> int:
         "('hit' and 'ceiling' here are token hit rates: vLLM's counters for the replay, the model's for the simulator)"
     )
     print(f"vLLM prefix-cache token hit rate: {_pct(engine_hit)}")
+    errors: dict[str, float] = {}
     if sim_summary is not None:
         print(f"simulator token hit rate:         {_pct(sim_summary['token_hit_rate'])}")
     print(f"ceiling (perfect reuse):          {_pct(stats.token_hit_ceiling)}")
@@ -384,6 +532,10 @@ def run(args: argparse.Namespace) -> int:
         f"completed {summary['completed']}, rejected {summary['rejected']}, failed {summary['failed']}; "
         f"generated {summary['generated_tokens']} of {summary['expected_tokens']} expected tokens"
     )
+
+    if sim_summary is not None:
+        print(f"timing, real against simulated (request overhead {cfg.simulator.request_overhead_ms:.1f} ms):")
+        errors = print_timing(summary, sim_summary)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +545,9 @@ def run(args: argparse.Namespace) -> int:
         "policy": cfg.router.policy,
         "replay": summary,
         "simulator": {k: v for k, v in (sim_summary or {}).items() if k != "replica_stats"},
+        "request_overhead_ms": cfg.simulator.request_overhead_ms,
+        "overhead_measurement": overhead,
+        "timing_errors": errors,
         "outcomes": [o.__dict__ for o in outcomes],
     }
     (out / "replay.json").write_text(json.dumps(result, indent=1, default=float))

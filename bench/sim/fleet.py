@@ -60,14 +60,14 @@ class FleetReplica(ReplicaModel):
         first = not seq.admitted
         n = super()._admit(seq, budget)
         if n and first:
-            self._admitted.append((seq.req.request_id, seq.req.arrival_s, self._now))
+            self._admitted.append((seq.req.request_id, seq.arrival_s, self._now))
         return n
 
     def take_metrics(self, now: float) -> dict[str, float]:
         """One recorded point; resets the interval."""
         # Requests admitted and finished within the interval count too (vLLM reports
         # them from the same per-request timestamps).
-        still = [(s.req.request_id, s.req.arrival_s, 0.0) for s in self.waiting if not s.admitted]
+        still = [(s.req.request_id, s.arrival_s, 0.0) for s in self.waiting if not s.admitted]
         figures = self.meter.report([*self._admitted, *still], now)
         self._admitted = []
         return {

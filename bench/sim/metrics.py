@@ -41,6 +41,7 @@ def latency_summary(
         "ttft_p99_s": _pct(ttft, 99),
         "ttft_mean_s": float(np.mean(ttft)) if ttft else math.nan,
         "tpot_p50_ms": _pct(tpot, 50) * 1e3,
+        "tpot_p90_ms": _pct(tpot, 90) * 1e3,
         "tpot_p99_ms": _pct(tpot, 99) * 1e3,
         "e2e_p50_s": _pct(e2e, 50),
         "e2e_p90_s": _pct(e2e, 90),

@@ -70,6 +70,7 @@ class Seq:
     __slots__ = (
         "index",
         "req",
+        "arrival_s",
         "prompt",
         "output",
         "hashes",
@@ -94,6 +95,7 @@ class Seq:
     def __init__(self, index: int, req: TraceRequest, hashes: list[int], block_size: int) -> None:
         self.index = index
         self.req = req
+        self.arrival_s = req.arrival_s  # at its engine (the simulator adds the serving path)
         self.prompt = req.prompt_tokens
         self.output = req.output_tokens
         self.hashes = hashes  # chained, one per prompt block (the last may be partial)
@@ -240,7 +242,7 @@ class ReplicaModel:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) + held < self.max_num_seqs:
                 seq = waiting[0]
-                if seq.req.arrival_s > cutoff:
+                if seq.arrival_s > cutoff:
                     blocked = True
                     break
                 n = self._admit(seq, budget)

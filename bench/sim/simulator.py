@@ -59,9 +59,15 @@ INF = float("inf")
 
 
 def default_step_time(cfg: ClusterConfig, pool: PoolConfig, **options: Any) -> StepTime:
-    """The calibrated model; options go to StepTimeModel.for_pool (allreduce_scaling, ...)."""
+    """Whole engine steps measured in the real engine where a table exists for the pool
+    (the CPU backend: bench/calibration/engine_step_table.py), else the calibrated layer
+    model; options go to StepTimeModel.for_pool (allreduce_scaling, ...)."""
+    from bench.calibration.engine_step_table import engine_step_table_for
     from bench.calibration.step_time import StepTimeModel
 
+    table = engine_step_table_for(cfg, pool, calibration_dir=options.get("calibration_dir"))
+    if table is not None:
+        return table
     return StepTimeModel.for_pool(cfg, pool, **options)
 
 
@@ -165,7 +171,7 @@ class ClusterSimulator:
         policy_factory: PolicyFactory = default_policy_factory,
         spill: bool = True,
         decode_runs: bool = True,
-        async_scheduling: bool = True,
+        async_scheduling: bool | None = None,
         replica_factory: ReplicaFactory = ReplicaModel,
         fleet: FleetHook | None = None,
     ) -> None:
@@ -182,6 +188,14 @@ class ClusterSimulator:
         self.stats_period_s = cfg.router.stats_period_s if stats_period_s is None else stats_period_s
         self.spill = spill
         self.fleet = fleet
+        if async_scheduling is None:
+            # vLLM 0.29 schedules asynchronously by default, except on the CPU backend,
+            # which turns it off (vllm/platforms/cpu.py: "not required on CPU").
+            async_scheduling = cfg.node.accelerator != "cpu"
+        self.async_scheduling = async_scheduling
+        # Each request reaches its engine this long after the client sent it (gateway and
+        # Serve path, both ways; cluster.config.SimulatorConfig).
+        self.request_overhead_s = cfg.simulator.request_overhead_ms / 1e3
         self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
         B = trace.block_size
         fresh = itertools.count(1)
@@ -290,8 +304,9 @@ class ClusterSimulator:
                 snapshot[r.replica_id] = r.stats()
                 since_snap[r.replica_id] = 0
 
+        overhead = self.request_overhead_s
         while i < N or heap:
-            t_arr = reqs[i].arrival_s if i < N else INF
+            t_arr = reqs[i].arrival_s + overhead if i < N else INF
             t_step = heap[0][0] if heap else INF
             t_snap = next_snap if i < N else INF
             t_fleet = fleet.next_event_s() if fleet is not None and (i < N or heap) else INF
@@ -327,6 +342,7 @@ class ClusterSimulator:
                 pool = self.pools[choice.pool]
                 spilled[i - 1] = choice.spilled_from is not None
                 seq = Seq(i - 1, req, chain_block_ids(req.block_ids), B)
+                seq.arrival_s = now
                 seqs[i - 1] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
@@ -345,7 +361,7 @@ class ClusterSimulator:
                 if fleet is not None:
                     fleet.on_arrival(now, rep)
                 if not was_busy:
-                    bound = min(reqs[i].arrival_s, next_snap) if i < N else INF
+                    bound = min(reqs[i].arrival_s + overhead, next_snap) if i < N else INF
                     if fleet is not None:
                         bound = min(bound, fleet.next_event_s())
                     heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))
@@ -467,5 +483,5 @@ def _route_request(seq: Seq, affinity_replica: str | None = None) -> RouteReques
         max_tokens=req.output_tokens,
         session_id=req.session_id,
         affinity_replica=affinity_replica,
-        arrival_s=req.arrival_s,  # routed on arrival, on the simulator's clock
+        arrival_s=seq.arrival_s,  # routed on arrival, on the simulator's clock
     )

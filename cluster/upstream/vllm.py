@@ -5,6 +5,8 @@
   the engine prefills: `vllm.tokenizers.mistral` and `vllm.renderers.mistral`.
 - The OpenAI protocol modules: request models (tests build requests without Ray) and
   ErrorResponse (engine refusals).
+- Engine core outputs (EngineCoreOutputs.timestamp, per-request SCHEDULED events): the
+  CPU engine profiler times whole steps with them.
 - Scheduler statistics: through vLLM's supported stat-logger plugin hook (entry point
   group `vllm.stat_logger_plugins`, loaded by AsyncLLM at construction); only the base
   class comes from here.
@@ -95,3 +97,18 @@ def request_timestamps(async_llm: Any) -> list[tuple[str, float, float]]:
         for rid, st in list(states.items())
         if getattr(st, "stats", None) is not None
     ]
+
+
+def engine_core_output_hook(llm_engine: Any, sink: Any) -> None:
+    """Pass every EngineCoreOutputs an LLMEngine receives from its engine core (one per
+    engine step, stamped with the core's monotonic clock) to `sink` before the engine
+    processes it; bench.calibration.profile_cpu_engine times steps with it."""
+    client = llm_engine.engine_core
+    get_output = client.get_output
+
+    def recorded() -> Any:
+        outputs = get_output()
+        sink(outputs)
+        return outputs
+
+    client.get_output = recorded

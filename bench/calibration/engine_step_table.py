@@ -1,0 +1,104 @@
+"""Step times of a whole engine, read off a table measured in the real engine.
+
+The GPU step model (step_time.py) adds up layer kernels, because on a GPU a step is its
+kernels. On the CPU backend a step of the tiny model is vLLM's own work as much as the
+model's, so bench/calibration/profile_cpu_engine.py times whole engine steps of vLLM and
+this model reads them back:
+
+- `decode_ms` {batch, context}: a step in which `batch` sequences decode one token each
+  over a mean context of `context` tokens;
+- `prefill_ms` {chunk, context}: a step that prefills one chunk of `chunk` new tokens
+  over `context` cached ones, the engine otherwise idle.
+
+A step mixing both (continuous batching) is the decode cell plus, for every prefill
+chunk, its cell's cost above the step's fixed part (`fixed_ms`, the smallest decode
+cell: one token of work): the model's work adds, the step's fixed costs (scheduling,
+the hand-off to the worker, sampling) are paid once. The profiler's mixed checks measure
+how far that composition is off. Both tables are interpolated piecewise-linearly
+(extrapolated linearly past the measured range) and made non-decreasing along every axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.calibration.step_time import CALIBRATION_DIR, Grid2D, interp1
+from cluster.architecture import ModelArchitecture
+from cluster.config import ClusterConfig, PoolConfig
+
+log = logging.getLogger(__name__)
+
+
+def engine_table_name(profile: str) -> str:
+    return f"engine_steps_{profile.replace('-', '_')}.json"
+
+
+class EngineStepTable:
+    """StepTime from measured whole-engine steps (one replica of a CPU pool)."""
+
+    source = "measured-engine"
+
+    def __init__(self, table: dict[str, Any], name: str = "table") -> None:
+        self.table = table
+        self.name = name
+        self._decode = Grid2D.from_json(table["decode_ms"], "batch")
+        self._prefill = Grid2D.from_json(table["prefill_ms"], "chunk")
+        self.fixed_ms = self._decode.ms[0][0]
+        self._decode_rows: dict[int, list[float]] = {}
+        self.notes = [f"engine step table {name} (vLLM {table.get('software', {}).get('vllm')}, {table.get('date')})"]
+
+    @classmethod
+    def load(cls, path: Path, arch: ModelArchitecture | None = None) -> EngineStepTable:
+        """The table at `path`; ValueError when it was measured for another architecture."""
+        table = json.loads(path.read_text())
+        measured = table.get("architecture")
+        if arch is not None and measured is not None and ModelArchitecture.model_validate(measured) != arch:
+            raise ValueError(f"{path.name} was measured for another model architecture")
+        return cls(table, path.name)
+
+    def decode_ms(self, batch: int, mean_context: float) -> float:
+        row = self._decode_rows.get(batch)
+        if row is None:
+            row = self._decode.row_at(float(batch))
+            self._decode_rows[batch] = row
+        return max(self.fixed_ms, interp1(self._decode.cols, row, mean_context))
+
+    def prefill_ms(self, chunk: int, context: int) -> float:
+        return max(self.fixed_ms, self._prefill.at(float(chunk), float(context)))
+
+    def step_ms(self, prefill_chunks: Sequence[tuple[int, int]], num_decode: int, decode_kv_tokens: int) -> float:
+        if num_decode <= 0 and not prefill_chunks:
+            return 0.0
+        total = self.decode_ms(num_decode, decode_kv_tokens / num_decode) if num_decode > 0 else self.fixed_ms
+        for new, ctx in prefill_chunks:
+            total += self.prefill_ms(new, ctx) - self.fixed_ms
+        return total
+
+    @property
+    def is_analytic(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return "step times: measured whole engine steps; " + "; ".join(self.notes)
+
+
+def engine_step_table_for(
+    cfg: ClusterConfig, pool: PoolConfig, calibration_dir: Path | None = None
+) -> EngineStepTable | None:
+    """The measured whole-engine table of a CPU pool (its profile's, measured for the same
+    architecture), else None (a GPU pool, or nothing measured: the layer model then)."""
+    if cfg.node.accelerator != "cpu":
+        return None
+    directory = CALIBRATION_DIR if calibration_dir is None else calibration_dir
+    path = directory / engine_table_name(cfg.profile)
+    if not path.exists():
+        return None
+    try:
+        return EngineStepTable.load(path, cfg.model.architecture)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("engine step table %s unusable for pool %r (%s): layer model instead", path, pool.name, exc)
+        return None

@@ -1,0 +1,113 @@
+"""Whole-engine step tables (bench/calibration/engine_step_table.py): cells come back
+exactly, a mixed step composes its parts, time never falls when work grows, the
+simulator picks the committed cpu-tiny table, runs the CPU backend's synchronous
+scheduler, and adds the profile's serving-path overhead to TTFT and E2E but not TPOT.
+Tables are built here or read from the committed bench/calibration/; no engine runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for, engine_table_name
+from bench.calibration.step_time import CALIBRATION_DIR, StepTimeModel
+from bench.sim.metrics import summarize
+from bench.sim.simulator import ClusterSimulator, default_step_time
+from bench.traces import Trace, TraceRequest
+from cluster.profiles import load_profile
+
+COMMITTED = CALIBRATION_DIR / engine_table_name("cpu-tiny")
+
+
+def _table() -> dict[str, Any]:
+    return {
+        "decode_ms": {"batch": [1, 4, 16], "context": [32, 1024, 8064], "ms": [[5, 6, 9], [6, 8, 14], [9, 12, 30]]},
+        "prefill_ms": {
+            "chunk": [32, 512, 2048],
+            "context": [0, 2048],
+            "ms": [[8, 12], [60, 80], [300, 380]],
+        },
+        "architecture": load_profile("cpu-tiny").model.architecture.model_dump(mode="json"),
+    }
+
+
+def test_cells_come_back_and_mixed_steps_add_their_work() -> None:
+    t = EngineStepTable(_table())
+    assert t.step_ms([], 4, 4 * 1024) == pytest.approx(8.0)
+    assert t.step_ms([(512, 2048)], 0, 0) == pytest.approx(80.0)
+    # The fixed part of a step (the smallest decode cell) is paid once.
+    assert t.fixed_ms == 5.0
+    assert t.step_ms([(512, 0)], 4, 4 * 1024) == pytest.approx(8.0 + 60.0 - 5.0)
+    assert t.step_ms([(512, 0), (32, 0)], 0, 0) == pytest.approx(60.0 + 8.0 - 5.0)
+    assert t.step_ms([], 0, 0) == 0.0
+
+
+def test_time_never_falls_when_work_grows() -> None:
+    data = _table()
+    data["decode_ms"]["ms"][1][1] = 4.0  # a noisy cell below its neighbours
+    t = EngineStepTable(data)
+    for b, c in itertools.product([1, 2, 4, 8, 16], [32, 100, 1024, 4000, 8064]):
+        assert t.step_ms([], b + 1, (b + 1) * c) >= t.step_ms([], b, b * c)
+        assert t.step_ms([], b, b * (c + 50)) >= t.step_ms([], b, b * c)
+    for p, c in itertools.product([16, 32, 200, 512, 2048], [0, 100, 2048, 6000]):
+        assert t.step_ms([(p + 1, c)], 0, 0) >= t.step_ms([(p, c)], 0, 0)
+        assert t.step_ms([(p, c + 32)], 0, 0) >= t.step_ms([(p, c)], 0, 0)
+
+
+def test_a_table_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    data = _table()
+    data["architecture"] = dict(data["architecture"], hidden_size=512)
+    (tmp_path / engine_table_name("cpu-tiny")).write_text(json.dumps(data))
+    cfg = load_profile("cpu-tiny")
+    assert engine_step_table_for(cfg, cfg.pools[0], calibration_dir=tmp_path) is None
+    data["architecture"]["hidden_size"] = 384
+    (tmp_path / engine_table_name("cpu-tiny")).write_text(json.dumps(data))
+    assert engine_step_table_for(cfg, cfg.pools[0], calibration_dir=tmp_path) is not None
+
+
+def test_the_committed_cpu_tiny_table_is_what_the_simulator_uses() -> None:
+    assert COMMITTED.exists()
+    cfg = load_profile("cpu-tiny")
+    for pool in cfg.pools:
+        st = default_step_time(cfg, pool)
+        assert isinstance(st, EngineStepTable)
+        assert "measured whole engine steps" in st.describe()
+        assert st.step_ms([(256, 0)], 0, 0) > 0
+        assert st.step_ms([], 8, 8 * 512) > 0
+    # GPU profiles keep the layer model.
+    gpu = load_profile("h100x8-bf16")
+    assert isinstance(default_step_time(gpu, gpu.pools[0]), StepTimeModel)
+
+
+def _lone(prompt: int, output: int, first_id: int, t: float = 0.0, block: int = 32) -> TraceRequest:
+    n = math.ceil(prompt / block)
+    return TraceRequest(f"r{first_id}", t, prompt, output, tuple(range(first_id, first_id + n)))
+
+
+def test_cpu_backend_schedules_synchronously() -> None:
+    cfg = load_profile("cpu-tiny")
+    trace = Trace("t", 32, [_lone(256, 8, 1)])
+    sim = ClusterSimulator(cfg, trace, policy="round-robin", replicas={"standard": 1})
+    assert sim.async_scheduling is False
+    gpu = load_profile("h100x8-bf16")
+    assert ClusterSimulator(gpu, Trace("t", 512, []), policy="round-robin", replicas={"standard": 1}).async_scheduling
+
+
+def test_request_overhead_shifts_ttft_and_e2e_but_not_tpot() -> None:
+    cfg = load_profile("cpu-tiny")
+    cfg.simulator.request_overhead_ms = 0.0
+    reqs = [_lone(256, 8, 1), _lone(96, 12, 100, t=0.01), _lone(300, 6, 200, t=0.5)]
+    trace = Trace("t", 32, reqs)
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 2}}
+    bare = summarize(ClusterSimulator(cfg, trace, **kw).run(check=True))
+    cfg.simulator.request_overhead_ms = 40.0
+    with_path = summarize(ClusterSimulator(cfg, trace, **kw).run(check=True))
+    assert with_path["ttft_p50_s"] == pytest.approx(bare["ttft_p50_s"] + 0.040)
+    assert with_path["e2e_p50_s"] == pytest.approx(bare["e2e_p50_s"] + 0.040)
+    assert with_path["tpot_p50_ms"] == pytest.approx(bare["tpot_p50_ms"])
+    assert with_path["tpot_p90_ms"] == pytest.approx(bare["tpot_p90_ms"])
