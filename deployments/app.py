@@ -24,7 +24,7 @@ from cluster.tiny_model import resolve_model_source
 from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
 from deployments.serve_autoscaling import serve_autoscaling_config
-from deployments.serve_config import engine_env, gateway_options
+from deployments.serve_config import drain_options, engine_env, gateway_options
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
 
@@ -112,6 +112,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
             # A wedged engine fails its check (deployments.engine); Serve replaces a replica
             # after 3 failed checks in a row, so check often enough to act within seconds.
             "health_check_period_s": engine_health_check_period_s(cfg),
+            **drain_options(cfg),
         },
         runtime_env={"env_vars": engine_env(cfg)},
         server_cls=PoolEngine,
@@ -134,7 +135,7 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for pool in cfg.pools
     }
-    options = gateway_options(cfg)
+    options = {**gateway_options(cfg), **drain_options(cfg)}
     options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(cfg)}
     gateway = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME, **options)(GatewayDeployment)
     return gateway.bind(cluster_config=cfg.to_dict(), pools=pools)

@@ -63,12 +63,23 @@ def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
     return options
 
 
+def drain_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Serve options of every deployment, from `cfg.drain`: a replica asked to stop (scale
+    down, redeploy, a draining node) gets no new requests and finishes those it has for up
+    to drain.replica_shutdown_s; a redeploy starts replacements before it stops old replicas.
+    deployments.app sets them on the deployments it builds, and the rendered config repeats
+    them, so `serve.run` and `serve deploy` / RayService drain the same way."""
+    return {
+        "graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s,
+        "max_surge_percent": cfg.drain.redeploy_surge_percent,
+    }
+
+
 def deployment_overrides(cfg: ClusterConfig) -> list[dict[str, Any]]:
-    """Per-deployment options set from the config: the drain budget (a replica asked to
-    stop finishes its requests for up to drain.replica_shutdown_s) and gateway placement."""
-    shutdown = {"graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s}
-    gateway = {"name": GATEWAY_DEPLOYMENT, **shutdown, **gateway_options(cfg)}
-    return [gateway] + [{"name": engine_deployment(p.name), **shutdown} for p in cfg.pools]
+    """Per-deployment options set from the config: the drain options and gateway placement."""
+    drain = drain_options(cfg)
+    gateway = {"name": GATEWAY_DEPLOYMENT, **drain, **gateway_options(cfg)}
+    return [gateway] + [{"name": engine_deployment(p.name), **drain} for p in cfg.pools]
 
 
 def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:
