@@ -43,6 +43,14 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def controller_env() -> dict[str, str]:
+    """Environment of the Serve controller (the head's Ray): a replica that failed its
+    health check (dead or wedged engine) is stopped at once, not drained for
+    drain.replica_shutdown_s: it can finish nothing (the gateway retries or migrates its
+    requests), and while it drained it would hold the GPUs its replacement needs."""
+    return {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+
+
 def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
     """Serve options of the gateway deployment, from `cfg.gateway`; on GPU clusters pinned
     to the gateway worker group, one replica per pod (on the CPU backend the head hosts it)."""

@@ -585,3 +585,15 @@ def test_node_cache_keeps_weights_and_compiled_graphs_across_pods(helm: Path, fi
     assert {"name": "VLLM_CACHE_ROOT", "value": "/var/cache/vllm"} in container["env"]
     # The checkpoint is on the node, not in the pod's ephemeral storage.
     assert _quantity_bytes(container["resources"]["requests"]["ephemeral-storage"]) < 229 * 2**30
+
+
+def test_the_head_stops_unhealthy_replicas_at_once(h100: list[dict[str, Any]]) -> None:
+    """Serve drains a replica that failed its health check for graceful_shutdown_timeout_s
+    unless told otherwise; the head (where the controller runs) tells it, as the local
+    runner does."""
+    from deployments.serve_config import controller_env
+
+    head = ray_templates(one(h100, "RayService"))["head"]["spec"]
+    (ray,) = [c for c in head["containers"] if c["name"] == "ray-head"]
+    env = {e["name"]: e.get("value") for e in ray["env"]}
+    assert controller_env().items() <= env.items()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench.live.replicas import child_pids, engine_replica_pids, replica_table, wait_pool
+from bench.live.replicas import child_pids, replica_table, running_replica_pids, wait_pool
 from bench.live.streams import StreamResult, stream_chat
 from cluster.config import ClusterConfig
 
@@ -127,7 +127,7 @@ class FaultRunner:
 
     def apply(self, kind: str, at: float) -> None:
         time.sleep(max(0.0, self.t0 + at - time.monotonic()))
-        before = engine_replica_pids(POOL)
+        before = running_replica_pids(POOL)  # a replica still starting is no fault target
         victim, pid = sorted(before.items())[0]
         hit = time.monotonic()
         if kind == "kill":

@@ -76,13 +76,22 @@ def child_pids(pid: int) -> list[int]:
 
 
 def wait_pool(pool: str, replicas: int, timeout_s: float, *, gone: Collection[str] = ()) -> float | None:
-    """Wait until `pool` has exactly `replicas` replicas, all RUNNING, none of the ids in
-    `gone` alive and the app RUNNING; seconds waited, or None at `timeout_s`."""
+    """Wait until `pool` serves with exactly `replicas` RUNNING replicas, none starting,
+    none of the ids in `gone` among them (a SIGKILLed replica is listed RUNNING until
+    Serve's health check notices), and the app RUNNING; replicas still stopping (draining)
+    may linger. Seconds waited, or None at `timeout_s`."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        states = replica_states(pool)
-        if states.get("RUNNING", 0) == replicas and sum(states.values()) == replicas and app_status() == "RUNNING":
-            if not set(gone) & set(engine_replica_pids(pool)):
-                return time.monotonic() - t0
+        table = replica_table(pool)
+        running = {r for r, state in table.items() if state == "RUNNING"}
+        settled = all(state in ("RUNNING", "STOPPING") for state in table.values())
+        if len(running) == replicas and settled and not running & set(gone) and app_status() == "RUNNING":
+            return time.monotonic() - t0
         time.sleep(1.0)
     return None
+
+
+def running_replica_pids(pool: str) -> dict[str, int]:
+    """RUNNING replicas of `pool` (not starting, not stopping): replica id -> pid."""
+    table = replica_table(pool)
+    return {r: pid for r, pid in engine_replica_pids(pool).items() if table.get(r) == "RUNNING"}

@@ -21,7 +21,7 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.upstream import ray_serve as upstream_ray
-from deployments.serve_config import APP_NAME, engine_env
+from deployments.serve_config import APP_NAME, controller_env, engine_env
 
 Progress = Callable[[str], None]
 
@@ -143,6 +143,8 @@ def start_local_cluster(
     for k, v in engine_env(cfg).items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in controller_env().items():  # Ray's processes, the Serve controller's too, inherit it
+        os.environ.setdefault(k, v)
     metrics_export_port = free_port()
     cpus = logical_cpus(cfg)
     progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
