@@ -18,8 +18,14 @@ from cluster.architecture import MISTRAL_LARGE_2, ModelArchitecture
 from cluster.memory import GiB, MemoryPlan, plan_replica
 
 SERVED_MODEL_NAME = "mistral-large-2411"
-# router.policy value that keeps Ray Serve's own router (power of two choices).
+# router.policy values that install one of Ray's own request routers instead of ours:
+# Serve's default (power of two choices), Ray Serve LLM's PrefixCacheAffinityRouter
+# (a character prefix tree) and Ray 2.60's KVAwareRouter (Dynamo's selection service
+# fed by the engines' KV events). deployments.app maps them to router classes.
 RAY_DEFAULT_POLICY = "ray-default"
+RAY_PREFIX_AWARE_POLICY = "ray-prefix-aware"
+RAY_KV_AWARE_POLICY = "ray-kv-aware"
+RAY_POLICIES = (RAY_DEFAULT_POLICY, RAY_PREFIX_AWARE_POLICY, RAY_KV_AWARE_POLICY)
 
 
 class _Strict(BaseModel):
@@ -185,41 +191,65 @@ class NodeShape(_Strict):
 
 
 class KvEventsConfig(_Strict):
-    """vLLM's KV cache events (cluster.routing.kv_events): the engines publish them on
-    `port` (ZMQ PUB, with a replay socket on `replay_port`) and the routers' prefix
-    indexes consume them; one section, so both sides agree. Off: the index is the
-    router's own approximation."""
+    """vLLM's KV cache events (cluster.routing.kv_events): each engine replica publishes
+    them (ZMQ PUB, with a replay socket) and the routers' prefix indexes follow them
+    exactly; one section, so both sides agree. Off: the index is the router's own
+    approximation (also the fallback for a replica whose events stop).
+
+    Ports: replicas of one host must not clash, so the replica of node-local rank k in
+    the i-th pool binds `port + i * pool_port_stride + k` (replay: `replay_port + ...`,
+    the same offsets) and reports the endpoints in its routing stats. The same scheme
+    sets the base port of Ray's KVAwareRouter (policy ray-kv-aware)."""
 
     enabled: bool = False
     port: int = Field(5557, ge=1, le=65535)
-    replay_port: int | None = Field(5558, ge=1, le=65535)
+    replay_port: int | None = Field(6557, ge=1, le=65535)
+    # Ports per pool: more than the replicas of one pool on one node.
+    pool_port_stride: int = Field(100, ge=1, le=1000)
     topic: str = "kv-events"
 
-    def engine_config(self) -> dict[str, Any] | None:
-        """vLLM's `kv_events_config` engine argument, None when off."""
+    def pool_port(self, pool_index: int) -> int:
+        return self.port + pool_index * self.pool_port_stride
+
+    def engine_config(self, pool_index: int = 0) -> dict[str, Any] | None:
+        """vLLM's `kv_events_config` engine argument of the i-th pool (ports of its node-local
+        rank 0; deployments.engine adds the replica's rank), None when off."""
         from cluster.routing.kv_events import kv_events_engine_config
 
-        return kv_events_engine_config(self.enabled, self.port, self.replay_port, self.topic)
+        replay = self.replay_port + pool_index * self.pool_port_stride if self.replay_port is not None else None
+        return kv_events_engine_config(self.enabled, self.pool_port(pool_index), replay, self.topic)
 
 
 class RouterConfig(_Strict):
     """Request routing inside a pool; see cluster.routing."""
 
+    # A cluster.routing policy ("cache-aware", a baseline) or one of RAY_POLICIES.
     policy: str = "cache-aware"
     stats_period_s: float = Field(1.0, gt=0)
     stats_timeout_s: float = Field(2.0, gt=0)
     # Tokens per block of the prefix index; None means the engine's block size.
     index_block_size: int | None = None
+    # Our policy's keyword arguments, or ray-prefix-aware's request_router_kwargs.
     options: dict[str, Any] = Field(default_factory=dict)
     kv_events: KvEventsConfig = Field(default_factory=KvEventsConfig)
+
+    @property
+    def ray_router(self) -> bool:
+        """One of Ray's own routers rather than ours (deployments.request_router)."""
+        return self.policy in RAY_POLICIES
 
     @model_validator(mode="after")
     def _check_policy(self) -> RouterConfig:
         # Build the policy once so a typo fails `cluster plan` / `render`, not the router
         # inside a running gateway replica.
-        if self.policy == RAY_DEFAULT_POLICY:
-            if self.options:
-                raise ValueError(f"router.options do not apply to policy {RAY_DEFAULT_POLICY!r}")
+        if self.ray_router:
+            if self.options and self.policy != RAY_PREFIX_AWARE_POLICY:
+                raise ValueError(f"router.options do not apply to policy {self.policy!r}")
+            if self.kv_events.enabled:
+                raise ValueError(
+                    f"router.kv_events feed our routers' indexes; policy {self.policy!r} is Ray's own "
+                    f"({RAY_KV_AWARE_POLICY} configures the engines' events itself)"
+                )
             return self
         from cluster.routing.registry import make_policy
 
@@ -515,7 +545,26 @@ class ClusterConfig(_Strict):
             self._check_pool(pool)
         # Keep pools ordered by context so "smallest fitting pool" is the first match.
         self.pools.sort(key=lambda p: p.max_model_len)
+        self._check_kv_events()
         return self
+
+    def _check_kv_events(self) -> None:
+        ev = self.router.kv_events
+        if not ev.enabled:
+            return
+        for pool in self.pools:
+            index_block = self.router.index_block_size or pool.engine.block_size
+            if index_block != pool.engine.block_size:
+                raise ValueError(
+                    f"router.kv_events: the index block size {index_block} must equal pool {pool.name!r}'s "
+                    f"engine block size {pool.engine.block_size} (events name engine blocks)"
+                )
+        span = ev.pool_port_stride * len(self.pools)
+        if ev.replay_port is not None and abs(ev.replay_port - ev.port) < span:
+            raise ValueError(
+                f"router.kv_events: replay_port {ev.replay_port} must be at least {span} away from port {ev.port} "
+                f"(pool_port_stride {ev.pool_port_stride} x {len(self.pools)} pools), or replicas' ports clash"
+            )
 
     def _check_pool(self, pool: PoolConfig) -> None:
         arch = self.model.architecture

@@ -18,15 +18,19 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
-from cluster.config import RAY_DEFAULT_POLICY, ClusterConfig, PoolConfig
+from cluster.config import RAY_KV_AWARE_POLICY, RAY_PREFIX_AWARE_POLICY, ClusterConfig, PoolConfig
 from cluster.telemetry import otlp_endpoint
 from cluster.tiny_model import resolve_model_source
-from deployments.engine import WEDGED_AFTER_KEY, PoolEngine
+from cluster.upstream import ray_serve as upstream_ray
+from deployments.engine import KV_EVENTS_KEY, KV_LIFECYCLE_TO_KEY, WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
 from deployments.serve_autoscaling import serve_autoscaling_config
-from deployments.serve_config import drain_options, engine_env, gateway_options
+from deployments.serve_config import GATEWAY_DEPLOYMENT, drain_options, engine_env, gateway_options
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
+RAY_KV_AWARE_ROUTER_CLASS = "deployments.ray_kv_router:PoolKVAwareRouter"
+# The prompt-token side channel of Ray's KV-aware engines sits this far above the events ports.
+_KV_TOKEN_PORT_OFFSET = 2000
 
 
 def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         kwargs["otlp_traces_endpoint"] = traces
     if e.quantization is not None:
         kwargs["quantization"] = e.quantization
-    kv_events = cfg.router.kv_events.engine_config()
+    kv_events = cfg.router.kv_events.engine_config(cfg.pools.index(pool))
     if kv_events is not None:
         kwargs["kv_events_config"] = kv_events
     if cfg.node.accelerator == "gpu":
@@ -82,22 +86,45 @@ def placement_group_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, An
 
 
 def request_router_config(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
-    """Our policy router (kwargs reach its `initialize_state`), or Ray's default
-    (power of two choices) when the policy is "ray-default"."""
+    """Our policy router (kwargs reach its `initialize_state`), or one of Ray's:
+    "ray-default" (power of two choices), "ray-prefix-aware" (PrefixCacheAffinityRouter,
+    router.options as its kwargs), "ray-kv-aware" (KVAwareRouter, deployments.ray_kv_router)."""
     rc: dict[str, Any] = {
         "request_routing_stats_period_s": cfg.router.stats_period_s,
         "request_routing_stats_timeout_s": cfg.router.stats_timeout_s,
     }
-    if cfg.router.policy != RAY_DEFAULT_POLICY:
+    policy = cfg.router.policy
+    if policy == RAY_PREFIX_AWARE_POLICY:
+        rc["request_router_class"] = upstream_ray.PREFIX_AWARE_ROUTER_CLASS
+        if cfg.router.options:
+            rc["request_router_kwargs"] = dict(cfg.router.options)
+    elif policy == RAY_KV_AWARE_POLICY:
+        rc["request_router_class"] = RAY_KV_AWARE_ROUTER_CLASS
+    elif not cfg.router.ray_router:
         rc["request_router_class"] = POLICY_ROUTER_CLASS
+        ev = cfg.router.kv_events
         rc["request_router_kwargs"] = {
-            "policy": cfg.router.policy,
+            "policy": policy,
             "block_size": cfg.router.index_block_size or pool.engine.block_size,
             "options": dict(cfg.router.options),
             "pool": pool.name,
             "exclude_failed_s": cfg.resilience.exclude_failed_s,
+            "kv_events": {"enabled": ev.enabled, "topic": ev.topic},
         }
     return rc
+
+
+def experimental_configs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {WEDGED_AFTER_KEY: cfg.resilience.wedged_after_s}
+    if cfg.router.kv_events.enabled:
+        out[KV_EVENTS_KEY] = True
+    if cfg.router.policy == RAY_KV_AWARE_POLICY:
+        out[KV_LIFECYCLE_TO_KEY] = GATEWAY_DEPLOYMENT
+        base = cfg.router.kv_events.pool_port(cfg.pools.index(pool))
+        # One indexer thread per pool on the CPU backend: the engines need the cores.
+        threads = 1 if cfg.node.accelerator == "cpu" else 4
+        out.update(upstream_ray.kv_aware_experimental_configs(base, base + _KV_TOKEN_PORT_OFFSET, threads))
+    return out
 
 
 def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMConfig:
@@ -116,7 +143,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
         },
         runtime_env={"env_vars": engine_env(cfg)},
         server_cls=PoolEngine,
-        experimental_configs={WEDGED_AFTER_KEY: cfg.resilience.wedged_after_s},
+        experimental_configs=experimental_configs(cfg, pool),
         log_engine_metrics=True,
     )
 

@@ -31,8 +31,12 @@ from deployments.engine_stats import latest_tap
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
-# LLMConfig.experimental_configs key deployments.app sets from resilience.wedged_after_s.
+# LLMConfig.experimental_configs keys deployments.app sets: resilience.wedged_after_s;
+# router.kv_events on (this replica offsets its events ports by its node-local rank and
+# reports them); under Ray's KVAwareRouter, the deployment that hears lifecycle events.
 WEDGED_AFTER_KEY = "mls_wedged_after_s"
+KV_EVENTS_KEY = "mls_kv_events"
+KV_LIFECYCLE_TO_KEY = "mls_kv_lifecycle_to"
 
 
 class PoolEngine(LLMServer):
@@ -77,7 +81,14 @@ class PoolEngine(LLMServer):
         requests = upstream_vllm.request_timestamps(upstream_ray.async_llm_of(self))
         return self._queue_meter().report(requests, time.monotonic())
 
+    _kv_endpoints: dict[str, str] | None = None
+
     async def start(self) -> None:
+        lifecycle_to = self._llm_config.experimental_configs.get(KV_LIFECYCLE_TO_KEY)
+        if lifecycle_to:
+            upstream_ray.send_kv_lifecycle_events_to(str(lifecycle_to))
+        if self._llm_config.experimental_configs.get(KV_EVENTS_KEY):
+            self._bind_kv_events_per_replica()
         await super().start()
         if latest_tap() is None:
             logger.warning("vLLM stats are off (disable_log_stats=True?): routing stats report request counts only")
@@ -104,12 +115,39 @@ class PoolEngine(LLMServer):
             return
         logger.info("engine warm-up took %.2f s", time.monotonic() - started)
 
+    def _bind_kv_events_per_replica(self) -> None:
+        """The pool's kv_events_config names the ports of node-local rank 0; replicas sharing
+        a node take the next ones (vLLM's convention for data-parallel ranks), and report
+        where they publish (`kv_events_endpoint`, `kv_events_replay_endpoint`)."""
+        import ray
+
+        config = dict(self._llm_config.engine_kwargs.get("kv_events_config") or {})
+        if not config:
+            return
+        rank = upstream_ray.replica_local_rank()
+        host = ray.util.get_node_ip_address()
+        self._kv_endpoints = {}
+        for key, stat in (("endpoint", "kv_events_endpoint"), ("replay_endpoint", "kv_events_replay_endpoint")):
+            if config.get(key):
+                bind, port = str(config[key]).rsplit(":", 1)
+                config[key] = f"{bind}:{int(port) + rank}"
+                self._kv_endpoints[stat] = f"tcp://{host}:{int(port) + rank}"
+        self._llm_config.update_engine_kwargs(kv_events_config=config)
+        logger.info("KV cache events: %s", self._kv_endpoints)
+
     # ---- requests in flight: counted here, so "idle" never depends on a stale step ----
 
-    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    # `request_token_ids`: the prompt's token ids, which the gateway passes for Ray's
+    # KVAwareRouter to score with (it reads the handle call's keyword arguments); the
+    # engine renders the prompt itself.
+    async def chat(
+        self, request: Any, raw_request_info: Any = None, request_token_ids: Any = None
+    ) -> AsyncGenerator[Any, None]:
         return self._counted(await super().chat(request, raw_request_info))
 
-    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    async def completions(
+        self, request: Any, raw_request_info: Any = None, request_token_ids: Any = None
+    ) -> AsyncGenerator[Any, None]:
         return self._counted(await super().completions(request, raw_request_info))
 
     async def _counted(self, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
@@ -127,6 +165,8 @@ class PoolEngine(LLMServer):
         """The six routing-stat keys of the common interface, plus `wedged`."""
         stats = self._load_stats()
         stats["wedged"] = bool(self.wedged_for_s())
+        if self._kv_endpoints:
+            stats.update(self._kv_endpoints)
         return stats
 
     def _load_stats(self) -> dict[str, Any]:

@@ -5,11 +5,15 @@ Each pool is a ray.serve.llm LLMServer deployment (`engine-<pool>`). Its `chat` 
 Ray), a whole response model for a non-streamed request, or vLLM's `ErrorResponse`. This
 turns them into `EngineChunk` dicts and errors; the pool's RequestRouter picks the replica
 during the call.
+
+Pools routed by Ray's KVAwareRouter (router.policy "ray-kv-aware") score on prompt token
+ids passed as the call's `request_token_ids` keyword: the ids the gateway counted, from
+the request's routing hint (deployments.engine.PoolEngine accepts and ignores them).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from ray.exceptions import RayError
@@ -19,14 +23,24 @@ from ray.serve.handle import DeploymentHandle
 from cluster.gateway import sse
 from cluster.gateway.context import EngineChunk, RequestKind
 from cluster.gateway.engine import EngineError, EngineUnavailable
+from cluster.routing import hints as routing_hints
 from cluster.upstream import ray_serve as upstream_ray
 from cluster.upstream import vllm as upstream_vllm
 
 
 class ServeEngineClient:
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle], token_id_pools: Collection[str] = ()) -> None:
         self._handles = {pool: h.options(stream=True) for pool, h in handles.items()}
         self._error_type = upstream_vllm.error_response_type()
+        self._token_id_pools = set(token_id_pools)
+
+    def _call_kwargs(self, pool: str, body: Any) -> dict[str, Any]:
+        if pool not in self._token_id_pools:
+            return {}
+        hint = routing_hints.HINTS.get(str(getattr(body, "request_id", "") or ""))
+        if hint is None or not hint.prompt_token_ids:
+            return {}
+        return {upstream_ray.REQUEST_TOKEN_IDS_KWARG: list(hint.prompt_token_ids)}
 
     async def generate(
         self,
@@ -44,7 +58,7 @@ class ServeEngineClient:
         # request with these headers (its X-Request-Id is set from body.request_id).
         raw = upstream_ray.raw_request_info(dict(headers)) if headers else None
         try:
-            async for item in getattr(handle, kind).remote(body, raw):
+            async for item in getattr(handle, kind).remote(body, raw, **self._call_kwargs(pool, body)):
                 for part in item if isinstance(item, list) else [item]:
                     for chunk in self._chunks(part):
                         yield chunk

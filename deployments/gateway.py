@@ -17,10 +17,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from cluster.config import ClusterConfig
+from cluster.config import RAY_KV_AWARE_POLICY, ClusterConfig
 from cluster.gateway import build_gateway
 from cluster.gateway.app import build_gateway_app
 from cluster.telemetry import configure_tracing
+from cluster.upstream import ray_serve as upstream_ray
 from deployments.engine_client import ServeEngineClient
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
@@ -41,12 +42,35 @@ class GatewayDeployment:
         if missing:
             raise ValueError(f"gateway got no handle for pools {sorted(missing)}")
         configure_tracing(cfg.telemetry)
-        self.gateway = build_gateway(
-            cfg, ServeEngineClient(pools), request_models=(ChatCompletionRequest, CompletionRequest)
-        )
+        kv_aware = self._start_kv_token_trackers(cfg, pools)
+        engines = ServeEngineClient(pools, token_id_pools=kv_aware)
+        self.gateway = build_gateway(cfg, engines, request_models=(ChatCompletionRequest, CompletionRequest))
         self._serve_metrics_port(cfg.telemetry.metrics.port)
         self._status_task: asyncio.Task[None] | None = None
         await self.check_health()
+
+    def _start_kv_token_trackers(self, cfg: ClusterConfig, pools: dict[str, DeploymentHandle]) -> list[str]:
+        """Ray's KVAwareRouter (policy ray-kv-aware) scores through a KVTokenTracker in the
+        process that routes: one per pool here, before the pool's router starts (its first
+        request). Returns the pools that take prompt token ids."""
+        if cfg.router.policy != RAY_KV_AWARE_POLICY:
+            return []
+        threads = 1 if cfg.node.accelerator == "cpu" else 4
+        me = serve.get_deployment_handle(GATEWAY_DEPLOYMENT_NAME, app_name=serve.get_replica_context().app_name)
+        for handle in pools.values():
+            tracker = upstream_ray.start_kv_token_tracker(handle.deployment_id, threads)
+            tracker.start_reservation_broadcast(me)  # to the other gateway replicas
+        return list(pools)
+
+    # Ray's KV-aware engines and peer gateways call these (KVTokenTracker's intake): each
+    # tracker ignores the requests it does not track, so every tracker hears every batch.
+    async def on_lifecycle_events(self, batch: list[Any]) -> None:
+        for tracker in upstream_ray.kv_token_trackers():
+            await tracker.on_lifecycle_events(batch)
+
+    async def on_reservations_created(self, batch: list[Any]) -> None:
+        for tracker in upstream_ray.kv_token_trackers():
+            await tracker.on_reservations_created(batch)
 
     def _serve_metrics_port(self, port: int | None) -> None:
         """The chart scrapes each gateway replica here (one per pod): a scrape of the API
@@ -57,7 +81,8 @@ class GatewayDeployment:
             logger.warning(f"gateway metrics port {port} is taken; this replica's metrics: API port only")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_gateway_app(self.gateway)
+        # Serve's proxy returns X-Request-Id itself (the id it gave this request).
+        return build_gateway_app(self.gateway, echo_request_id=False)
 
     async def check_health(self) -> None:
         # Serve calls this periodically on the replica's loop: keep the status poll alive.

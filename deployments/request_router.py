@@ -23,6 +23,14 @@ conversation, prompt + reply, off its event loop), the listener feeds
 from one thread. The subscription ends with the router. Replica set changes reach
 `policy.on_replicas_changed`. Nothing here blocks the event loop.
 
+With `router.kv_events` on, the engine replicas report where they publish their KV cache
+events (routing stats `kv_events_endpoint`, `kv_events_replay_endpoint`) and this router
+subscribes to each (cluster.routing.kv_events): the policy's prefix index then follows
+every such replica's engine exactly (its own guesses are ignored for it); a replica
+without events (not reported yet, or its socket failed) keeps the approximation. A new
+router (a gateway restart) rebuilds the index from the engines' replay buffers; a replica
+that leaves the pool takes its state with it.
+
 Replica ids are `ReplicaID.unique_id` strings: the id an engine replica sees as
 `serve.get_replica_context().replica_id.unique_id`, written into `hint.chosen_replica`.
 
@@ -47,6 +55,7 @@ from cluster.routing import hints as routing_hints
 from cluster.routing import replica_health
 from cluster.routing.block_hash import chain_block_hashes, text_pseudo_tokens
 from cluster.routing.hints import RoutingHint
+from cluster.routing.kv_events import KvEventSubscriber, endpoints_from_stats
 from cluster.routing.policy import ReplicaView, RouteRequest
 from cluster.routing.registry import make_policy
 
@@ -155,6 +164,9 @@ class PolicyRequestRouter(RequestRouter):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._exclude_failed_s = 30.0
+        self._kv_topic: str | None = None  # None: KV events off
+        self._kv: KvEventSubscriber | None = None
+        self._kv_endpoints: dict[str, tuple[str, str | None]] | None = None  # not yet applied
 
     def initialize_state(
         self,
@@ -163,6 +175,7 @@ class PolicyRequestRouter(RequestRouter):
         options: Mapping[str, Any] | None = None,
         pool: str | None = None,
         exclude_failed_s: float = 30.0,
+        kv_events: Mapping[str, Any] | None = None,
         **_: Any,
     ) -> None:
         """Called by Ray Serve with `request_router_kwargs`."""
@@ -172,7 +185,50 @@ class PolicyRequestRouter(RequestRouter):
         self._policy = make_policy(policy, block_size=block_size, **dict(options or {}))
         if pool is not None:
             self._subscribe(pool)
-        logger.info(f"PolicyRequestRouter: policy={policy} block_size={block_size} pool={pool}")
+        if kv_events and kv_events.get("enabled"):
+            if getattr(self._policy, "index", None) is None:
+                logger.warning(f"policy {policy} keeps no prefix index: KV events are not consumed")
+            else:
+                self._kv_topic = str(kv_events.get("topic") or "")
+        logger.info(
+            f"PolicyRequestRouter: policy={policy} block_size={block_size} pool={pool} "
+            f"kv_events={'on' if self._kv_topic is not None else 'off'}"
+        )
+
+    # --- KV cache events -----------------------------------------------------------
+
+    def _follow_kv_events(self, replicas: Sequence[RunningReplica]) -> None:
+        """Note the event endpoints the replicas report; subscribe now if on the loop."""
+        if self._kv_topic is None:
+            return
+        stats = {r.replica_id.unique_id: r.routing_stats for r in replicas}
+        self._kv_endpoints = endpoints_from_stats(stats)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # applied by the next decision, on the router's loop
+        self._apply_kv_endpoints()
+
+    def _apply_kv_endpoints(self) -> None:
+        endpoints, self._kv_endpoints = self._kv_endpoints, None
+        if endpoints is None or self._kv_topic is None:
+            return
+        if self._kv is None:
+            index = self._policy.index  # type: ignore[attr-defined]
+            self._kv = KvEventSubscriber(index, self._block_size, topic=self._kv_topic)
+        before = set(self._kv.replicas)
+        self._kv.set_replicas(endpoints)
+        if set(self._kv.replicas) != before:
+            logger.info(f"PolicyRequestRouter[{self._pool}]: KV events from {sorted(endpoints.values())}")
+
+    def kv_event_stats(self) -> dict[str, dict[str, int]]:
+        """Per replica: blocks stored / removed / unmapped as the events reported them."""
+        if self._kv is None:
+            return {}
+        return {
+            rid: {"stored": r.stored, "removed": r.removed, "unmapped": r.unmapped, "next_seq": r.next_seq or 0}
+            for rid, r in self._kv.replicas.items()
+        }
 
     def _subscribe(self, pool: str) -> None:
         if self._unsubscribe is not None:
@@ -249,6 +305,8 @@ class PolicyRequestRouter(RequestRouter):
             return []
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        if self._kv_endpoints is not None:
+            self._apply_kv_endpoints()
         # Leave out replicas Ray knows to be at max_ongoing_requests (it learns that from
         # a rejection), unless that leaves nothing.
         candidates = self.select_available_replicas(candidate_replicas) or candidate_replicas
@@ -316,6 +374,7 @@ class PolicyRequestRouter(RequestRouter):
         for r in replicas:
             if _wedged(r):
                 replica_health.HEALTH.mark_failed(r.replica_id.unique_id, self._exclude_failed_s)
+        self._follow_kv_events(replicas)
         ids = {r.replica_id.unique_id for r in replicas}
         if ids != self._known_ids:
             self._known_ids = ids

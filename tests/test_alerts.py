@@ -75,6 +75,16 @@ def kube(metric: str, values: str, **labels: str) -> dict[str, str]:
     return _series(metric, values, {"namespace": NAMESPACE, **labels})
 
 
+def replicas(deployment: str, starts: str, healthy: dict[str, str]) -> list[dict[str, str]]:
+    """Serve's start counter (`starts` for each replica) and health gauge (per replica)
+    for the replicas of one deployment of application "a"."""
+    labels = {"application": "a", "deployment": deployment}
+    return [
+        *(ray("ray_serve_deployment_replica_starts_total", starts, **labels, replica=r) for r in healthy),
+        *(ray("ray_serve_deployment_replica_healthy", v, **labels, replica=r) for r, v in healthy.items()),
+    ]
+
+
 # name -> (input series, expectations). Interval 1m: "a+bxN" is N+1 samples from minute 0.
 CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, Any]]]] = {
     "ttft": (
@@ -116,102 +126,13 @@ CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, Any]]]] = {
         [
             # gateway: r1, r2 die at minute 30 and are replaced by r3, r4 and r5 (r5 never
             # gets healthy): three new replicas, healthy count unchanged -> three restarts.
-            *[
-                ray(
-                    "ray_serve_deployment_replica_starts_total",
-                    "1x29",
-                    application="a",
-                    deployment="gateway",
-                    replica=r,
-                )
-                for r in ("r1", "r2")
-            ],
-            *[
-                ray("ray_serve_deployment_replica_healthy", "1x29", application="a", deployment="gateway", replica=r)
-                for r in ("r1", "r2")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_starts_total",
-                    "_x30 1x30",
-                    application="a",
-                    deployment="gateway",
-                    replica=r,
-                )
-                for r in ("r3", "r4", "r5")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_healthy",
-                    f"_x30 {v}x30",
-                    application="a",
-                    deployment="gateway",
-                    replica=r,
-                )
-                for r, v in (("r3", 1), ("r4", 1), ("r5", 0))
-            ],
+            *replicas("gateway", "1x29", {"r1": "1x29", "r2": "1x29"}),
+            *replicas("gateway", "_x30 1x30", {"r3": "_x30 1x30", "r4": "_x30 1x30", "r5": "_x30 0x30"}),
             # engine-standard scales up from 2 to 5 at minute 30: no restart.
-            *[
-                ray(
-                    "ray_serve_deployment_replica_starts_total",
-                    "1x60",
-                    application="a",
-                    deployment="engine-standard",
-                    replica=r,
-                )
-                for r in ("s1", "s2")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_healthy",
-                    "1x60",
-                    application="a",
-                    deployment="engine-standard",
-                    replica=r,
-                )
-                for r in ("s1", "s2")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_starts_total",
-                    "_x30 1x30",
-                    application="a",
-                    deployment="engine-standard",
-                    replica=r,
-                )
-                for r in ("s3", "s4", "s5")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_healthy",
-                    "_x30 1x30",
-                    application="a",
-                    deployment="engine-standard",
-                    replica=r,
-                )
-                for r in ("s3", "s4", "s5")
-            ],
+            *replicas("engine-standard", "1x60", {"s1": "1x60", "s2": "1x60"}),
+            *replicas("engine-standard", "_x30 1x30", dict.fromkeys(("s3", "s4", "s5"), "_x30 1x30")),
             # engine-long is deployed at minute 30 (no history): its first replicas are no restarts.
-            *[
-                ray(
-                    "ray_serve_deployment_replica_starts_total",
-                    "_x30 1x30",
-                    application="a",
-                    deployment="engine-long",
-                    replica=r,
-                )
-                for r in ("l1", "l2", "l3")
-            ],
-            *[
-                ray(
-                    "ray_serve_deployment_replica_healthy",
-                    "_x30 1x30",
-                    application="a",
-                    deployment="engine-long",
-                    replica=r,
-                )
-                for r in ("l1", "l2", "l3")
-            ],
+            *replicas("engine-long", "_x30 1x30", dict.fromkeys(("l1", "l2", "l3"), "_x30 1x30")),
         ],
         [
             _alert("MistralServeReplicaRestarts", "25m", None),

@@ -221,3 +221,36 @@ def test_loaded_profiles_are_independent_copies() -> None:
     again = load_profile("h100x8-bf16")
     assert again.node.pin_pools is True
     assert again.pools[0].engine.max_num_seqs != 1
+
+
+def test_rays_own_routers_are_router_policies() -> None:
+    """router.policy picks Ray's PrefixCacheAffinityRouter or KVAwareRouter for the engine
+    deployments, through the same rendered Serve config as ours."""
+    from cluster.upstream import ray_serve as upstream_ray
+    from deployments.app import experimental_configs, request_router_config
+
+    data = load_profile("cpu-tiny").to_dict()
+    data["router"]["policy"] = "ray-prefix-aware"
+    data["router"]["options"] = {"imbalanced_threshold": 4}
+    cfg = ClusterConfig.model_validate(data)
+    rc = request_router_config(cfg, cfg.pools[0])
+    assert rc["request_router_class"] == upstream_ray.PREFIX_AWARE_ROUTER_CLASS
+    assert rc["request_router_kwargs"] == {"imbalanced_threshold": 4}
+    app = render_serve_config(cfg)["applications"][0]
+    assert app["args"]["cluster_config"]["router"]["policy"] == "ray-prefix-aware"
+
+    data["router"]["policy"], data["router"]["options"] = "ray-kv-aware", {}
+    cfg = ClusterConfig.model_validate(data)
+    rc = request_router_config(cfg, cfg.pools[1])
+    assert rc["request_router_class"] == "deployments.ray_kv_router:PoolKVAwareRouter"
+    ports = [experimental_configs(cfg, p)["KV_EVENTS_PORT_BASE"] for p in cfg.pools]
+    assert ports == [5557, 5657]  # per pool: replicas of two pools on one node never clash
+    assert experimental_configs(cfg, cfg.pools[0])["mls_kv_lifecycle_to"] == "gateway"
+
+    data["router"]["options"] = {"x": 1}
+    with pytest.raises(ValueError, match="options do not apply"):
+        ClusterConfig.model_validate(data)
+    data["router"]["options"] = {}
+    data["router"]["kv_events"] = {"enabled": True}
+    with pytest.raises(ValueError, match="kv_events"):
+        ClusterConfig.model_validate(data)

@@ -146,3 +146,91 @@ def test_cluster_config_renders_the_engine_argument_from_one_section() -> None:
     assert kw["kv_events_config"]["endpoint"] == f"tcp://*:{on.router.kv_events.port}"
     assert kw["kv_events_config"]["topic"] == on.router.kv_events.topic
     assert "kv_events_config" not in engine_kwargs(cfg, cfg.pools[0])
+
+
+def test_a_salted_chain_maps_onto_the_gateways_salted_root() -> None:
+    # vLLM lists the request's cache_salt in the first block's extra keys; the gateway
+    # starts that tenant's chains at salt_root(salt), so the two must meet.
+    from cluster.routing.block_hash import salt_root
+
+    index = PrefixIndex()
+    rep = ReplicaEventIndex("r0", index, BS)
+    ev = kv.BlockStored(
+        block_hashes=[41, 42],
+        parent_block_hash=None,
+        token_ids=PROMPT[: 2 * BS],
+        block_size=BS,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+        extra_keys=[("tenant-a",), None],
+    )
+    rep.apply(0, batch(ev))
+    assert index.match("r0", chain_block_hashes(PROMPT[: 2 * BS], BS, salt_root("tenant-a"))) == 2
+    assert index.match("r0", chain_block_hashes(PROMPT[: 2 * BS], BS)) == 0  # unsalted: another chain
+
+
+def test_a_replica_that_follows_its_engine_ignores_the_routers_guesses() -> None:
+    index = PrefixIndex()
+    ours = chain_block_hashes(PROMPT, BS)
+    index.insert("r0", ours)  # the approximation's guess
+    index.follow_engine("r0")
+    assert index.match("r0", ours) == 0  # guesses dropped
+    index.insert("r0", ours)
+    assert index.match("r0", ours) == 0  # and ignored from now on
+    index.store("r0", ours[:2])  # the engine's BlockStored
+    assert index.match("r0", ours) == 2
+    index.follow_engine("r0", False)  # events stopped: back to the approximation, afresh
+    assert index.match("r0", ours) == 0
+    index.insert("r0", ours)
+    assert index.match("r0", ours) == 4
+    index.follow_engine("r1")
+    index.retain(["r0"])  # r1 left the pool
+    assert not index.follows_engine("r1")
+
+
+def test_endpoints_come_from_the_replicas_routing_stats() -> None:
+    from cluster.routing.kv_events import endpoints_from_stats
+
+    stats = {
+        "a": {"kv_events_endpoint": "tcp://10.0.0.1:5557", "kv_events_replay_endpoint": "tcp://10.0.0.1:6557"},
+        "b": {"kv_events_endpoint": "tcp://10.0.0.1:5558"},
+        "c": {"num_waiting": 0},  # not reported (yet)
+        "d": None,
+    }
+    assert endpoints_from_stats(stats) == {
+        "a": ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:6557"),
+        "b": ("tcp://10.0.0.1:5558", None),
+    }
+
+
+async def test_a_replica_whose_events_fail_falls_back_to_the_approximation() -> None:
+    index = PrefixIndex()
+    sub = KvEventSubscriber(index, BS, topic="kv")
+    sub.set_replicas({"r0": ("not-an-endpoint", None)})  # zmq refuses it: the task ends
+    await _until(lambda: not index.follows_engine("r0"))
+    ours = chain_block_hashes(PROMPT, BS)
+    index.insert("r0", ours)
+    assert index.match("r0", ours) == 4
+    await sub.close()
+
+
+def test_pools_get_disjoint_event_ports() -> None:
+    from cluster.config import ClusterConfig
+    from cluster.profiles import load_profile
+    from deployments.app import engine_kwargs
+
+    data = load_profile("cpu-tiny").to_dict()
+    data["router"]["kv_events"]["enabled"] = True
+    cfg = ClusterConfig.model_validate(data)
+    ports = [engine_kwargs(cfg, p)["kv_events_config"]["endpoint"] for p in cfg.pools]
+    assert ports == ["tcp://*:5557", "tcp://*:5657"]
+    replays = [engine_kwargs(cfg, p)["kv_events_config"]["replay_endpoint"] for p in cfg.pools]
+    assert replays == ["tcp://*:6557", "tcp://*:6657"]
+    data["router"]["kv_events"]["replay_port"] = 5600  # inside the PUB ports of the pools
+    with pytest.raises(ValueError, match="clash"):
+        ClusterConfig.model_validate(data)
+    data["router"]["kv_events"]["replay_port"] = 6557
+    data["router"]["index_block_size"] = 64  # events name engine blocks (32 on CPU)
+    with pytest.raises(ValueError, match="block size"):
+        ClusterConfig.model_validate(data)

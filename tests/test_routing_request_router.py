@@ -221,3 +221,78 @@ async def test_the_hint_carries_the_policys_reason_and_the_decision_time_fallbac
     assert fallback.replica_id.unique_id == "a"  # the least loaded
     hints.HINTS.pop("reason-1")
     hints.HINTS.pop("reason-2")
+
+
+async def test_with_kv_events_the_router_follows_each_replicas_engine() -> None:
+    """Each replica reports its event endpoints in its routing stats; the router subscribes
+    and its index holds what the engine published, not what the router guessed."""
+    import socket
+    import time
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+
+    from deployments.request_router import PolicyRequestRouter
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    port, replay = free_port(), free_port()
+    pub = ZmqEventPublisher(0, endpoint=f"tcp://*:{port}", replay_endpoint=f"tcp://127.0.0.1:{replay}", topic="kv")
+    router = PolicyRequestRouter(
+        deployment_id=DeploymentID(name="engine-standard"), handle_source=DeploymentHandleSource.UNKNOWN
+    )
+    router.initialize_state(policy="cache-aware", block_size=16, pool="kv", kv_events={"enabled": True, "topic": "kv"})
+    idle = {"num_waiting": 0, "num_running": 0, "kv_usage": 0.0, "max_num_seqs": 16}
+    with_events = {
+        **idle,
+        "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
+        "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+    }
+    replicas = [FakeReplica("a", dict(idle)), FakeReplica("b", with_events)]
+    ids = list(range(160))
+    try:
+        router.update_replicas(replicas)  # on the loop: subscribes to b at once
+        index = router._policy.index
+        assert index.follows_engine("b") and not index.follows_engine("a")
+        pub.publish(
+            KVEventBatch(
+                ts=time.time(),
+                events=[
+                    BlockStored(
+                        block_hashes=list(range(10)),
+                        parent_block_hash=None,
+                        token_ids=ids,
+                        block_size=16,
+                        lora_id=None,
+                        medium="GPU",
+                        lora_name=None,
+                    )
+                ],
+            )
+        )
+        hashes = chain_block_hashes(ids, 16)
+        deadline = time.monotonic() + 10
+        while index.match("b", hashes) < 10:  # the replay delivers it even before SUB joins
+            assert time.monotonic() < deadline, router.kv_event_stats()
+            await asyncio.sleep(0.05)
+        body = CompletionRequest.model_validate({"model": "m", "prompt": ids, "request_id": "kv-1"})
+        hint = RoutingHint(prompt_token_ids=ids, pool="kv", block_hashes=hashes, hash_block_size=16)
+        hints.HINTS.post("kv-1", hint)
+        [[chosen]] = await router.choose_replicas(replicas, pending(body))
+        assert chosen.replica_id.unique_id == "b" and hint.matched_blocks == 10
+        hints.HINTS.pop("kv-1")
+        # A new prompt routed to b is not guessed into b's index: only b's engine says what it holds.
+        other = list(range(1000, 1160))
+        index.insert("b", chain_block_hashes(other, 16))
+        assert index.match("b", chain_block_hashes(other, 16)) == 0
+        assert router.kv_event_stats()["b"]["stored"] == 10
+        # b leaves the pool: its subscription and state go.
+        router.update_replicas(replicas[:1])
+        assert index.match("b", hashes) == 0 and not index.follows_engine("b")
+    finally:
+        if router._kv is not None:
+            await router._kv.close()
+        pub.shutdown()

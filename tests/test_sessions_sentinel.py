@@ -346,6 +346,20 @@ async def test_failover_mid_conversation_loses_no_acknowledged_turn(topology: To
     await check.store.aclose()
 
 
+@contextlib.contextmanager
+def replicas_frozen(topology: Topology) -> Iterator[None]:
+    """Every Redis replica SIGSTOPped for the block (SIGCONT after it, whatever happens)."""
+    procs = [r.proc for r in topology.replicas]
+    assert all(procs)
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+
+
 async def test_a_commit_no_replica_confirms_is_not_acknowledged(topology: Topology) -> None:
     """WAIT is enforced: with both replicas frozen the commit gets 503 after the timeout;
     retried after they resume, the same turn is stored exactly once."""
@@ -354,19 +368,12 @@ async def test_a_commit_no_replica_confirms_is_not_acknowledged(topology: Topolo
     assert flow.store is not None
     sid = (await flow.store.create(TENANT)).session_id
     prepared = await flow.prepare(TENANT, sid, [{"role": "user", "content": "hello"}])
-    for r in topology.replicas:
-        assert r.proc is not None
-        r.proc.send_signal(signal.SIGSTOP)
-    try:
+    with replicas_frozen(topology):
         t0 = time.monotonic()
         with pytest.raises(SessionStoreUnavailable, match="confirmed by 0 of 1 replica"):
             await flow.commit(prepared, {"role": "assistant", "content": "hi"})
         waited = time.monotonic() - t0
         assert 0.3 <= waited < 2.0
-    finally:
-        for r in topology.replicas:
-            assert r.proc is not None
-            r.proc.send_signal(signal.SIGCONT)
     result = await flow.commit(prepared, {"role": "assistant", "content": "hi"})
     assert result.duplicate  # the first attempt reached the master; the retry only waited
     snap = await flow.store.read(TENANT, sid)
@@ -382,17 +389,10 @@ async def test_without_replica_acks_a_commit_returns_at_once(topology: Topology)
     assert flow.store is not None
     sid = (await flow.store.create(TENANT)).session_id
     prepared = await flow.prepare(TENANT, sid, [{"role": "user", "content": "hello"}])
-    for r in topology.replicas:
-        assert r.proc is not None
-        r.proc.send_signal(signal.SIGSTOP)
-    try:
+    with replicas_frozen(topology):
         t0 = time.monotonic()
         result = await flow.commit(prepared, {"role": "assistant", "content": "hi"})
         assert time.monotonic() - t0 < 0.3 and not result.duplicate
-    finally:
-        for r in topology.replicas:
-            assert r.proc is not None
-            r.proc.send_signal(signal.SIGCONT)
     await flow.store.aclose()
 
 

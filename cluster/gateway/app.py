@@ -115,7 +115,9 @@ def _publish_request_schemas(app: FastAPI, chat_model: type, completion_model: t
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def build_gateway_app(gateway: Gateway) -> FastAPI:
+def build_gateway_app(gateway: Gateway, *, echo_request_id: bool = True) -> FastAPI:
+    """The gateway's HTTP API. `echo_request_id=False` where a proxy in front already
+    returns X-Request-Id (Serve's does, with the id it passed in), so it is sent once."""
     cfg = gateway.cfg
     chat_model, completion_model = gateway.chat_model, gateway.completion_model
     app = FastAPI(
@@ -137,7 +139,8 @@ def build_gateway_app(gateway: Gateway) -> FastAPI:
 
     async def run(kind: Any, pipeline: Any, body: Any, request: Request) -> Response:
         ctx = RequestContext(kind=kind, body=body, headers=request.headers, request_id=_request_id(request))
-        ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
+        if echo_request_id:
+            ctx.response_headers[REQUEST_ID_HEADER] = ctx.request_id
         try:
             return await pipeline.run(ctx)
         except errors.APIError as exc:

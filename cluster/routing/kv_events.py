@@ -18,9 +18,11 @@ answered by `(b"", topic, seq, payload)` frames and an end marker with seq -1.
 The router keeps its own hashing (cluster.routing.block_hash: vLLM's own hashes depend
 on the engine's hash function and seed) and maps the engine's hashes onto it: a stored
 block's router hash is `chain_block_hashes(tokens, block_size, parent)` where `parent`
-is the router hash of the engine's parent block. So every indexed block is one the
-engine holds, under the hash the gateway computes for a prompt, and a removal names
-exactly the block it evicted. Blocks on another medium (CPU offload) are ignored: the
+is the router hash of the engine's parent block, or for a prompt's first block the
+root the gateway uses for the request's cache salt (`salt_root`; vLLM lists the salt in
+the first block's `extra_keys`). So every indexed block is one the engine holds, under
+the hash the gateway computes for a prompt, and a removal names exactly the block it
+evicted. Blocks on another medium (CPU offload) are ignored: the
 index answers "cached in this engine's GPU/KV cache".
 
 `ReplicaEventIndex` applies one replica's batches to a `PrefixIndex`, notices a gap in
@@ -39,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from cluster.routing.block_hash import ROOT_HASH, chain_block_hashes
+from cluster.routing.block_hash import chain_block_hashes, salt_root
 from cluster.routing.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,16 @@ def decode_batch(payload: bytes) -> tuple[float, list[dict[str, Any]]]:
     if not isinstance(raw, list) or len(raw) < 2 or not isinstance(raw[1], list):
         raise ValueError("not a KVEventBatch payload")
     return float(raw[0]), [e for e in raw[1] if isinstance(e, dict)]
+
+
+def _first_block_salt(ev: Mapping[str, Any]) -> str | None:
+    """The cache salt of a chain that starts a prompt: vLLM puts it last among the first
+    block's extra keys (after LoRA and multimodal keys, which this deployment has none of)."""
+    extra = ev.get("extra_keys")
+    if not extra or not isinstance(extra, list) or not extra[0]:
+        return None
+    strings = [k for k in extra[0] if isinstance(k, str)]
+    return strings[-1] if strings else None
 
 
 def _key(h: Any) -> bytes | int:
@@ -115,7 +127,7 @@ class ReplicaEventIndex:
             raise ValueError(f"engine block size {bs} != index block size {self.block_size} ({self.replica_id})")
         parent_engine = ev.get("parent_block_hash")
         if parent_engine is None:
-            parent = ROOT_HASH
+            parent = salt_root(_first_block_salt(ev))
         else:
             known = self.engine_to_router.get(_key(parent_engine))
             if known is None:
@@ -126,8 +138,8 @@ class ReplicaEventIndex:
         ours = chain_block_hashes(tokens[: len(engine_hashes) * bs], bs, parent)
         for eh, h in zip(engine_hashes, ours, strict=False):
             self.engine_to_router[eh] = h
-        # One insert per chain keeps the index's recency order (parents first).
-        self.index.insert(self.replica_id, ours)
+        # One store per chain keeps the index's recency order (parents first).
+        self.index.store(self.replica_id, ours)
         self.stored += len(ours)
 
     def clear(self) -> None:
@@ -138,7 +150,12 @@ class ReplicaEventIndex:
 class KvEventSubscriber:
     """ZMQ side: a SUB socket per replica (its `endpoint`), and a DEALER to its replay
     endpoint when a batch is missing. `set_replicas` follows the pool: a replaced
-    replica's state is dropped, a new one starts from a replay of the engine's buffer."""
+    replica's state is dropped, a new one starts from a replay of the engine's buffer
+    (so a restarted router rebuilds its index from what the engines still buffer).
+
+    While a replica's events flow, its index entry follows the engine alone
+    (`PrefixIndex.follow_engine`); when they stop (the socket fails) the replica falls
+    back to the router's approximation."""
 
     def __init__(self, index: PrefixIndex, block_size: int, topic: str = "") -> None:
         import zmq.asyncio
@@ -159,6 +176,7 @@ class KvEventSubscriber:
             if rid not in self._tasks:
                 self._endpoints[rid] = eps
                 self.replicas[rid] = ReplicaEventIndex(rid, self.index, self.block_size)
+                self.index.follow_engine(rid)
                 self._tasks[rid] = asyncio.get_running_loop().create_task(self._run(rid, *eps))
 
     def _stop(self, rid: str) -> None:
@@ -169,6 +187,11 @@ class KvEventSubscriber:
         rep = self.replicas.pop(rid, None)
         if rep is not None:
             rep.clear()
+            self.index.follow_engine(rid, False)
+
+    def following(self) -> list[str]:
+        """Replicas whose index entry follows their engine's events now."""
+        return [rid for rid in self.replicas if self.index.follows_engine(rid)]
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
@@ -181,24 +204,34 @@ class KvEventSubscriber:
 
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        sub.connect(endpoint)
         rep = self.replicas[rid]
         try:
+            sub.connect(endpoint)
             if replay is not None:
-                await self.replay(rep, replay, 0)  # what the engine did before we listened
+                await self._replay_or_log(rep, replay, 0)  # what the engine did before we listened
             while True:
                 _topic, seq_bytes, payload = await sub.recv_multipart()
                 seq = int.from_bytes(seq_bytes, "big", signed=True)
                 missing = rep.gap(seq)
                 if missing is not None and replay is not None:
-                    await self.replay(rep, replay, missing)
+                    await self._replay_or_log(rep, replay, missing)
                 rep.apply(seq, payload)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the approximate index keeps working without events
-            log.exception("kv events of %s stopped", rid)
+            log.exception("kv events of %s stopped; its index falls back to the approximation", rid)
+            if self.replicas.get(rid) is rep:
+                rep.clear()
+                self.index.follow_engine(rid, False)
         finally:
             sub.close(linger=0)
+
+    async def _replay_or_log(self, rep: ReplicaEventIndex, endpoint: str, start_seq: int) -> None:
+        # A replay that does not answer costs the history, not the live events.
+        try:
+            await self.replay(rep, endpoint, start_seq)
+        except TimeoutError:
+            log.warning("kv events replay from %s (seq %d) did not answer", endpoint, start_seq)
 
     async def replay(self, rep: ReplicaEventIndex, endpoint: str, start_seq: int, timeout_s: float = 5.0) -> int:
         """Ask the engine's replay socket for every buffered batch from `start_seq`;
@@ -236,6 +269,19 @@ def kv_events_engine_config(enabled: bool, port: int, replay_port: int | None, t
     return cfg
 
 
+def endpoints_from_stats(stats: Mapping[str, Mapping[str, Any] | None]) -> dict[str, tuple[str, str | None]]:
+    """replica id -> (PUB, replay) endpoints from the routing stats the engine replicas
+    report (deployments.engine: `kv_events_endpoint`, `kv_events_replay_endpoint`);
+    replicas that report none (yet) are left out."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for rid, s in stats.items():
+        endpoint = (s or {}).get("kv_events_endpoint")
+        if isinstance(endpoint, str) and endpoint:
+            replay = (s or {}).get("kv_events_replay_endpoint")
+            out[rid] = (endpoint, replay if isinstance(replay, str) and replay else None)
+    return out
+
+
 def replica_endpoints(
     hosts: Mapping[str, str], port: int, replay_port: int | None
 ) -> dict[str, tuple[str, str | None]]:
@@ -248,6 +294,7 @@ def replica_endpoints(
 
 __all__ = [
     "KvEventSubscriber",
+    "endpoints_from_stats",
     "ReplicaEventIndex",
     "decode_batch",
     "kv_events_engine_config",

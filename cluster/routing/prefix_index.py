@@ -132,6 +132,7 @@ class PrefixIndex:
         self._default_capacity = max(1, default_capacity_blocks)
         self._generations = generations
         self._replicas: dict[str, _ReplicaBlocks] = {}
+        self._exact: set[str] = set()  # replicas whose set follows the engine's events
 
     def _get(self, replica_id: str) -> _ReplicaBlocks:
         blocks = self._replicas.get(replica_id)
@@ -151,9 +152,28 @@ class PrefixIndex:
         return blocks.capacity if blocks is not None else self._default_capacity
 
     def insert(self, replica_id: str, block_hashes: Sequence[int]) -> None:
-        """The replica now holds this chain (all of it, prefix included), most recently used."""
+        """A router's guess: the replica now holds this chain (all of it, prefix included),
+        most recently used. Ignored for a replica that follows its engine's events."""
+        if block_hashes and replica_id not in self._exact:
+            self._get(replica_id).touch(block_hashes)
+
+    def store(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """The engine reported these blocks stored (KV cache events), parents first."""
         if block_hashes:
             self._get(replica_id).touch(block_hashes)
+
+    def follow_engine(self, replica_id: str, exact: bool = True) -> None:
+        """Whether the replica's set comes from its engine's events alone. Either way its
+        current set is dropped: guesses are not the engine's, and a replica falling back
+        to guesses starts them afresh."""
+        self.drop(replica_id)
+        if exact:
+            self._exact.add(replica_id)
+        else:
+            self._exact.discard(replica_id)
+
+    def follows_engine(self, replica_id: str) -> bool:
+        return replica_id in self._exact
 
     def remove(self, replica_id: str, block_hashes: Iterable[int]) -> None:
         """The engine reported these blocks evicted (KV cache events)."""
@@ -221,6 +241,7 @@ class PrefixIndex:
         keep = set(replica_ids)
         for rid in [r for r in self._replicas if r not in keep]:
             del self._replicas[rid]
+        self._exact &= keep
 
     def replica_ids(self) -> list[str]:
         return list(self._replicas)

@@ -67,6 +67,11 @@ class Dispatch(Step):
         first, stream = await self._first_chunk(ctx)
         if ctx.replica:
             ctx.response_headers["X-Served-By"] = ctx.replica
+            if ctx.hint is not None:
+                # What the router expected that replica to have cached (compare with
+                # usage.prompt_tokens_details.cached_tokens: the engine's count).
+                predicted = ctx.hint.matched_blocks * ctx.hint.hash_block_size
+                ctx.response_headers["X-Predicted-Cached-Tokens"] = str(predicted)
         ctx.response_headers["X-Attempts"] = str(ctx.attempts)
         if first.whole:
             ctx.whole = first.data
