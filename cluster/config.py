@@ -459,6 +459,18 @@ class DrainConfig(_Strict):
 
     # The longest request we promise to finish: a 128k-context generation streams for minutes.
     grace_period_s: int = Field(default=600, ge=30, le=3600)
+    # Every config change is a redeploy of the app (the typed config is its argument): Serve
+    # starts this share of each deployment's replicas (rounded up: at least one) as new ones
+    # and stops old ones only once those serve, so a pool never drops below its size while
+    # it rolls (Serve's default, 0, stops old replicas first: a one-replica pool goes dark).
+    # The cluster needs room for the extra replicas (the autoscaler adds a node, if it can;
+    # until then the old replicas keep serving).
+    redeploy_surge_percent: int = Field(default=25, ge=1, le=100)
+
+    def surge_replicas(self, replicas: int) -> int:
+        """Extra replicas a deployment of `replicas` may start during a redeploy
+        (Serve's rounding of max_surge_percent)."""
+        return (self.redeploy_surge_percent * replicas + 99) // 100
 
     @property
     def request_timeout_s(self) -> int:

@@ -25,7 +25,7 @@ from cluster.upstream import ray_serve as upstream_ray
 from deployments.engine import KV_EVENTS_KEY, KV_LIFECYCLE_TO_KEY, WEDGED_AFTER_KEY, PoolEngine
 from deployments.gateway import GATEWAY_DEPLOYMENT_NAME, GatewayDeployment, engine_deployment_name
 from deployments.serve_autoscaling import serve_autoscaling_config
-from deployments.serve_config import GATEWAY_DEPLOYMENT, engine_env, gateway_options
+from deployments.serve_config import GATEWAY_DEPLOYMENT, drain_options, engine_env, gateway_options
 
 POLICY_ROUTER_CLASS = "deployments.request_router:PolicyRequestRouter"
 RAY_KV_AWARE_ROUTER_CLASS = "deployments.ray_kv_router:PoolKVAwareRouter"
@@ -139,6 +139,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
             # A wedged engine fails its check (deployments.engine); Serve replaces a replica
             # after 3 failed checks in a row, so check often enough to act within seconds.
             "health_check_period_s": engine_health_check_period_s(cfg),
+            **drain_options(cfg),
         },
         runtime_env={"env_vars": engine_env(cfg)},
         server_cls=PoolEngine,
@@ -161,7 +162,7 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for pool in cfg.pools
     }
-    options = gateway_options(cfg)
+    options = {**gateway_options(cfg), **drain_options(cfg)}
     options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(cfg)}
     gateway = serve.deployment(name=GATEWAY_DEPLOYMENT_NAME, **options)(GatewayDeployment)
     return gateway.bind(cluster_config=cfg.to_dict(), pools=pools)

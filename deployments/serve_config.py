@@ -43,6 +43,14 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def controller_env() -> dict[str, str]:
+    """Environment of the Serve controller (the head's Ray): a replica that failed its
+    health check (dead or wedged engine) is stopped at once, not drained for
+    drain.replica_shutdown_s: it can finish nothing (the gateway retries or migrates its
+    requests), and while it drained it would hold the GPUs its replacement needs."""
+    return {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+
+
 def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
     """Serve options of the gateway deployment, from `cfg.gateway`; on GPU clusters pinned
     to the gateway worker group, one replica per pod (on the CPU backend the head hosts it)."""
@@ -63,12 +71,23 @@ def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
     return options
 
 
+def drain_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Serve options of every deployment, from `cfg.drain`: a replica asked to stop (scale
+    down, redeploy, a draining node) gets no new requests and finishes those it has for up
+    to drain.replica_shutdown_s; a redeploy starts replacements before it stops old replicas.
+    deployments.app sets them on the deployments it builds, and the rendered config repeats
+    them, so `serve.run` and `serve deploy` / RayService drain the same way."""
+    return {
+        "graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s,
+        "max_surge_percent": cfg.drain.redeploy_surge_percent,
+    }
+
+
 def deployment_overrides(cfg: ClusterConfig) -> list[dict[str, Any]]:
-    """Per-deployment options set from the config: the drain budget (a replica asked to
-    stop finishes its requests for up to drain.replica_shutdown_s) and gateway placement."""
-    shutdown = {"graceful_shutdown_timeout_s": cfg.drain.replica_shutdown_s}
-    gateway = {"name": GATEWAY_DEPLOYMENT, **shutdown, **gateway_options(cfg)}
-    return [gateway] + [{"name": engine_deployment(p.name), **shutdown} for p in cfg.pools]
+    """Per-deployment options set from the config: the drain options and gateway placement."""
+    drain = drain_options(cfg)
+    gateway = {"name": GATEWAY_DEPLOYMENT, **drain, **gateway_options(cfg)}
+    return [gateway] + [{"name": engine_deployment(p.name), **drain} for p in cfg.pools]
 
 
 def render_serve_config(cfg: ClusterConfig) -> dict[str, Any]:

@@ -6,7 +6,6 @@ These run after every other test (the `fault` marker) and wait for the fleet to 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -17,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.live.chaos import child_pids, engine_replica_pids
-from deployments.serve_config import APP_NAME
+from bench.live import streams
+from bench.live.replicas import child_pids, engine_replica_pids
+from bench.live.streams import StreamResult
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -31,7 +31,7 @@ def _headers(cluster: Any) -> dict[str, str]:
 
 
 def engine_replicas(pool: str = "standard") -> dict[str, int]:
-    return engine_replica_pids(APP_NAME, pool)
+    return engine_replica_pids(pool)
 
 
 def wait_healed(cluster: Any, pool: str = "standard") -> None:
@@ -48,38 +48,12 @@ def wait_healed(cluster: Any, pool: str = "standard") -> None:
     raise AssertionError(f"pool {pool} did not heal within {HEAL_TIMEOUT_S} s: {engine_replicas(pool)}")
 
 
-def stream_chat(http: httpx.Client, model: str, text: str, session_id: str | None = None) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": MAX_TOKENS,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    headers = {"X-Session-ID": session_id} if session_id else {}
-    started = time.monotonic()
-    with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
-        raw = "".join(r.iter_text()) if r.status_code == 200 else r.read().decode()
-        status, served = r.status_code, r.headers.get("x-served-by")
-    events = [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
-    chunks = [json.loads(e) for e in events if e != "[DONE]"]
-    return {
-        "status": status,
-        "body": raw if status != 200 else "",
-        "done": bool(events) and events[-1] == "[DONE]",
-        "errors": [c["error"] for c in chunks if "error" in c],
-        "usage": [c["usage"] for c in chunks if c.get("usage")],
-        "text": "".join((c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c.get("choices")),
-        "served_by": served,
-        "seconds": time.monotonic() - started,
-    }
+def stream_chat(http: httpx.Client, model: str, text: str, session_id: str | None = None) -> StreamResult:
+    return streams.stream_chat(http, model, text, max_tokens=MAX_TOKENS, session_id=session_id)
 
 
-def assert_whole(result: dict[str, Any]) -> None:
-    assert result["status"] == 200, result["body"]
-    assert result["done"] and not result["errors"], result
-    assert result["usage"] and result["usage"][-1]["completion_tokens"] == MAX_TOKENS, result["usage"]
+def assert_whole(result: StreamResult) -> None:
+    assert result.whole(MAX_TOKENS), result.why_not_whole(MAX_TOKENS)
 
 
 @pytest.fixture
@@ -129,7 +103,7 @@ def test_a_wedged_engine_is_routed_around_and_replaced(healed: Any) -> None:
         after = [stream_chat(http, model, f"after detection {i}") for i in range(4)]
         for result in after:
             assert_whole(result)
-            assert result["served_by"] != victim_id
+            assert result.served_by != victim_id
         deadline = time.monotonic() + HEAL_TIMEOUT_S
         while victim_id in engine_replicas() and time.monotonic() < deadline:
             time.sleep(2)
@@ -150,7 +124,7 @@ def test_a_session_turn_whose_replica_dies_mid_stream_is_stored_once(healed: Any
     first = stream_chat(http, model, "First turn.", session_id=sid)
     assert_whole(first)
     replicas = engine_replicas()
-    victim = first["served_by"]  # the session's affinity sends the next turn here too
+    victim = first.served_by  # the session's affinity sends the next turn here too
     assert victim in replicas
     with ThreadPoolExecutor(1) as pool:
         turn = pool.submit(stream_chat, http, model, "Second turn, a long answer please.", sid)
@@ -164,7 +138,7 @@ def test_a_session_turn_whose_replica_dies_mid_stream_is_stored_once(healed: Any
     assert contents == [
         "Be thorough.",
         "First turn.",
-        first["text"],
+        first.text,
         "Second turn, a long answer please.",
-        result["text"],
+        result.text,
     ]

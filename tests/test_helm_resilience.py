@@ -193,6 +193,11 @@ def _drain_budgets(docs: list[dict[str, Any]]) -> dict[str, int]:
     budgets = {"rayClusterDeletionDelaySeconds": rayservice["spec"]["rayClusterDeletionDelaySeconds"]}
     for group, template in ray_templates(rayservice).items():
         budgets[f"{group}.terminationGracePeriodSeconds"] = template["spec"]["terminationGracePeriodSeconds"]
+        (ray,) = [c for c in template["spec"]["containers"] if c["name"].startswith("ray-")]
+        if group != "head":  # the head's pod ends the cluster: nothing to drain to
+            command = ray["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[:3] == ["python", "-m", "cluster.ops.drain_node"], command
+            budgets[f"preStop.{group}"] = int(command[command.index("--deadline-s") + 1])
     for route in by_kind(docs, "HTTPRoute"):
         budgets["HTTPRoute"] = int(route["spec"]["rules"][0]["timeouts"]["request"].removesuffix("s"))
     serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
@@ -206,12 +211,16 @@ def test_every_drain_budget_derives_from_drain_grace_period(grace: int, helm: Pa
     cfg = load_profile("h100x8-bf16")
     cfg.drain.grace_period_s = grace
     route = {"httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]}}
-    budgets = _drain_budgets(render_config(helm, files, cfg, f"drain-{grace}", route))
+    docs = render_config(helm, files, cfg, f"drain-{grace}", route)
+    budgets = _drain_budgets(docs)
     pools = {f"serve.{engine_deployment(p.name)}" for p in cfg.pools}
-    assert {f"serve.{GATEWAY_DEPLOYMENT}", "HTTPRoute", *pools} <= set(budgets)
+    drains = {f"preStop.{g}" for g in ray_templates(one(docs, "RayService")) if g != "head"}
+    assert {f"serve.{GATEWAY_DEPLOYMENT}", "HTTPRoute", *pools, *drains} <= set(budgets)
+    assert len(drains) == len(cfg.pools) + 1  # every engine group and the gateway group
     for name, seconds in budgets.items():
-        if name.startswith("serve.") or name == "HTTPRoute":
-            # Replicas finish (and the route lets run) exactly the promised request length.
+        if name.startswith(("serve.", "preStop.")) or name == "HTTPRoute":
+            # Replicas finish (the worker pods wait for them, the route lets them run)
+            # exactly the promised request length.
             assert seconds == grace, name
         else:
             # Pods and the old cluster outlive the drain of what runs on them.
@@ -576,3 +585,15 @@ def test_node_cache_keeps_weights_and_compiled_graphs_across_pods(helm: Path, fi
     assert {"name": "VLLM_CACHE_ROOT", "value": "/var/cache/vllm"} in container["env"]
     # The checkpoint is on the node, not in the pod's ephemeral storage.
     assert _quantity_bytes(container["resources"]["requests"]["ephemeral-storage"]) < 229 * 2**30
+
+
+def test_the_head_stops_unhealthy_replicas_at_once(h100: list[dict[str, Any]]) -> None:
+    """Serve drains a replica that failed its health check for graceful_shutdown_timeout_s
+    unless told otherwise; the head (where the controller runs) tells it, as the local
+    runner does."""
+    from deployments.serve_config import controller_env
+
+    head = ray_templates(one(h100, "RayService"))["head"]["spec"]
+    (ray,) = [c for c in head["containers"] if c["name"] == "ray-head"]
+    env = {e["name"]: e.get("value") for e in ray["env"]}
+    assert controller_env().items() <= env.items()

@@ -27,3 +27,34 @@ def test_override_names_are_the_apps_deployment_names() -> None:
 
     assert GATEWAY_DEPLOYMENT == GATEWAY_DEPLOYMENT_NAME
     assert engine_deployment("long") == engine_deployment_name("long")
+
+
+def test_the_app_drains_as_the_rendered_config_says() -> None:
+    """`serve.run` of deployments.app (the local runner) and `serve deploy` of the rendered
+    config (RayService) give every deployment the same drain options: graceful shutdown
+    from drain.replica_shutdown_s, new replicas before old ones stop on a redeploy."""
+    from cluster.upstream.ray_serve import deployment_configs
+    from deployments.app import build_app
+    from deployments.serve_config import drain_options
+
+    cfg = load_profile("cpu-tiny")
+    cfg.drain.grace_period_s, cfg.drain.redeploy_surge_percent = 120, 50
+    (app,) = render_serve_config(cfg)["applications"]
+    built = deployment_configs(build_app(app["args"]))
+    assert set(built) == {d["name"] for d in app["deployments"]}
+    for override in app["deployments"]:
+        config = built[override["name"]]
+        for option, value in drain_options(cfg).items():
+            assert getattr(config, option) == value == override[option], (override["name"], option)
+    assert drain_options(cfg) == {"graceful_shutdown_timeout_s": 120, "max_surge_percent": 50}
+
+
+def test_the_local_cluster_has_room_for_a_redeploy() -> None:
+    """A redeploy's new replicas run next to the old ones until those stop: the one local
+    node advertises each pool's Ray resource for that many."""
+    from cluster.ops.local import logical_cpus, pool_slots
+
+    cfg = load_profile("cpu-tiny")
+    assert cfg.drain.surge_replicas(2) == 1 and cfg.drain.surge_replicas(1) == 1
+    assert pool_slots(cfg) == {"pool_standard": 3.0, "pool_long": 2.0}
+    assert logical_cpus(cfg) >= (3 + 2) * 2

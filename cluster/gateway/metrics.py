@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -125,6 +125,11 @@ class GatewayMetrics:
             f"{PREFIX}_rate_limited", "Requests refused with 429 by a tenant's limit", ["tenant"], registry=r
         )
         self.shed = Counter(f"{PREFIX}_shed", "Requests shed under overload (503)", ["pool", "tenant"], registry=r)
+        # Which replica a scrape reached: the counters above restart from 0 with a new one.
+        self.start_time = Gauge(
+            f"{PREFIX}_start_time_seconds", "When this gateway replica started (Unix time)", registry=r
+        )
+        self.start_time.set_to_current_time()
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:

@@ -165,6 +165,7 @@ def drain_values(cfg: ClusterConfig) -> dict[str, int]:
     return {
         "gracePeriodSeconds": d.grace_period_s,
         "requestTimeoutSeconds": d.request_timeout_s,
+        "replicaShutdownSeconds": d.replica_shutdown_s,
         "podTerminationSeconds": d.pod_termination_s,
         "clusterDeletionDelaySeconds": d.old_cluster_deletion_delay_s,
     }

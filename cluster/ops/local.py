@@ -21,7 +21,7 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.upstream import ray_serve as upstream_ray
-from deployments.serve_config import APP_NAME, engine_env
+from deployments.serve_config import APP_NAME, controller_env, engine_env
 
 Progress = Callable[[str], None]
 
@@ -32,11 +32,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def replica_room(cfg: ClusterConfig, replicas: int) -> int:
+    """Replicas a pool of at most `replicas` may run at once: its size plus the new ones a
+    redeploy starts before the old ones stop (drain.redeploy_surge_percent)."""
+    return replicas + cfg.drain.surge_replicas(replicas)
+
+
 def logical_cpus(cfg: ClusterConfig) -> int:
-    """Enough for every engine replica at max scale (TP bundles + replica actor), the
-    gateway and Serve's own actors, with headroom."""
-    engines = sum(p.max_replicas * (p.engine.tensor_parallel_size + 1) for p in cfg.pools)
+    """Enough for every engine replica at max scale during a redeploy (TP bundles + replica
+    actor), the gateway and Serve's own actors, with headroom."""
+    engines = sum(replica_room(cfg, p.max_replicas) * (p.engine.tensor_parallel_size + 1) for p in cfg.pools)
     return max(16, engines + 4)
+
+
+def pool_slots(cfg: ClusterConfig) -> dict[str, float]:
+    """This one node stands in for every pool's worker group: each pool's Ray resource,
+    enough for the pool at max scale during a redeploy."""
+    return {p.ray_resource: float(replica_room(cfg, p.max_replicas) * p.engine.tensor_parallel_size) for p in cfg.pools}
 
 
 def _print(msg: str) -> None:
@@ -95,6 +107,18 @@ def _http_ready(base_url: str) -> tuple[bool, str]:
         return False, str(e)
 
 
+def deploy_app(cfg: ClusterConfig) -> None:
+    """Deploy (or redeploy) the app from `cfg` and return at once, as `serve.run` does with
+    the rendered config's application. A redeploy is a rolling update of every deployment:
+    Serve starts the new replicas, moves new requests to them once they serve, and stops the
+    old ones gracefully (deployments.serve_config.drain_options)."""
+    from deployments.app import build_app
+    from deployments.serve_config import render_serve_config
+
+    args = render_serve_config(cfg)["applications"][0]["args"]
+    upstream_ray.deploy_without_waiting(build_app(args), name=APP_NAME, route_prefix="/")
+
+
 def start_local_cluster(
     cfg: ClusterConfig,
     *,
@@ -106,9 +130,6 @@ def start_local_cluster(
     """Start Ray + Serve + the app and block until /readyz answers 200."""
     import ray
     from ray import serve
-
-    from deployments.app import build_app
-    from deployments.serve_config import render_serve_config
 
     if quiet:
         # The driver would print every deployment's options and each client HTTP call.
@@ -122,14 +143,14 @@ def start_local_cluster(
     for k, v in engine_env(cfg).items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in controller_env().items():  # Ray's processes, the Serve controller's too, inherit it
+        os.environ.setdefault(k, v)
     metrics_export_port = free_port()
     cpus = logical_cpus(cfg)
     progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
-    # This one node stands in for every pool's worker group.
-    pool_slots = {p.ray_resource: float(p.max_replicas * p.engine.tensor_parallel_size) for p in cfg.pools}
     ray.init(
         num_cpus=cpus,
-        resources=pool_slots if cfg.node.pin_pools else None,
+        resources=pool_slots(cfg) if cfg.node.pin_pools else None,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
         _metrics_export_port=metrics_export_port,
@@ -146,8 +167,7 @@ def start_local_cluster(
             + ", ".join(f"{p.name}={p.max_model_len}x{p.start_replicas}" for p in cfg.pools)
             + ")"
         )
-        args = render_serve_config(cfg)["applications"][0]["args"]
-        upstream_ray.deploy_without_waiting(build_app(args), name=APP_NAME, route_prefix="/")
+        deploy_app(cfg)
         _wait_ready(cluster, progress, timeout_s)
     except BaseException:
         cluster.stop()

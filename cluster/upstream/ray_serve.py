@@ -48,6 +48,35 @@ def async_llm_of(server: Any) -> Any:
     return getattr(getattr(server, "engine", None), "_engine_client", None)
 
 
+def deployment_configs(app: Any) -> dict[str, Any]:
+    """Deployment name -> Serve DeploymentConfig of every deployment an Application built
+    by deployments.app binds (the ingress and the applications passed as its arguments);
+    Ray has no public accessor for the options a deployment was given."""
+    out: dict[str, Any] = {}
+    pending = [app]
+    while pending:
+        bound = pending.pop()._bound_deployment
+        out[bound.name] = bound._deployment_config
+        args = [*bound.init_args, *bound.init_kwargs.values()]
+        for arg in args:
+            values = arg.values() if isinstance(arg, dict) else [arg]
+            pending += [v for v in values if hasattr(v, "_bound_deployment")]
+    return out
+
+
+def replica_details(app: str, deployment: str) -> list[dict[str, Any]]:
+    """Each replica of a deployment as Serve's controller knows it (`replica_id`, `state`,
+    `pid`, ...: ray.serve.schema.ReplicaDetails); `serve.status()` gives counts only, the
+    per-replica view is what the dashboard's REST API serves, from the private client."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None  # it raises when no controller runs
+    details = client.get_serve_details()
+    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment, {})
+    return list(dep.get("replicas", []))
+
+
 # --- Ray Serve LLM's own request routers (router.policy ray-prefix-aware / ray-kv-aware) ---
 # Ray 2.60 ships both only under ray.llm._internal; the import paths live here alone.
 

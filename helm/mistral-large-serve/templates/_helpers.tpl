@@ -173,6 +173,10 @@ typed config inside serveConfigV2. */}}
 {{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ .Values.telemetry.serviceName | quote }}
+# The Serve controller stops a replica that failed its health check at once instead of
+# draining it (deployments/serve_config.py:controller_env): it can finish nothing.
+- name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
+  value: "1"
 {{- if .Values.nodeCache.path }}
 # torch.compile artifacts on the node cache: a restarted engine skips recompiling.
 - name: VLLM_CACHE_ROOT
