@@ -177,9 +177,14 @@ class ColdStartConfig(_Strict):
 class AutoscalingConfig(_Strict):
     """Ray Serve replica autoscaling of one pool (engine replicas, not pods)."""
 
-    # ongoing-requests: Serve's default policy; queue-kv and slo: ours (autoscaling/).
-    policy: AutoscalingPolicyName = "ongoing-requests"
-    target_ongoing_requests: float = Field(32.0, gt=0)
+    # ongoing-requests: Serve's default policy; queue-kv and slo: ours (autoscaling/). slo
+    # by default: the only one that held the SLO through both the diurnal and the burst
+    # day of the evaluation (autoscaling/README.md#evaluation).
+    policy: AutoscalingPolicyName = "slo"
+    # Requests in flight per replica the policy aims at (all three divide by it): the
+    # setting that matters most; calibrate it (`cluster bench autoscale`). The default is
+    # the 32k pool's calibration on h100x8-bf16; 128k-context pools want about 1.
+    target_ongoing_requests: float = Field(7.0, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     upscaling_factor: float = Field(1.0, gt=0)
