@@ -115,3 +115,22 @@ def test_a_node_compile_cache_without_a_path_fails_the_render(helm: Path, files:
     spec = ray_templates(one(docs, "RayService"))["gpu-standard"]["spec"]
     volume = next(v for v in spec["volumes"] if v["name"] == "engine-compile-cache")
     assert volume["hostPath"] == {"path": "/var/cache/mls/vllm", "type": "DirectoryOrCreate"}
+
+
+def test_engine_load_benchmark_variants_set_the_pool_options() -> None:
+    from bench.calibration.engine_load import VARIANTS, variant_config
+
+    cfg = load_profile("cpu-tiny")
+    seen = {}
+    for variant in VARIANTS:
+        e = variant_config(cfg, "standard", variant, "/tmp/cache").pool("standard").engine
+        seen[variant] = (e.stream_weights.enabled, e.compile_cache.enabled, e.enforce_eager)
+        assert e.compile_cache.dir == "/tmp/cache"
+    assert seen == {
+        "default": (False, False, True),
+        "streamed": (True, False, True),
+        "compiled-cold": (False, True, False),
+        "compiled-warm": (False, True, False),
+        "streamed-compiled-warm": (True, True, False),
+    }
+    assert cfg.pool("standard").engine.enforce_eager  # the profile itself untouched
