@@ -221,7 +221,9 @@ def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request
         f" serving after {serving - t0:.1f} s ({len(burst_results)} burst requests,"
         f" {len(burst.served_by(new))} on the new replica)"
         f"\n  scale-down: started {down_asked - t_burst_end:.1f} s after the burst, one replica left after"
-        f" {down - t_burst_end:.1f} s ({len(during_down)} requests sent meanwhile, {len(trickle_results)} in all;"
+        f" {down - t_burst_end:.1f} s ({len(during_down)} requests sent meanwhile,"
+        f" {sum(1 for r in during_down if r['served_by'] == new)} of them on the new replica,"
+        f" {len(trickle_results)} in all;"
         f" kept {'the first' if left == first else 'the new'} replica)"
         f"\n  request seconds: burst p50 {sorted(r['seconds'] for r in burst_results)[len(burst_results) // 2]:.2f},"
         f" trickle p50 {sorted(r['seconds'] for r in trickle_results)[len(trickle_results) // 2]:.2f}",
