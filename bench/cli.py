@@ -26,6 +26,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "bench.calibration.published_check",
         "the simulator against a published vLLM figure (Lambda, TP=8)",
     ),
+    "engine-load": (
+        "bench.calibration.engine_load",
+        "one pool's engine start: default, streamed weights, compile cache cold/warm",
+    ),
     "tenants": ("bench.live.tenants", "noisy neighbour: tenant B's TTFT with A flooding, fair share on/off"),
 }
 

@@ -48,6 +48,60 @@ class ModelConfig(_Strict):
     tokenizer_file: str | None = None
 
 
+class WeightStreamingConfig(_Strict):
+    """Read the weights with vLLM's Run:ai model streamer (`load_format: runai_streamer`):
+    tensors are read by a pool of threads and handed to the engine as they arrive, from a
+    local folder or straight from an object store (s3://, gs://, az://), instead of one
+    file after another. Needs the `runai-model-streamer` package (with its s3/gcs extra
+    for object stores). It reads every `*.safetensors` file of the model folder: the folder
+    must hold one checkpoint format only (the chart's object-store fetch downloads one;
+    a Mistral repository copied whole holds both consolidated and Hugging Face shards)."""
+
+    enabled: bool = False
+    # Parallel reads (RUNAI_STREAMER_CONCURRENCY; vLLM's default 16). Object stores want more.
+    concurrency: int | None = Field(None, ge=1)
+    # CPU staging buffer in bytes (RUNAI_STREAMER_MEMORY_LIMIT; -1: unlimited).
+    memory_limit_bytes: int | None = Field(None, ge=-1)
+    # Each tensor-parallel rank streams only its own shards (vLLM's distributed streaming).
+    distributed: bool = False
+
+    def loader_extra_config(self) -> dict[str, Any]:
+        """vLLM's `model_loader_extra_config` for the runai_streamer loader."""
+        extra: dict[str, Any] = {}
+        if self.concurrency is not None:
+            extra["concurrency"] = self.concurrency
+        if self.memory_limit_bytes is not None:
+            extra["memory_limit"] = self.memory_limit_bytes
+        if self.distributed:
+            extra["distributed"] = True
+        return extra
+
+
+class CompileCacheConfig(_Strict):
+    """A persistent torch.compile cache: vLLM keeps its compiled graphs (and the inductor
+    kernels, under `<dir>/torch_compile_cache/<hash>/`) in VLLM_CACHE_ROOT, keyed by model,
+    engine config and versions; an engine finding its entry skips the compilation. The
+    default root is in the container's home and dies with the pod; a cache on a volume
+    that outlives the pod makes every later start on it a warm one."""
+
+    enabled: bool = False
+    dir: str = "/var/cache/vllm"  # VLLM_CACHE_ROOT inside the engine (the chart mounts here)
+    # The chart's volume: "node": a hostPath on each node (<nodeCache.path>/vllm, or
+    # host_path); "pvc": one claim every pod of the pool mounts (ReadWriteMany; entries
+    # are per config hash, so pods may share it); "pod": an emptyDir (container restarts only).
+    volume: Literal["node", "pvc", "pod"] = "node"
+    host_path: str | None = None
+    claim_name: str | None = None
+
+    @model_validator(mode="after")
+    def _volume(self) -> CompileCacheConfig:
+        if self.enabled and self.volume == "pvc" and not self.claim_name:
+            raise ValueError("compile_cache.volume 'pvc' needs compile_cache.claim_name")
+        if not self.dir.startswith("/"):
+            raise ValueError(f"compile_cache.dir must be an absolute path, got {self.dir!r}")
+        return self
+
+
 class EngineArgs(_Strict):
     """The vLLM engine arguments we set deliberately; `extra` passes anything else through."""
 
@@ -70,6 +124,9 @@ class EngineArgs(_Strict):
     # Serve's per-replica cap; None: 4 x max_num_seqs (at least 64). Engines queue in
     # vLLM's own scheduler, so this only guards runaway load.
     max_ongoing_requests: int | None = Field(None, ge=1)
+    # Faster cold start: streamed weight loading and a persistent compile cache.
+    stream_weights: WeightStreamingConfig = Field(default_factory=WeightStreamingConfig)
+    compile_cache: CompileCacheConfig = Field(default_factory=CompileCacheConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -126,9 +183,14 @@ class ColdStartConfig(_Strict):
 class AutoscalingConfig(_Strict):
     """Ray Serve replica autoscaling of one pool (engine replicas, not pods)."""
 
-    # ongoing-requests: Serve's default policy; queue-kv and slo: ours (autoscaling/).
-    policy: AutoscalingPolicyName = "ongoing-requests"
-    target_ongoing_requests: float = Field(32.0, gt=0)
+    # ongoing-requests: Serve's default policy; queue-kv and slo: ours (autoscaling/). slo
+    # by default: the only one that held the SLO through both the diurnal and the burst
+    # day of the evaluation (autoscaling/README.md#evaluation).
+    policy: AutoscalingPolicyName = "slo"
+    # Requests in flight per replica the policy aims at (all three divide by it): the
+    # setting that matters most; calibrate it (`cluster bench autoscale`). The default is
+    # the 32k pool's calibration on h100x8-bf16; 128k-context pools want about 1.
+    target_ongoing_requests: float = Field(7.0, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     upscaling_factor: float = Field(1.0, gt=0)

@@ -37,6 +37,17 @@ H200_NODE = NodeShape(
 )
 
 
+# Requests in flight per replica that the autoscaling policies aim at, calibrated with
+# `cluster bench autoscale` (Mooncake conversations on h100x8-bf16, diurnal and x3 burst
+# days; autoscaling/README.md#evaluation): the largest standard target at which the SLO
+# policy still serves 99% of requests within the SLO on both days (8 fell to 98.8% on the
+# burst). "max_num_seqs / 2" (48 / 16 before) broke the SLO for every policy (55-65%):
+# long prompts' chunked prefills share one token budget per step, so TTFT and TPOT fail
+# long before the batch is full. Traffic of short prompts carries more (Azure: 14.5).
+STANDARD_TARGET_ONGOING = 7.0
+LONG_TARGET_ONGOING = 1.0
+
+
 def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[PoolConfig]:
     def engine(max_seqs: int) -> EngineArgs:
         return EngineArgs(
@@ -56,7 +67,7 @@ def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[P
             min_replicas=2,
             max_replicas=16,
             engine=engine(standard_seqs),
-            autoscaling=AutoscalingConfig(target_ongoing_requests=48),
+            autoscaling=AutoscalingConfig(target_ongoing_requests=STANDARD_TARGET_ONGOING),
         ),
         PoolConfig(
             name="long",
@@ -64,7 +75,7 @@ def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[P
             min_replicas=1,
             max_replicas=8,
             engine=engine(long_seqs),
-            autoscaling=AutoscalingConfig(target_ongoing_requests=16),
+            autoscaling=AutoscalingConfig(target_ongoing_requests=LONG_TARGET_ONGOING),
         ),
     ]
 

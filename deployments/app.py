@@ -65,6 +65,12 @@ def engine_kwargs(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         # vLLM exports an llm_request span per request, a child of the gateway's engine
         # call span (the traceparent header); the protocol is in engine_env.
         kwargs["otlp_traces_endpoint"] = traces
+    if e.stream_weights.enabled:
+        # The checkpoint format (model.load_format) stays what it is; the streamer reads it.
+        kwargs["load_format"] = "runai_streamer"
+        extra = e.stream_weights.loader_extra_config()
+        if extra:
+            kwargs["model_loader_extra_config"] = extra
     if e.quantization is not None:
         kwargs["quantization"] = e.quantization
     kv_events = cfg.router.kv_events.engine_config(cfg.pools.index(pool))
@@ -141,7 +147,7 @@ def llm_config(cfg: ClusterConfig, pool: PoolConfig, model_source: str) -> LLMCo
             "health_check_period_s": engine_health_check_period_s(cfg),
             **drain_options(cfg),
         },
-        runtime_env={"env_vars": engine_env(cfg)},
+        runtime_env={"env_vars": engine_env(cfg, pool)},
         server_cls=PoolEngine,
         experimental_configs=experimental_configs(cfg, pool),
         log_engine_metrics=True,

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, PoolConfig
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_NAME = "mistral-large"
@@ -28,8 +28,8 @@ def engine_deployment(pool: str) -> str:
 GATEWAY_RAY_RESOURCE = "gateway"
 
 
-def engine_env(cfg: ClusterConfig) -> dict[str, str]:
-    """Environment every Ray worker of the app needs."""
+def engine_env(cfg: ClusterConfig, pool: PoolConfig | None = None) -> dict[str, str]:
+    """Environment every Ray worker of the app needs; with a pool, its engines' too."""
     env = {"VLLM_USE_V1": "1"}
     if cfg.node.accelerator == "cpu":
         kv_gib = max(p.engine.cpu_kv_cache_space_gib for p in cfg.pools)
@@ -40,6 +40,9 @@ def engine_env(cfg: ClusterConfig) -> dict[str, str]:
         env.update({"NCCL_NVLS_ENABLE": "0"})
     # vLLM picks its OTLP exporter by this variable (grpc when unset).
     env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = cfg.telemetry.otlp_protocol
+    if pool is not None and pool.engine.compile_cache.enabled:
+        # vLLM puts its compiled graphs and the inductor cache under this root.
+        env["VLLM_CACHE_ROOT"] = pool.engine.compile_cache.dir
     return env
 
 

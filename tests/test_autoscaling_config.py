@@ -48,12 +48,22 @@ def test_serve_loads_the_configured_policy_class_with_its_parameters(policy: str
     assert config.metrics_interval_s == pool.autoscaling.metrics_interval_s
 
 
-def test_default_policy_is_serves_own() -> None:
-    cfg = load_profile("h100x8-bf16")
+def test_ongoing_requests_is_serves_own_policy() -> None:
+    cfg = on_policy("ongoing-requests")
     pool = cfg.pool("standard")
     config = AutoscalingConfig(**serve_autoscaling_config(cfg, pool))
     assert config.policy.is_default_policy_function()
     assert make_policy(cfg, pool) is ongoing_requests_policy
+
+
+@pytest.mark.parametrize("profile", ["h100x8-bf16", "h100x4-fp8", "h200x4-fp8", "cpu-tiny"])
+def test_the_default_policy_is_the_evaluated_best(profile: str) -> None:
+    """autoscaling/README.md#evaluation: the SLO policy is the one that holds the SLO on
+    both the diurnal and the burst day, with the fewest GPU-hours of those that do."""
+    cfg = load_profile(profile)
+    assert {p.autoscaling.policy for p in cfg.pools} == {"slo"}
+    pool = cfg.pool("standard")
+    assert type(make_policy(cfg, pool)) is SLOAutoscalingPolicy
 
 
 def test_slo_policy_looks_ahead_by_the_pools_cold_start() -> None:

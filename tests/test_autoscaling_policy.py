@@ -18,8 +18,8 @@ from deployments.serve_autoscaling import serve_autoscaling_config
 def serve_config(queue_kv_policy: bool) -> AutoscalingConfig:
     cfg = load_profile("h200x4-fp8")
     pool = cfg.pool("long")
-    if queue_kv_policy:
-        pool.autoscaling.policy = "queue-kv"
+    pool.autoscaling.policy = "queue-kv" if queue_kv_policy else "ongoing-requests"
+    pool.autoscaling.target_ongoing_requests = 16  # the figures below are worked out at 16
     return AutoscalingConfig(**serve_autoscaling_config(cfg, pool))
 
 
@@ -63,7 +63,7 @@ def test_serve_accepts_the_policy_config() -> None:
     assert policy_cls.__name__ == "QueueKVAutoscalingPolicy"
     instance = policy_cls(**config.policy.policy_kwargs)
     assert instance.target_kv_usage == 0.85
-    # Off by default: the typed config's default policy stays Ray's.
+    # ongoing-requests is Ray's own policy.
     assert serve_config(queue_kv_policy=False).policy.is_default_policy_function()
 
 

@@ -96,6 +96,19 @@ def bundle_slots_per_pod(cfg: ClusterConfig, pool: PoolConfig) -> int:
     return replicas_per_pod(cfg, pool) * pool.engine.tensor_parallel_size
 
 
+def compile_cache_values(pool: PoolConfig) -> dict[str, Any]:
+    c = pool.engine.compile_cache
+    if not c.enabled:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "mountPath": c.dir,
+        "volume": c.volume,
+        "hostPath": c.host_path or "",
+        "claimName": c.claim_name or "",
+    }
+
+
 def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
     per_pod = replicas_per_pod(cfg, pool)
     gpu = cfg.node.accelerator == "gpu"
@@ -131,6 +144,10 @@ def worker_group(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
         # One unit per bundle slot (per GPU on GPU nodes): the engines' bundles ask for
         # {GPU: 1, pool_<name>: 1} when node.pin_pools is on.
         "rayResources": {pool.ray_resource: bundle_slots_per_pod(cfg, pool)},
+        # Faster starts (engine.stream_weights / engine.compile_cache): the chart mounts the
+        # compile cache volume at the engines' VLLM_CACHE_ROOT.
+        "streamWeights": pool.engine.stream_weights.enabled,
+        "compileCache": compile_cache_values(pool),
         # Weight volume when fetched from an object store: the checkpoint plus 10%.
         "weightsSizeLimit": _quantity_gib(plan.weight_bytes_total / GiB * 1.1 + 1),
     }

@@ -313,3 +313,22 @@ the node has that much disk, instead of being evicted mid-load. */}}
 {{- define "mls.runbookUrl" -}}
 {{- printf "%s/%s" (trimSuffix "/" .root.Values.monitoring.runbookBaseUrl) .file }}
 {{- end }}
+
+{{/* A pool's compile-cache volume (workerGroups[].compileCache, from the typed config's
+engine.compile_cache): a hostPath on the node (its hostPath, else <nodeCache.path>/vllm),
+a shared claim, or an emptyDir. Nothing when the pool has none. */}}
+{{- define "mls.engineCompileCacheVolume" -}}
+{{- $c := .group.compileCache | default dict -}}
+{{- if $c.enabled }}
+- name: engine-compile-cache
+{{- if eq $c.volume "node" }}
+{{- $path := $c.hostPath | default (ternary (printf "%s/vllm" (trimSuffix "/" .root.Values.nodeCache.path)) "" (ne .root.Values.nodeCache.path "")) }}
+{{- if not $path }}{{ fail (printf "pool %s: compile_cache.volume node needs compile_cache.host_path or nodeCache.path" .group.pool) }}{{ end }}
+  hostPath: {path: {{ $path }}, type: DirectoryOrCreate}
+{{- else if eq $c.volume "pvc" }}
+  persistentVolumeClaim: {claimName: {{ $c.claimName }}}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+{{- end }}
