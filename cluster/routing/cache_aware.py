@@ -90,10 +90,23 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A request this router sent that has not finished: its replica, the chain pinned
+    there, the KV tokens it will hold and when it was routed."""
+
+    replica_id: str
+    blocks: Sequence[int]
+    kv_tokens: float
+    routed_at: float
 
 
 class CacheAwarePolicy:
@@ -123,6 +136,8 @@ class CacheAwarePolicy:
         backlog_weight: float = 1.0,
         externality_weight: float = 3.0,
         kv_wait_weight: float = 1.0,
+        pin_in_flight: bool = True,
+        pin_ttl_s: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -155,9 +170,14 @@ class CacheAwarePolicy:
             raise ValueError(f"kv_wait_weight must be >= 0, got {kv_wait_weight}")
         self.kv_wait_weight = kv_wait_weight
         # replica id -> KV tokens (uncached prompt + reply) of the requests this router sent
-        # there that have not finished; request id -> (replica, tokens) to take them back.
+        # there that have not finished.
         self._kv_owed: dict[str, float] = {}
-        self._kv_of: dict[str, tuple[str, float]] = {}
+        # request id -> what it holds until it finishes, in routing order (for the TTL).
+        self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
+        if pin_ttl_s <= 0:
+            raise ValueError(f"pin_ttl_s must be positive, got {pin_ttl_s}")
+        self.pin_in_flight = pin_in_flight
+        self.pin_ttl_s = pin_ttl_s
         self._clock = clock
         # replica id -> when the prefill work this router sent there is done (virtual time).
         self._backlog_until: dict[str, float] = {}
@@ -303,21 +323,49 @@ class CacheAwarePolicy:
             self.mean_uncached_tokens += self.ewma_alpha * (uncached - self.mean_uncached_tokens)
         else:
             self.mean_uncached_tokens, self._mean_known = float(uncached), True
-        # Optimistic: the engine will hold the prompt's blocks once it prefills them.
-        index.insert(rid, blocks)
+        # Optimistic: the engine will hold the prompt's blocks once it prefills them, and
+        # keeps them while the request is in flight (pinned in the index until it finishes).
+        rid_blocks = blocks if self.pin_in_flight else ()
+        if rid_blocks:
+            index.pin(rid, blocks)
+        else:
+            index.insert(rid, blocks)
         backlog_until[rid] = max(now, backlog_until.get(rid, now)) + uncached / prefill_rate
-        if kv_wait_weight:
-            owed = uncached + out_tokens
-            kv_owed[rid] = kv_owed.get(rid, 0.0) + owed
-            self._kv_of[request.request_id] = (rid, owed)
+        owed_tokens = float(uncached + out_tokens) if kv_wait_weight else 0.0
+        if owed_tokens:
+            kv_owed[rid] = kv_owed.get(rid, 0.0) + owed_tokens
+        if rid_blocks or owed_tokens:
+            self._track(request.request_id, _InFlight(rid, rid_blocks, owed_tokens, now))
         return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
+
+    def _track(self, request_id: str, record: _InFlight) -> None:
+        """Remember an in-flight request; release one routed again (a retry) and any older
+        than `pin_ttl_s` (its finish was never reported: a failed or abandoned request)."""
+        in_flight = self._in_flight
+        if request_id in in_flight:
+            self._release(in_flight.pop(request_id))
+        in_flight[request_id] = record
+        expired = record.routed_at - self.pin_ttl_s
+        while in_flight:
+            oldest = next(iter(in_flight.values()))
+            if oldest.routed_at >= expired:
+                break
+            in_flight.popitem(last=False)
+            self._release(oldest)
+
+    def _release(self, record: _InFlight) -> None:
+        if record.blocks:
+            self.index.unpin(record.replica_id, record.blocks)
+        if record.kv_tokens and record.replica_id in self._kv_owed:
+            owed = self._kv_owed[record.replica_id] - record.kv_tokens
+            self._kv_owed[record.replica_id] = max(0.0, owed)
 
     def on_finished(self, request: RouteRequest, replica_id: str, output_block_hashes: Sequence[int]) -> None:
         """Index the whole conversation the replica now caches (prompt + reply), so the
         next turn, which starts with it, finds its full history here."""
-        owed = self._kv_of.pop(request.request_id, None)
-        if owed is not None and owed[0] in self._kv_owed:
-            self._kv_owed[owed[0]] = max(0.0, self._kv_owed[owed[0]] - owed[1])
+        record = self._in_flight.pop(request.request_id, None)
+        if record is not None:
+            self._release(record)
         chain = list(request.block_hashes)
         if output_block_hashes:
             if chain and output_block_hashes[0] == chain[0]:
@@ -333,6 +381,8 @@ class CacheAwarePolicy:
             del self._backlog_until[rid]
         for rid in [r for r in self._kv_owed if r not in live]:
             del self._kv_owed[rid]
+        for req_id in [k for k, v in self._in_flight.items() if v.replica_id not in live]:
+            del self._in_flight[req_id]
 
 
 __all__ = ["CacheAwarePolicy"]
