@@ -94,6 +94,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cluster.routing.decode_exposure import DecodeExposure
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 
@@ -107,6 +108,7 @@ class _InFlight:
     blocks: Sequence[int]
     kv_tokens: float
     routed_at: float
+    decode: list[float] | None = None  # its DecodeExposure entry
 
 
 class CacheAwarePolicy:
@@ -137,6 +139,8 @@ class CacheAwarePolicy:
         externality_weight: float = 3.0,
         kv_wait_weight: float = 1.0,
         pin_in_flight: bool = True,
+        tpot_weight: float = 1.0,
+        tpot_target_s: float = 0.1,
         pin_ttl_s: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
@@ -177,6 +181,14 @@ class CacheAwarePolicy:
         if pin_ttl_s <= 0:
             raise ValueError(f"pin_ttl_s must be positive, got {pin_ttl_s}")
         self.pin_in_flight = pin_in_flight
+        if tpot_weight < 0:
+            raise ValueError(f"tpot_weight must be >= 0, got {tpot_weight}")
+        self.tpot_weight = tpot_weight
+        if tpot_target_s <= 0:
+            raise ValueError(f"tpot_target_s must be positive, got {tpot_target_s}")
+        self.tpot_target_s = tpot_target_s
+        # replica id -> this router's requests decoding there, as a new prefill stalls them.
+        self._decodes: dict[str, DecodeExposure] = {}
         self.pin_ttl_s = pin_ttl_s
         self._clock = clock
         # replica id -> when the prefill work this router sent there is done (virtual time).
@@ -274,6 +286,8 @@ class CacheAwarePolicy:
         ext = self.externality_weight * self.mean_queue(replicas)
         kv_owed, kv_wait_weight = self._kv_owed, self.kv_wait_weight
         out_tokens = request.max_tokens or 0
+        decodes = self._decodes if self.tpot_weight else None
+        tpot_weight = self.tpot_weight
         scores: dict[str, float] = {}
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
@@ -295,12 +309,17 @@ class CacheAwarePolicy:
                 ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
             if r.kv_usage > kv_high:
                 ttft += (r.kv_usage - kv_high) * kv_scale
+            backlog_s = backlog_until.get(ids[i], now) - now
             if backlog_weight:
-                backlog_s = backlog_until.get(ids[i], now) - now
                 if backlog_s > 0:
                     ttft = max(ttft, backlog_weight * backlog_s + uncached / prefill_rate)
             if ext:
                 ttft += ext * uncached / rate
+            if decodes:
+                d = decodes.get(ids[i])
+                if d is not None:
+                    # The prefill stalls the decodes still running when it starts.
+                    ttft += tpot_weight * d.at(now + max(0.0, backlog_s)) * uncached / rate
             if kv_owed:
                 owed = kv_owed.get(ids[i])
                 if owed:
@@ -334,8 +353,14 @@ class CacheAwarePolicy:
         owed_tokens = float(uncached + out_tokens) if kv_wait_weight else 0.0
         if owed_tokens:
             kv_owed[rid] = kv_owed.get(rid, 0.0) + owed_tokens
-        if rid_blocks or owed_tokens:
-            self._track(request.request_id, _InFlight(rid, rid_blocks, owed_tokens, now))
+        decode = None
+        if self.tpot_weight and out_tokens > 1:
+            # Its first token comes when its prefill is done on the virtual clock; a decode
+            # that meets the TPOT target is over (out_tokens - 1) x target later.
+            end = backlog_until[rid] + (out_tokens - 1) * self.tpot_target_s
+            decode = self._decodes.setdefault(rid, DecodeExposure()).add(end, 1.0 / (out_tokens - 1))
+        if rid_blocks or owed_tokens or decode is not None:
+            self._track(request.request_id, _InFlight(rid, rid_blocks, owed_tokens, now, decode))
         return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
 
     def _track(self, request_id: str, record: _InFlight) -> None:
@@ -359,6 +384,8 @@ class CacheAwarePolicy:
         if record.kv_tokens and record.replica_id in self._kv_owed:
             owed = self._kv_owed[record.replica_id] - record.kv_tokens
             self._kv_owed[record.replica_id] = max(0.0, owed)
+        if record.decode is not None and record.replica_id in self._decodes:
+            self._decodes[record.replica_id].remove(record.decode)
 
     def on_finished(self, request: RouteRequest, replica_id: str, output_block_hashes: Sequence[int]) -> None:
         """Index the whole conversation the replica now caches (prompt + reply), so the
@@ -379,8 +406,9 @@ class CacheAwarePolicy:
         live = set(replica_ids)
         for rid in [r for r in self._backlog_until if r not in live]:
             del self._backlog_until[rid]
-        for rid in [r for r in self._kv_owed if r not in live]:
-            del self._kv_owed[rid]
+        for table in (self._kv_owed, self._decodes):
+            for rid in [r for r in table if r not in live]:
+                del table[rid]
         for req_id in [k for k, v in self._in_flight.items() if v.replica_id not in live]:
             del self._in_flight[req_id]
 
