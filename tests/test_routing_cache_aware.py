@@ -200,4 +200,4 @@ def test_kv_owed_to_a_replica_prices_its_admission_wait() -> None:
     second = p.choose(request(tokens(2, 150), "b", max_tokens=10, arrival_s=100.0), small)
     assert second.replica_id != first.replica_id
     p.on_finished(request(tokens(1, 150), "a", max_tokens=10), first.replica_id, [])
-    assert p._kv_owed[first.replica_id] == 0.0
+    assert p.kv_owed_tokens(first.replica_id) == 0.0

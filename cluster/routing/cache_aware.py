@@ -93,10 +93,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from cluster.routing.decode_exposure import DecodeExposure
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+
+
+class _ReplicaState:
+    """What this router alone knows of one replica: when the prefill work it sent there is
+    done (virtual time), the KV tokens its unfinished requests will hold, and their decodes."""
+
+    __slots__ = ("backlog_until", "kv_owed", "decodes")
+
+    def __init__(self, now: float) -> None:
+        self.backlog_until = now
+        self.kv_owed = 0.0
+        self.decodes = DecodeExposure()
 
 
 @dataclass(frozen=True)
@@ -173,9 +186,6 @@ class CacheAwarePolicy:
         if kv_wait_weight < 0:
             raise ValueError(f"kv_wait_weight must be >= 0, got {kv_wait_weight}")
         self.kv_wait_weight = kv_wait_weight
-        # replica id -> KV tokens (uncached prompt + reply) of the requests this router sent
-        # there that have not finished.
-        self._kv_owed: dict[str, float] = {}
         # request id -> what it holds until it finishes, in routing order (for the TTL).
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         if pin_ttl_s <= 0:
@@ -187,12 +197,11 @@ class CacheAwarePolicy:
         if tpot_target_s <= 0:
             raise ValueError(f"tpot_target_s must be positive, got {tpot_target_s}")
         self.tpot_target_s = tpot_target_s
-        # replica id -> this router's requests decoding there, as a new prefill stalls them.
-        self._decodes: dict[str, DecodeExposure] = {}
+
         self.pin_ttl_s = pin_ttl_s
         self._clock = clock
-        # replica id -> when the prefill work this router sent there is done (virtual time).
-        self._backlog_until: dict[str, float] = {}
+        # replica id -> what this router's own requests put there (backlog, KV owed, decodes).
+        self._state: dict[str, _ReplicaState] = {}
         # The running mean of uncached tokens per request prices a queued request. Without
         # a prior it starts at the first request's (a wrong prior takes ~1/alpha requests
         # to wash out, long enough to misroute a short session's first turns).
@@ -219,7 +228,13 @@ class CacheAwarePolicy:
 
     def backlog_s(self, replica_id: str, now: float) -> float:
         """Prefill work this router sent to the replica that is not done yet at `now`."""
-        return max(0.0, self._backlog_until.get(replica_id, now) - now)
+        state = self._state.get(replica_id)
+        return max(0.0, state.backlog_until - now) if state is not None else 0.0
+
+    def kv_owed_tokens(self, replica_id: str) -> float:
+        """KV tokens (uncached prompt + reply) of this router's unfinished requests there."""
+        state = self._state.get(replica_id)
+        return state.kv_owed if state is not None else 0.0
 
     def expected_ttft_s(
         self, r: ReplicaView, uncached_tokens: int, backlog_s: float = 0.0, mean_queue: float = 0.0
@@ -277,58 +292,70 @@ class CacheAwarePolicy:
                     break
 
         now = request.arrival_s if request.arrival_s is not None else self._clock()
-        backlog_until, backlog_weight = self._backlog_until, self.backlog_weight
+        backlog_weight = self.backlog_weight
         # expected_ttft_s, inlined: this loop runs once per replica per request.
-        prefill_rate, batch_tokens = self.prefill_tokens_per_s, self.batch_tokens
+        prefill_rate, inv_batch = self.prefill_tokens_per_s, 1.0 / self.batch_tokens
         mean_tokens, duration_s = self.mean_uncached_tokens, self.request_duration_s
         in_flight_weight = self.in_flight_weight
         kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
         ext = self.externality_weight * self.mean_queue(replicas)
-        kv_owed, kv_wait_weight = self._kv_owed, self.kv_wait_weight
+        kv_wait_weight = self.kv_wait_weight
         out_tokens = request.max_tokens or 0
-        decodes = self._decodes if self.tpot_weight else None
         tpot_weight = self.tpot_weight
+        states = self._state
         scores: dict[str, float] = {}
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
         # random offset, so cold requests spread instead of piling on replicas[0].
         n = len(replicas)
         offset = self._rng.randrange(n)
-        for k in range(n):
-            i = k + offset
-            if i >= n:
-                i -= n
+        for i in chain(range(offset, n), range(offset)):
             r = replicas[i]
-            uncached = prompt_tokens if overloaded[i] else max(0, prompt_tokens - matched[i] * block_size)
+            rid = ids[i]
+            if overloaded[i]:
+                uncached = prompt_tokens
+            else:
+                uncached = prompt_tokens - matched[i] * block_size
+                if uncached < 0:
+                    uncached = 0
             running = r.num_running
-            rate = prefill_rate * max(0.05, 1.0 - running / batch_tokens)
+            share = 1.0 - running * inv_batch
+            rate = prefill_rate * (share if share > 0.05 else 0.05)
             queued = r.num_waiting + in_flight_weight * r.in_flight
+            own_s = uncached / rate
             ttft = (queued * mean_tokens + uncached) / rate
             busy = running + queued
             if busy >= r.max_num_seqs:
                 ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
             if r.kv_usage > kv_high:
                 ttft += (r.kv_usage - kv_high) * kv_scale
-            backlog_s = backlog_until.get(ids[i], now) - now
-            if backlog_weight:
-                if backlog_s > 0:
-                    ttft = max(ttft, backlog_weight * backlog_s + uncached / prefill_rate)
             if ext:
-                ttft += ext * uncached / rate
-            if decodes:
-                d = decodes.get(ids[i])
-                if d is not None:
+                extra = ext * own_s
+            else:
+                extra = 0.0
+            state = states.get(rid)
+            if state is not None:
+                backlog_s = state.backlog_until - now
+                if backlog_s > 0 and backlog_weight:
+                    queue_ttft = backlog_weight * backlog_s + uncached / prefill_rate
+                    if queue_ttft > ttft:
+                        ttft = queue_ttft
+                d = state.decodes
+                if d.live and tpot_weight:
                     # The prefill stalls the decodes still running when it starts.
-                    ttft += tpot_weight * d.at(now + max(0.0, backlog_s)) * uncached / rate
-            if kv_owed:
-                owed = kv_owed.get(ids[i])
+                    start = now + backlog_s if backlog_s > 0 else now
+                    if d.heap[0][0] <= start:
+                        d.at(start)
+                    extra += tpot_weight * d.total * own_s
+                owed = state.kv_owed
                 if owed:
                     cap = r.kv_capacity_blocks * block_size
                     over = owed + uncached + out_tokens - cap
                     if over > 0 and cap > 0:
                         # Admission waits until running requests free that much KV.
-                        ttft += kv_wait_weight * over / cap * duration_s
-            scores[ids[i]] = ttft
+                        extra += kv_wait_weight * over / cap * duration_s
+            ttft += extra
+            scores[rid] = ttft
             if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
                 best_ttft, best_load = ttft, loads[i]
                 if reason != "affinity":
@@ -349,16 +376,18 @@ class CacheAwarePolicy:
             index.pin(rid, blocks)
         else:
             index.insert(rid, blocks)
-        backlog_until[rid] = max(now, backlog_until.get(rid, now)) + uncached / prefill_rate
+        state = states.get(rid)
+        if state is None:
+            state = states[rid] = _ReplicaState(now)
+        state.backlog_until = max(now, state.backlog_until) + uncached / prefill_rate
         owed_tokens = float(uncached + out_tokens) if kv_wait_weight else 0.0
-        if owed_tokens:
-            kv_owed[rid] = kv_owed.get(rid, 0.0) + owed_tokens
+        state.kv_owed += owed_tokens
         decode = None
-        if self.tpot_weight and out_tokens > 1:
+        if tpot_weight and out_tokens > 1:
             # Its first token comes when its prefill is done on the virtual clock; a decode
             # that meets the TPOT target is over (out_tokens - 1) x target later.
-            end = backlog_until[rid] + (out_tokens - 1) * self.tpot_target_s
-            decode = self._decodes.setdefault(rid, DecodeExposure()).add(end, 1.0 / (out_tokens - 1))
+            end = state.backlog_until + (out_tokens - 1) * self.tpot_target_s
+            decode = state.decodes.add(end, 1.0 / (out_tokens - 1))
         if rid_blocks or owed_tokens or decode is not None:
             self._track(request.request_id, _InFlight(rid, rid_blocks, owed_tokens, now, decode))
         return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
@@ -381,11 +410,12 @@ class CacheAwarePolicy:
     def _release(self, record: _InFlight) -> None:
         if record.blocks:
             self.index.unpin(record.replica_id, record.blocks)
-        if record.kv_tokens and record.replica_id in self._kv_owed:
-            owed = self._kv_owed[record.replica_id] - record.kv_tokens
-            self._kv_owed[record.replica_id] = max(0.0, owed)
-        if record.decode is not None and record.replica_id in self._decodes:
-            self._decodes[record.replica_id].remove(record.decode)
+        state = self._state.get(record.replica_id)
+        if state is not None:
+            if record.kv_tokens:
+                state.kv_owed = max(0.0, state.kv_owed - record.kv_tokens)
+            if record.decode is not None:
+                state.decodes.remove(record.decode)
 
     def on_finished(self, request: RouteRequest, replica_id: str, output_block_hashes: Sequence[int]) -> None:
         """Index the whole conversation the replica now caches (prompt + reply), so the
@@ -404,11 +434,8 @@ class CacheAwarePolicy:
     def on_replicas_changed(self, replica_ids: Sequence[str]) -> None:
         self.index.retain(replica_ids)
         live = set(replica_ids)
-        for rid in [r for r in self._backlog_until if r not in live]:
-            del self._backlog_until[rid]
-        for table in (self._kv_owed, self._decodes):
-            for rid in [r for r in table if r not in live]:
-                del table[rid]
+        for rid in [r for r in self._state if r not in live]:
+            del self._state[rid]
         for req_id in [k for k, v in self._in_flight.items() if v.replica_id not in live]:
             del self._in_flight[req_id]
 

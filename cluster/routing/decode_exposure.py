@@ -26,12 +26,13 @@ import heapq
 class DecodeExposure:
     """One replica's in-flight decodes as a new prefill would stall them."""
 
-    __slots__ = ("heap", "total", "_seq")
+    __slots__ = ("heap", "total", "live", "_seq")
 
     def __init__(self) -> None:
         # [decode end on the virtual prefill clock, tie-break, weight]; weight 0 = left.
         self.heap: list[list[float]] = []
         self.total = 0.0
+        self.live = 0  # entries with weight left (0: the heap holds only finished ones)
         self._seq = 0
 
     def add(self, decode_end: float, weight: float) -> list[float]:
@@ -41,6 +42,7 @@ class DecodeExposure:
         entry = [decode_end, float(self._seq), weight]
         heapq.heappush(self.heap, entry)
         self.total += weight
+        self.live += 1
         return entry
 
     def remove(self, entry: list[float]) -> None:
@@ -48,16 +50,27 @@ class DecodeExposure:
         if entry[2]:
             self.total = max(0.0, self.total - entry[2])
             entry[2] = 0.0
+            self.live -= 1
+            if not self.live:  # nothing left to stall: drop the finished entries at once
+                self.heap.clear()
+                self.total = 0.0
 
     def at(self, start: float) -> float:
         """TPOT growth, summed over the requests still decoding at `start`, per second of
         prefill started then (`start` never decreases between calls)."""
         heap = self.heap
         while heap and heap[0][0] <= start:
-            self.total -= heapq.heappop(heap)[2]
-        if not heap:
+            entry = heapq.heappop(heap)
+            if entry[2]:
+                self.total -= entry[2]
+                entry[2] = 0.0
+                self.live -= 1
+        if not self.live:
+            heap.clear()
             self.total = 0.0
-        return self.total if self.total > 1e-12 else 0.0
+        if self.total < 1e-12:
+            self.total = 0.0
+        return self.total
 
 
 __all__ = ["DecodeExposure"]

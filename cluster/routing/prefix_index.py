@@ -150,7 +150,7 @@ class _ReplicaBlocks:
                 if c > 1:
                     pinned[h] = c - 1
                 else:
-                    del pinned[h]
+                    pinned.pop(h)  # dict's own pop: Counter's __delitem__ is Python code
                     if gen_of.get(h) == _PINNED:
                         back.append(h)
         if back:
