@@ -37,11 +37,33 @@ Own TTFT alone undervalues a hit once queues form: every second of prefill a mis
 on replica r is also waited for by the requests queued behind it. The policy adds
 `externality_weight` (3) x the mean queue per replica (waiting + weighted in flight) x
 the uncached prefill on r, 0 on an idle cluster, so at saturation it keeps the hits that
-are the cluster's capacity (Mooncake, 16 replicas: hit rate at 4x load 25% -> 29%, TTFT
-p99 149 -> 100 s, SLO goodput 3.75x the trace rate against the best peer's 3.1x).
-Admission at a full replica also waits for KV: the tokens (uncached prompt + reply) this
-router sent to r and that have not finished, beyond r's KV capacity, cost
-`kv_wait_weight` x (excess / capacity) x `request_duration_s`.
+are the cluster's capacity. Admission at a full replica also waits for KV: the tokens
+(uncached prompt + reply) this router sent to r and that have not finished, beyond r's
+KV capacity, cost `kv_wait_weight` x (excess / capacity) x `request_duration_s`.
+
+Saturation: what the engine still holds
+---------------------------------------
+A prefix is only worth something where it still is. vLLM never evicts the blocks of a
+request in flight (waiting, prefilling or decoding); they join its LRU queue when the
+request finishes. With long queues (minutes at saturation) an index that ages blocks by
+routing order forgets exactly the long prompts still resident, and the policy then
+scores their holder as cold. So the chain of every request this router sent is *pinned*
+in the index until its finish is reported (`pin_in_flight`; a retry of the same request
+id or `pin_ttl_s` without a finish releases it). Mooncake, 16 h100x8-bf16 replicas, x4:
+the long pool's requests got the best resident prefix 100 of 165 times before, 182 of
+191 with pins; its hit rate 21% -> 25%.
+
+Saturation: a prefill stalls the decodes beside it
+--------------------------------------------------
+With chunked prefill every engine step carries the running decodes plus up to a step's
+budget of prefill, so each second of prefill on r is a second added to the inter-token
+time of every request decoding on r; a reply of n tokens spreads it over n - 1
+intervals. The policy adds `tpot_weight` (1) x sum(1 / (max_tokens - 1)) over its
+requests on r whose decode, if it meets `tpot_target_s` per token, is still running
+when this prefill would start on r's virtual prefill clock (`DecodeExposure`) x the
+uncached prefill on r: seconds of mean TPOT added to others. Short replies next to a
+long cold prefill are what misses a TPOT target; this keeps cold prefills off replicas
+where short replies are decoding (Mooncake x4.1: standard-pool TPOT misses 414 -> 284).
 
 Without queues, a cached prefix wins exactly while the prefill time it saves exceeds the extra queue
 delay at its holder: with the defaults a 4,096-token cached prefix (0.5 s of prefill)
