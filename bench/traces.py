@@ -276,12 +276,15 @@ def read_trace(path: str | Path, limit: int | None = None, block_size: int = MOO
 class SyntheticSpec:
     """A multi-turn chat workload with shared system prompts.
 
-    Conversations start as a Poisson process; each picks one of `system_prompts` shared
+    Conversations start as a renewal process with gamma inter-arrival times of shape
+    `arrival_shape` (1: Poisson; below 1 bursty, the gaps' coefficient of variation is
+    1 / sqrt(shape)); each picks one of `system_prompts` shared
     prompts, then alternates user turns and replies. Turn k+1's prompt is turn k's prompt
     + reply + new user tokens, arriving `think_s` (exponential) after turn k."""
 
     conversations: int = 200
     conversation_rate_per_s: float = 1.0
+    arrival_shape: float = 1.0
     mean_turns: float = 4.0
     max_turns: int = 16
     system_prompts: int = 4
@@ -309,7 +312,10 @@ def synthetic_multiturn(spec: SyntheticSpec) -> Trace:
     reqs: list[TraceRequest] = []
     start = 0.0
     for c in range(spec.conversations):
-        start += rng.expovariate(spec.conversation_rate_per_s)
+        if spec.arrival_shape == 1.0:
+            start += rng.expovariate(spec.conversation_rate_per_s)
+        else:
+            start += rng.gammavariate(spec.arrival_shape, 1.0 / (spec.conversation_rate_per_s * spec.arrival_shape))
         system = rng.randrange(spec.system_prompts)
         stream_ids: list[int] = list(system_ids[system])  # ids of the conversation's full blocks so far
 

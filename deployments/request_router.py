@@ -338,6 +338,7 @@ class PolicyRequestRouter(RequestRouter):
             hint.matched_blocks = decision.matched_blocks
             hint.reason = decision.reason if chosen is by_id.get(decision.replica_id) else "fallback"
             hint.routed_at = time.monotonic()
+            hint.routed_request_id = request.request_id
         elif request.session_id:
             self._sessions[request.session_id] = chosen_id
             self._sessions.move_to_end(request.session_id)
@@ -393,7 +394,9 @@ class PolicyRequestRouter(RequestRouter):
         replica = hint.chosen_replica
         if replica is None or replica not in self._known_ids or hint.hash_block_size != self._block_size:
             return
-        request = RouteRequest(request_id="", prompt_tokens=held_tokens, session_id=hint.session_id)
+        # The id the policy routed it under: its in-flight state (pinned blocks, KV owed,
+        # decode exposure) is released by it.
+        request = RouteRequest(request_id=hint.routed_request_id, prompt_tokens=held_tokens, session_id=hint.session_id)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

@@ -200,4 +200,65 @@ def test_kv_owed_to_a_replica_prices_its_admission_wait() -> None:
     second = p.choose(request(tokens(2, 150), "b", max_tokens=10, arrival_s=100.0), small)
     assert second.replica_id != first.replica_id
     p.on_finished(request(tokens(1, 150), "a", max_tokens=10), first.replica_id, [])
-    assert p._kv_owed[first.replica_id] == 0.0
+    assert p.kv_owed_tokens(first.replica_id) == 0.0
+
+
+def test_in_flight_chain_is_not_evicted_until_its_request_finishes() -> None:
+    """vLLM keeps a running request's blocks resident however much other traffic passes;
+    the index must too, else a long queue makes it forget the prefixes worth most."""
+    p = policy()
+    small = views(1, r0={"kv_capacity_blocks": 100})
+    long_prompt = tokens(1, 60 * B)  # 60 blocks
+    p.choose(request(long_prompt, "long", arrival_s=0.0), small)
+    for k in range(10):  # 10 x 40 blocks of newer traffic through a 100-block cache
+        p.choose(request(tokens(100 + k, 40 * B), f"n{k}", arrival_s=1.0 + k), small)
+        p.on_finished(request(tokens(100 + k, 40 * B), f"n{k}"), "r0", [])
+    held = chain_block_hashes(long_prompt, B)
+    assert p.index.match("r0", held) == 60  # still in flight: pinned
+    p.on_finished(request(long_prompt, "long"), "r0", [])
+    assert p.index.pinned_blocks("r0") == 0
+    for k in range(3):  # now it ages out like any released block
+        p.choose(request(tokens(200 + k, 40 * B), f"m{k}", arrival_s=20.0 + k), small)
+        p.on_finished(request(tokens(200 + k, 40 * B), f"m{k}"), "r0", [])
+    assert p.index.match("r0", held) < 60
+
+
+def test_pins_are_released_on_retry_and_after_their_ttl() -> None:
+    p = policy(pin_ttl_s=100.0)
+    two = views(2)
+    prompt = tokens(1, 32 * B)
+    first = p.choose(request(prompt, "a", arrival_s=0.0), two)
+    assert p.index.pinned_blocks(first.replica_id) == 32
+    # The same request routed again (a retry): the first replica's pin goes.
+    p.choose(request(prompt, "a", arrival_s=1.0), [v for v in two if v.replica_id != first.replica_id])
+    assert p.index.pinned_blocks(first.replica_id) == 0
+    # A finish that never comes: released once the pin is older than the TTL.
+    other = next(v.replica_id for v in two if v.replica_id != first.replica_id)
+    assert p.index.pinned_blocks(other) == 32
+    p.choose(request(tokens(2, 4 * B), "b", arrival_s=150.0), [v for v in two if v.replica_id != other])
+    assert p.index.pinned_blocks(other) == 0
+
+
+def test_a_cold_prefill_keeps_off_a_replica_with_short_replies_decoding() -> None:
+    """Two idle replicas; r0 just got a request with a 5-token reply. A 16k-token cold
+    prompt sent there would stall that decode for its whole prefill (2 s at 8k tokens/s):
+    the reply's mean TPOT would grow by 2 s / 4 intervals = 0.5 s, so it goes to r1."""
+    p = policy(backlog_weight=0.0, kv_wait_weight=0.0)
+    idle = views(2)
+    short = p.choose(request(tokens(1, 64), "short", max_tokens=5, arrival_s=0.0), idle)
+    d = p.choose(request(tokens(2, 16_000), "cold", arrival_s=0.001), idle)
+    assert d.replica_id != short.replica_id
+    stall_s = 16_000 / p.prefill_tokens_per_s
+    assert abs(d.scores[short.replica_id] - d.scores[d.replica_id] - stall_s / 4) < 1e-9
+    # Once that reply is done (finished, or past its TPOT-target decode window) it no longer counts.
+    p.on_finished(request(tokens(1, 64), "short"), short.replica_id, [])
+    later = p.choose(request(tokens(3, 16_000), "cold2", arrival_s=0.002), idle)
+    assert later.scores["r0"] == later.scores["r1"] or later.replica_id != d.replica_id
+
+
+def test_tpot_exposure_can_be_turned_off() -> None:
+    p = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0)
+    idle = views(2)
+    p.choose(request(tokens(1, 64), "short", max_tokens=5, arrival_s=0.0), idle)
+    d = p.choose(request(tokens(2, 16_000), "cold", arrival_s=0.001), idle)
+    assert d.scores["r0"] == d.scores["r1"]

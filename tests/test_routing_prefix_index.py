@@ -145,3 +145,41 @@ def test_agrees_with_exact_lru_on_a_multi_turn_workload() -> None:
         ref.insert(hashes)
     print(f"agreement with exact LRU: {agree}/{total}")
     assert agree / total >= 0.95
+
+
+def test_pinned_blocks_survive_eviction_and_rejoin_the_lru_when_unpinned() -> None:
+    idx = PrefixIndex(default_capacity_blocks=64)
+    a = chain(1, 40)
+    idx.pin("r", a)
+    for seed in range(2, 8):  # 240 blocks of other traffic
+        idx.insert("r", chain(seed, 40))
+    assert idx.match("r", a) == 40
+    assert idx.num_blocks("r") <= 64 + 40  # the rest was evicted around the pin
+    idx.unpin("r", a)
+    assert idx.pinned_blocks("r") == 0
+    assert idx.match("r", a) == 40  # released: most recently used, not gone
+    for seed in range(8, 12):
+        idx.insert("r", chain(seed, 40))
+    assert idx.match("r", a) < 40
+
+
+def test_a_block_pinned_twice_needs_both_unpins() -> None:
+    idx = PrefixIndex(default_capacity_blocks=40)
+    shared = [7] * (20 * B)
+    a, b = chain(1, 10, shared), chain(2, 10, shared)
+    idx.pin("r", a)
+    idx.pin("r", b)
+    idx.unpin("r", a)
+    for seed in range(3, 9):
+        idx.insert("r", chain(seed, 40))
+    assert idx.match("r", b) == 30  # b (with the shared 20 blocks) is still pinned
+    assert idx.match("r", a) == 20
+
+
+def test_everything_pinned_holds_more_than_capacity_without_looping() -> None:
+    idx = PrefixIndex(default_capacity_blocks=50)
+    chains = [chain(k, 30) for k in range(4)]
+    for c in chains:
+        idx.pin("r", c)
+    assert all(idx.match("r", c) == 30 for c in chains)
+    assert idx.num_blocks("r") == 120

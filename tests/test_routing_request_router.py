@@ -130,10 +130,15 @@ async def test_choose_replicas_follows_the_gateway_hint_and_learns_what_finished
     hints.HINTS.post("req-1", hint)
     [[first]] = await router.choose_replicas(replicas, pending(body))
     assert hint.chosen_replica == first.replica_id.unique_id
+    assert hint.routed_request_id == "req-1"
+    held = router._policy.index.pinned_blocks(first.replica_id.unique_id)
+    assert held == 16  # in flight: its blocks are pinned in the policy's index
     # The gateway reports what the replica now holds; the next request with that prefix follows it.
     assert hints.HINTS.listeners("standard") >= 1
     hints.HINTS.finish("req-1", chain_block_hashes(ids, 16), len(ids))
     await asyncio.sleep(0)  # applied on the router's loop
+    # The finish reached the policy under the id it routed: what it held is released.
+    assert router._policy.index.pinned_blocks(first.replica_id.unique_id) == 0
     for n in range(5):
         body2 = CompletionRequest.model_validate({"model": "m", "prompt": ids + [7] * 32, "request_id": f"q{n}"})
         hint2 = RoutingHint(

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=512, help="block size for Azure/synthetic traces")
     p.add_argument("--synthetic-conversations", type=int, default=2000)
     p.add_argument("--synthetic-rate", type=float, default=1.0, help="new conversations per second")
+    p.add_argument(
+        "--synthetic-spec",
+        default=None,
+        help="more SyntheticSpec fields as name=value pairs, e.g. "
+        "system_prompts=32,mean_output_tokens=64,arrival_shape=0.25",
+    )
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--out", default="out/sim", help="output directory")
     p.add_argument("--no-plots", action="store_true")
@@ -88,6 +94,7 @@ def _load_trace(args: argparse.Namespace) -> Trace:
             conversation_rate_per_s=args.synthetic_rate,
             block_size=args.block_size,
             seed=args.seed,
+            **_parse_spec(args.synthetic_spec),
         )
         trace = synthetic_multiturn(spec)
     else:
@@ -96,6 +103,24 @@ def _load_trace(args: argparse.Namespace) -> Trace:
     if not args.no_reply_reuse and trace.has_prefix_info:
         trace, _ = infer_reply_blocks(trace)
     return trace
+
+
+def _parse_spec(text: str | None) -> dict[str, Any]:
+    """name=value pairs for SyntheticSpec, each value parsed as the field's type."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(SyntheticSpec)}
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in fields or not value.strip():
+            raise ValueError(f"--synthetic-spec wants name=value pairs of {sorted(fields)}, got {part!r}")
+        default = fields[name].default
+        out[name] = float(value) if isinstance(default, float) else int(value)
+    return out
 
 
 def _parse_pool_replicas(text: str) -> dict[str, int]:

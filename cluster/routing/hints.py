@@ -38,6 +38,8 @@ class RoutingHint:
     matched_blocks: int = 0  # the policy's predicted cached prefix, in blocks
     reason: str = ""  # the policy's RouteDecision.reason ("fallback": the policy failed)
     routed_at: float | None = None  # time.monotonic() of the decision (same process)
+    # The request id the policy was given: its finish releases what the policy holds for it.
+    routed_request_id: str = ""
 
 
 # (hint, block hashes of the conversation the replica now holds, its length in tokens)

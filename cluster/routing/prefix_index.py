@@ -15,6 +15,18 @@ generation's reordering, below): the set a replica holds is prefix-closed, and `
 finds the longest held prefix by binary search (O(log n) lookups per replica, however
 long the prompt).
 
+Blocks in use. vLLM never evicts a block a request still references: a request's
+blocks stay resident from its prefill until it finishes, and only then join the LRU
+queue. A router that only replays routing order would evict the blocks of a request that
+waits or runs for a long time (at saturation, minutes) while the engine still holds them,
+and lose exactly the long shared prefixes that are worth most. So a chain can be
+*pinned* while its request is in flight (`pin` at routing, `unpin` when it finishes):
+pinned blocks count against the replica's capacity but are never evicted; eviction skips
+them (a pinned block eviction meets leaves the generation lists, still held, and rejoins
+them, as just used, when its last pin goes). When every held block is pinned the set may
+exceed capacity until requests finish: the engine then has that much queued work, and a
+request sent there now is prefilled after it.
+
 Memory. Per replica, one dict from block hash to a *generation* number, plus one list of
 hashes per generation in touch order (eviction walks the oldest list from its head).
 A generation is ~`capacity / generations` touches, so the dict's values are shared int
@@ -26,20 +38,24 @@ generations and by first touch within one.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 
 DEFAULT_CAPACITY_BLOCKS = 65536
+# gen_of value of a pinned block that eviction met: held, in no generation list.
+_PINNED = -1
 
 
 class _ReplicaBlocks:
     """Blocks one replica is believed to hold, in approximate LRU order."""
 
-    __slots__ = ("capacity", "gen_of", "lists", "base_gen", "head", "gen_size", "max_lists")
+    __slots__ = ("capacity", "gen_of", "lists", "base_gen", "head", "gen_size", "max_lists", "pinned")
 
     def __init__(self, capacity: int, generations: int) -> None:
         self.gen_of: dict[int, int] = {}
+        # Blocks of requests in flight -> how many of them reference it (never evicted).
+        self.pinned: Counter[int] = Counter()
         # lists[k] holds hashes touched in generation base_gen + k, oldest first; an entry
         # is stale when gen_of says the block was touched again later (or evicted).
         self.lists: deque[list[int]] = deque([[]])
@@ -91,19 +107,26 @@ class _ReplicaBlocks:
 
     def evict(self) -> None:
         gen_of = self.gen_of
-        excess = len(gen_of) - self.capacity
+        pinned = self.pinned
+        # Pinned blocks are held (pin inserts them), so at most len - pinned can go.
+        excess = min(len(gen_of) - self.capacity, len(gen_of) - len(pinned))
         while excess > 0:
             oldest = self.lists[0]
             g = self.base_gen
             pos = self.head
             n = len(oldest)
             while pos < n and excess > 0:
-                # Each scanned entry is live (evict it) or stale (re-touched later).
+                # Each scanned entry is live (evict it) or stale (re-touched later). A
+                # live pinned block leaves the lists (marked _PINNED: still held) and
+                # comes back when its last pin goes, so it is scanned once per touch.
                 end = min(n, pos + excess)
                 for h in oldest[pos:end]:
                     if gen_of.get(h) == g:
-                        del gen_of[h]
-                        excess -= 1
+                        if pinned and h in pinned:
+                            gen_of[h] = _PINNED
+                        else:
+                            del gen_of[h]
+                            excess -= 1
                 pos = end
             if pos < n:
                 self.head = pos
@@ -113,6 +136,25 @@ class _ReplicaBlocks:
             self.head = 0
             if not self.lists:
                 self.lists.append([])
+                return
+
+    def pin(self, hashes: Sequence[int]) -> None:
+        self.pinned.update(hashes)  # C-level counting
+
+    def unpin(self, hashes: Sequence[int]) -> None:
+        pinned, gen_of = self.pinned, self.gen_of
+        back: list[int] = []  # unpinned blocks taken out of the lists: they rejoin the LRU
+        for h in hashes:
+            c = pinned.get(h)
+            if c is not None:
+                if c > 1:
+                    pinned[h] = c - 1
+                else:
+                    pinned.pop(h)  # dict's own pop: Counter's __delitem__ is Python code
+                    if gen_of.get(h) == _PINNED:
+                        back.append(h)
+        if back:
+            self.touch(back)
 
     def discard(self, hashes: Iterable[int]) -> None:
         for h in hashes:
@@ -174,6 +216,26 @@ class PrefixIndex:
 
     def follows_engine(self, replica_id: str) -> bool:
         return replica_id in self._exact
+
+    def pin(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """A request using this chain is in flight on the replica: the chain is inserted
+        (most recently used) and not evicted until `unpin`. A replica that follows its
+        engine's events is left alone: the engine reports what it holds, pins included."""
+        if block_hashes and replica_id not in self._exact:
+            blocks = self._get(replica_id)
+            blocks.pin(block_hashes)
+            blocks.touch(block_hashes)
+
+    def unpin(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """The request that pinned this chain finished (or was given up): its blocks may be
+        evicted again, in LRU order (insert the held chain to mark it just released)."""
+        blocks = self._replicas.get(replica_id)
+        if blocks is not None and block_hashes:
+            blocks.unpin(block_hashes)
+
+    def pinned_blocks(self, replica_id: str) -> int:
+        blocks = self._replicas.get(replica_id)
+        return len(blocks.pinned) if blocks is not None else 0
 
     def remove(self, replica_id: str, block_hashes: Iterable[int]) -> None:
         """The engine reported these blocks evicted (KV cache events)."""
