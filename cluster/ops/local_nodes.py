@@ -5,6 +5,12 @@ pool, each advertising its pool's resource as the chart's worker groups do
 one bundle per TP rank, each asking for the pool's resource) land only on their own
 pool's nodes. Deploy the app on it with `start_local_cluster(cfg, address=nodes.address)`.
 
+`start_autoscaling_local_nodes` starts the head alone, with Ray's node autoscaler over a
+fake provider: each pool's worker group becomes a node type (the same resources, and
+the group's minPods/maxPods as min/max workers), and the autoscaler adds a node when a
+replica's placement group is pending and removes one idle for the timeout, as the
+KubeRay autoscaler does with the chart's pods.
+
 Logical CPUs: a pool node gets exactly what its engine replicas take (TP bundles plus one
 CPU per replica actor, merged into the first bundle by ray.serve.llm), the head gets the
 gateway's and some headroom; logical CPUs are bookkeeping only (see cluster.ops.local).
@@ -83,6 +89,35 @@ class LocalNodes:
 
     def shutdown(self) -> None:
         ray_cluster.shutdown(self.cluster)
+
+
+def node_type(cfg: ClusterConfig, pool: PoolConfig) -> dict[str, Any]:
+    """The autoscaler node type of `pool`'s worker group (what one of its pods offers)."""
+    group = worker_group(cfg, pool)
+    resources = {k: float(v) for k, v in group["rayResources"].items()}
+    resources.update({"CPU": pool_node_cpus(cfg, pool), "object_store_memory": OBJECT_STORE_BYTES})
+    return {"resources": resources, "min_workers": group["minPods"], "max_workers": group["maxPods"]}
+
+
+def alive_nodes_of(pool: PoolConfig) -> list[str]:
+    """Ids of the live Ray nodes that advertise `pool`'s resource (however they joined)."""
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and pool.ray_resource in n["Resources"])
+
+
+def start_autoscaling_local_nodes(cfg: ClusterConfig, *, idle_timeout_s: float) -> LocalNodes:
+    """The head alone, with Ray's autoscaler adding and removing the pools' nodes."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = ray_cluster.start_autoscaling_head(
+        num_cpus=HEAD_CPUS,
+        gcs_port=free_port(),
+        object_store_bytes=OBJECT_STORE_BYTES,
+        system_config=HEALTH_CHECK,
+        node_types={worker_group(cfg, p)["groupName"]: node_type(cfg, p) for p in cfg.pools},
+        idle_timeout_s=idle_timeout_s,
+    )
+    return LocalNodes(cfg, cluster)
 
 
 def start_local_nodes(cfg: ClusterConfig, pods: dict[str, int] | None = None) -> LocalNodes:
