@@ -26,6 +26,11 @@ def engine_deployment(pool: str) -> str:
 # pods advertises one unit of this Ray resource and each gateway replica asks for one, so
 # gateways never land on (and never pin) GPU nodes, and two of them never share a pod.
 GATEWAY_RAY_RESOURCE = "gateway"
+# Elsewhere (the CPU backend) the gateway runs on the head node, which alone advertises
+# this resource (Ray's documented way to pin an actor to the head). Without it Serve's
+# spread scheduling may put the gateway on a pool's node, where it takes CPUs an engine
+# placement group needs and dies with that node.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def engine_env(cfg: ClusterConfig, pool: PoolConfig | None = None) -> dict[str, str]:
@@ -71,6 +76,8 @@ def gateway_options(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.node.accelerator == "gpu":
         actor["resources"] = {GATEWAY_RAY_RESOURCE: 1}
         options["max_replicas_per_node"] = 1
+    else:
+        actor["resources"] = {HEAD_NODE_RESOURCE: 0.01}
     return options
 
 

@@ -48,3 +48,13 @@ def test_the_stat_logger_plugin_is_registered() -> None:
     tap = SchedulerStatsTap(vllm_config=None, engine_indexes=[0])
     tap.record(scheduler_stats="s", iteration_stats=None)
     assert tap.latest == {0: "s"}
+
+
+def test_every_ray_cluster_shim_resolves() -> None:
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from cluster.upstream import ray_cluster
+
+    assert "allow_graceful" in inspect.signature(Cluster.remove_node).parameters  # kill_node
+    assert ray_constants.PROCESS_TYPE_RAYLET == ray_cluster._RAYLET  # raylet_pid

@@ -126,8 +126,13 @@ def start_local_cluster(
     progress: Progress = _print,
     timeout_s: float = 900.0,
     quiet: bool = True,
+    address: str | None = None,
 ) -> LocalCluster:
-    """Start Ray + Serve + the app and block until /readyz answers 200."""
+    """Start Ray + Serve + the app and block until /readyz answers 200.
+
+    With `address`, attach to a Ray cluster that already runs (e.g. the several local
+    nodes of cluster.ops.local_nodes) instead of starting a one-node Ray here; its nodes
+    carry their own resources, and stopping the LocalCluster leaves them running."""
     import ray
     from ray import serve
 
@@ -137,31 +142,45 @@ def start_local_cluster(
             logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.monotonic()
     http_port = http_port or free_port()
-    gcs_port = free_port()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts the GCS
     # vLLM settings for the CPU backend also apply to anything started in this process.
     for k, v in engine_env(cfg).items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for k, v in controller_env().items():  # Ray's processes, the Serve controller's too, inherit it
         os.environ.setdefault(k, v)
-    metrics_export_port = free_port()
-    cpus = logical_cpus(cfg)
-    progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
-    ray.init(
-        num_cpus=cpus,
-        resources=pool_slots(cfg) if cfg.node.pin_pools else None,
-        include_dashboard=False,
-        object_store_memory=512 * 1024**2,
-        _metrics_export_port=metrics_export_port,
-        log_to_driver=bool(os.environ.get("CLUSTER_LOG_TO_DRIVER")),
-        configure_logging=False,
-    )
+    log_to_driver = bool(os.environ.get("CLUSTER_LOG_TO_DRIVER"))
+    metrics_export_port: int | None
+    if address is None:
+        gcs_port = free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by Ray when it starts the GCS
+        metrics_export_port = free_port()
+        cpus = logical_cpus(cfg)
+        progress(f"[cluster] starting Ray (GCS port {gcs_port}, {cpus} logical CPUs) ...")
+        ray.init(
+            num_cpus=cpus,
+            resources=pool_slots(cfg) if cfg.node.pin_pools else None,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            _metrics_export_port=metrics_export_port,
+            log_to_driver=log_to_driver,
+            configure_logging=False,
+        )
+        proxy_location: str | None = None  # Serve's default; one node, one proxy
+    else:
+        gcs_port = int(address.rsplit(":", 1)[1])
+        metrics_export_port = None
+        progress(f"[cluster] attaching to the Ray cluster at {address} ...")
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
+        # Every local node shares 127.0.0.1, and Serve's proxies share the HTTP port
+        # (SO_REUSEPORT): a proxy per node would take a share of the clients' connections
+        # and drop them with its node. On Kubernetes the chart's serve Service sends
+        # clients only to the head and gateway pods; here the head's proxy alone does.
+        proxy_location = "HeadOnly"
     cluster = LocalCluster(
         cfg=cfg, http_port=http_port, gcs_port=gcs_port, metrics_export_port=metrics_export_port, started_at=t0
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": http_port})
         progress(
             f"[cluster] building the app (profile {cfg.profile}; pools "
             + ", ".join(f"{p.name}={p.max_model_len}x{p.start_replicas}" for p in cfg.pools)
