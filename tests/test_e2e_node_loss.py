@@ -13,18 +13,16 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
 
-from cluster.ops.local import LocalCluster, start_local_cluster
-from cluster.ops.local_nodes import LocalNodes, start_local_nodes
+from bench.live.replicas import replica_nodes
+from cluster.ops.local_nodes import start_local_nodes
 from cluster.profiles import load_profile
 from deployments.serve_config import APP_NAME
-from tests.conftest import stop_shared_cluster
-from tests.redis_server import RedisServer
+from tests import node_clusters
+from tests.node_clusters import NodeCluster
 from tests.test_e2e_faults import MAX_TOKENS, assert_whole, stream_chat
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
@@ -33,51 +31,11 @@ STREAMS = 24
 HEAL_TIMEOUT_S = 240
 
 
-@dataclass
-class NodeCluster:
-    nodes: LocalNodes
-    serving: LocalCluster
-
-
 @pytest.fixture(scope="module")
 def node_cluster() -> Iterator[NodeCluster]:
-    stop_shared_cluster()
     cfg = load_profile("cpu-tiny")  # standard: 2 replicas (one per pod), long: 1
-    redis = RedisServer().start()
-    cfg.sessions.redis_url, cfg.sessions.redis_url_env = redis.url, None
-    try:
-        nodes = start_local_nodes(cfg)
-        try:
-            progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-            serving = start_local_cluster(cfg, address=nodes.address, progress=progress)
-            try:
-                yield NodeCluster(nodes, serving)
-            finally:
-                serving.stop()
-        finally:
-            nodes.shutdown()
-    finally:
-        redis.cleanup()
-
-
-def replica_nodes(deployment: str) -> dict[str, str]:
-    """Live replicas of `deployment`: replica id -> the Ray node id it runs on."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
-    out: dict[str, str] = {}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"] if isinstance(entry, dict) else entry
-        if name.startswith(prefix):
-            try:
-                actor = ray.get_actor(name, namespace="serve")
-                node: Any = ray.get(
-                    actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=10
-                )
-                out[name[len(prefix) :]] = str(node)
-            except Exception:  # a replica on a lost node
-                continue
-    return out
+    with node_clusters.node_cluster(cfg, start_local_nodes) as cluster:
+        yield cluster
 
 
 def running(deployment: str) -> int:

@@ -7,29 +7,44 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from deployments.serve_config import APP_NAME, engine_deployment
 
 
-def engine_replica_pids(pool: str, app: str = APP_NAME) -> dict[str, int]:
-    """Live engine replica actors of `pool` (stopping ones included while they drain):
-    replica id -> pid."""
+def replica_call(deployment: str, fn: Callable[[Any], Any], app: str = APP_NAME) -> dict[str, Any]:
+    """`fn(replica actor)` run on every live replica of `deployment` (stopping ones
+    included while they drain): replica id -> its result. Replicas that do not answer
+    (dying, or on a lost node) are left out."""
     import ray
 
-    prefix = f"SERVE_REPLICA::{app}#{engine_deployment(pool)}#"
-    out: dict[str, int] = {}
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    out: dict[str, Any] = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"] if isinstance(entry, dict) else entry
         if name.startswith(prefix):
             try:
                 actor = ray.get_actor(name, namespace="serve")
-                pid: Any = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-                out[name[len(prefix) :]] = int(pid)
-            except Exception:  # a dying replica
+                out[name[len(prefix) :]] = ray.get(actor.__ray_call__.remote(fn), timeout=10)
+            except Exception:
                 continue
     return out
+
+
+def engine_replica_pids(pool: str, app: str = APP_NAME) -> dict[str, int]:
+    """Live engine replica actors of `pool`: replica id -> pid."""
+    return {r: int(pid) for r, pid in replica_call(engine_deployment(pool), lambda self: os.getpid(), app).items()}
+
+
+def replica_nodes(deployment: str, app: str = APP_NAME) -> dict[str, str]:
+    """Live replicas of `deployment`: replica id -> the Ray node id it runs on."""
+    import ray
+
+    return {
+        r: str(n)
+        for r, n in replica_call(deployment, lambda self: ray.get_runtime_context().get_node_id(), app).items()
+    }
 
 
 def replica_states(pool: str, app: str = APP_NAME) -> dict[str, int]:
