@@ -102,7 +102,9 @@ class ModelConfig(_Strict):
                     "are supported (vLLM's runai_streamer reads them; the chart passes their credentials)"
                 )
             if self.source.rstrip("/").count("/") < 3:
-                raise ValueError(f"model.source {self.source!r} must name the checkpoint folder: scheme://bucket/folder")
+                raise ValueError(
+                    f"model.source {self.source!r} must name the checkpoint folder: scheme://bucket/folder"
+                )
         elif self.object_store != ObjectStoreAccess():
             raise ValueError(
                 f"model.object_store is set but model.source {self.source!r} is not an object-store URI "
