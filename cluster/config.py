@@ -32,10 +32,56 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Object stores an engine can stream `model.source` from (vLLM's runai_streamer loader reads
+# s3:// and gs://; az:// too, but the chart has no credentials wiring for it).
+OBJECT_STORE_SCHEMES = ("s3://", "gs://")
+
+
+def is_object_store_uri(source: str) -> bool:
+    return "://" in source
+
+
+class ObjectStoreAccess(_Strict):
+    """How the engines reach an object-store `model.source` (s3:// or gs://): vLLM's
+    runai_streamer loader reads the safetensors straight from the bucket (and pulls the
+    config and tokenizer files into its cache), so no volume holds the weights.
+
+    Credentials (runai-model-streamer docs/src/usage.md): the Secret's keys
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN become the
+    engines' environment; for gs:// those are the bucket's HMAC interoperability keys (the
+    endpoint defaults to https://storage.googleapis.com). No Secret: the ambient identity
+    (IRSA or instance role through boto3 for s3://, the metadata server / workload identity
+    for gs://)."""
+
+    credentials_secret: str | None = None
+    # An S3-compatible endpoint (MinIO, Ceph, GCS interop): AWS_ENDPOINT_URL, and path-style
+    # addressing (RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING=0), which such stores need.
+    endpoint_url: str | None = Field(None, pattern=r"^https?://.+")
+    region: str | None = None
+
+    def engine_env(self, source: str) -> dict[str, str]:
+        """The engines' non-secret streamer environment for `source` (the chart adds the
+        Secret's keys to the engine pods)."""
+        env: dict[str, str] = {}
+        endpoint = self.endpoint_url
+        if endpoint is None and source.startswith("gs://") and self.credentials_secret:
+            endpoint = "https://storage.googleapis.com"  # HMAC keys go through the S3 API
+        if endpoint is not None:
+            env["AWS_ENDPOINT_URL"] = endpoint
+            env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "0"
+            # Else the AWS SDK first asks the EC2 metadata server and waits seconds for it.
+            env["AWS_EC2_METADATA_DISABLED"] = "true"
+        if self.region is not None:
+            env["AWS_REGION"] = self.region
+        return env
+
+
 class ModelConfig(_Strict):
     served_name: str = SERVED_MODEL_NAME
-    # Local path, object-store URI (s3://, gs://) or "embedded:tiny" for the generated default.
+    # Local path, object-store URI (s3://, gs://; the pools must stream their weights, see
+    # ObjectStoreAccess) or "embedded:tiny" for the generated default.
     source: str = "/models/Mistral-Large-Instruct-2411"
+    object_store: ObjectStoreAccess = Field(default_factory=ObjectStoreAccess)
     architecture: ModelArchitecture = MISTRAL_LARGE_2
     weight_dtype: Literal["bfloat16", "fp8"] = "bfloat16"
     # Mistral's own formats: consolidated safetensors, params.json and the v7 tekken/SPM tokenizer.
@@ -46,6 +92,30 @@ class ModelConfig(_Strict):
     # The checkpoint's tokenizer file, where the gateway cannot find it from `source`
     # (e.g. an object-store URI); see cluster.tokenizer.tokenizer_file_for.
     tokenizer_file: str | None = None
+
+    @model_validator(mode="after")
+    def _object_store(self) -> ModelConfig:
+        if is_object_store_uri(self.source):
+            if not self.source.startswith(OBJECT_STORE_SCHEMES):
+                raise ValueError(
+                    f"model.source {self.source!r}: only {' and '.join(OBJECT_STORE_SCHEMES)} object stores "
+                    "are supported (vLLM's runai_streamer reads them; the chart passes their credentials)"
+                )
+            if self.source.rstrip("/").count("/") < 3:
+                raise ValueError(
+                    f"model.source {self.source!r} must name the checkpoint folder: scheme://bucket/folder"
+                )
+        elif self.object_store != ObjectStoreAccess():
+            raise ValueError(
+                f"model.object_store is set but model.source {self.source!r} is not an object-store URI "
+                f"({' or '.join(OBJECT_STORE_SCHEMES)})"
+            )
+        if self.tokenizer_file is not None and is_object_store_uri(self.tokenizer_file):
+            raise ValueError(
+                f"model.tokenizer_file {self.tokenizer_file!r} must be a local file: the gateway reads it "
+                "at start (for Mistral-Large-Instruct-2411 leave it unset: the bundled v7 file is used)"
+            )
+        return self
 
 
 class WeightStreamingConfig(_Strict):
@@ -621,7 +691,20 @@ class ClusterConfig(_Strict):
         # Keep pools ordered by context so "smallest fitting pool" is the first match.
         self.pools.sort(key=lambda p: p.max_model_len)
         self._check_kv_events()
+        self._check_streamed_source()
         return self
+
+    def _check_streamed_source(self) -> None:
+        """An object-store source has no local copy: only the runai_streamer loader reads it."""
+        if not is_object_store_uri(self.model.source):
+            return
+        fetching = [p.name for p in self.pools if not p.engine.stream_weights.enabled]
+        if fetching:
+            raise ValueError(
+                f"model.source {self.model.source!r} is an object-store URI, which vLLM reads only with its "
+                f"runai_streamer loader: set engine.stream_weights.enabled on pools {fetching} (every pool), "
+                "or make model.source the local path of a copy (a PVC, or the chart's weights.objectStore fetch)"
+            )
 
     def _check_kv_events(self) -> None:
         ev = self.router.kv_events

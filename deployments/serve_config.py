@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import ClusterConfig, PoolConfig
+from cluster.config import ClusterConfig, PoolConfig, is_object_store_uri
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_NAME = "mistral-large"
@@ -48,6 +48,9 @@ def engine_env(cfg: ClusterConfig, pool: PoolConfig | None = None) -> dict[str, 
     if pool is not None and pool.engine.compile_cache.enabled:
         # vLLM puts its compiled graphs and the inductor cache under this root.
         env["VLLM_CACHE_ROOT"] = pool.engine.compile_cache.dir
+    if pool is not None and is_object_store_uri(cfg.model.source):
+        # The streamer's endpoint and addressing; its credentials come from the pod (a Secret).
+        env.update(cfg.model.object_store.engine_env(cfg.model.source))
     return env
 
 

@@ -507,7 +507,10 @@ def _group(i: int, **changes: Any) -> dict[str, Any]:
 
 
 BAD_VALUES = [
-    ({"weights": {"source": "s3"}}, "at '/weights/source': value must be one of 'pvc', 'objectStore', 'none'"),
+    (
+        {"weights": {"source": "s3"}},
+        "at '/weights/source': value must be one of 'pvc', 'objectStore', 'stream', 'none'",
+    ),
     ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
     (
         {"weights": {"objectStore": {"uri": "gs://bucket/model"}}},

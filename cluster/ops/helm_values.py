@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from autoscaling.cold_start import cold_start
-from cluster.config import ClusterConfig, GiB, PoolConfig
+from cluster.config import ClusterConfig, GiB, PoolConfig, is_object_store_uri
 from deployments.serve_config import (
     GATEWAY_RAY_RESOURCE,
     render_serve_config_yaml,
@@ -212,12 +212,16 @@ def _weights(cfg: ClusterConfig) -> dict[str, Any]:
     if source.startswith("embedded:"):
         # The app generates the tiny model itself; nothing to mount.
         return {"source": "none", "modelPath": "", "mountPath": ""}
-    if "://" in source:
-        raise ValueError(
-            f"model.source {source!r} is a URI: the chart mounts weights at a local path. Set "
-            "model.source to the path inside the pod (e.g. /models/Mistral-Large-Instruct-2411) "
-            "and weights.objectStore.uri in the chart values to the URI to fetch from."
-        )
+    if is_object_store_uri(source):
+        # The engines stream the weights from the bucket (config validation made every
+        # pool use runai_streamer): no fetch, no weights volume. The gateway counts
+        # tokens with the bundled v7 file (or model.tokenizer_file, a local path).
+        return {
+            "source": "stream",
+            "modelPath": "",
+            "mountPath": "",
+            "stream": {"uri": source, "credentialsSecret": cfg.model.object_store.credentials_secret or ""},
+        }
     if not posixpath.isabs(source) or posixpath.dirname(source.rstrip("/")) in ("", "/"):
         raise ValueError(
             f"model.source {source!r} must be an absolute path one level below a mount directory, "

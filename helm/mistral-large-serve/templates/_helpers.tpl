@@ -234,6 +234,20 @@ config files the gateway needs) from the object store. $full: include safetensor
     - {name: tmp, mountPath: /tmp}
 {{- end }}
 
+{{/* Credentials of the engines that stream their weights from the object store
+(weights.source stream): the Secret's keys, named as runai-model-streamer reads them
+(boto3 / the AWS SDK; HMAC keys for gs://). Engine pods only: the gateway and head never
+read the bucket. Endpoint and addressing are in serveConfigV2 (the engines' runtime env). */}}
+{{- define "mls.weightsStreamEnv" -}}
+{{- if eq .Values.weights.source "stream" }}
+{{- with .Values.weights.stream.credentialsSecret }}
+- {name: AWS_ACCESS_KEY_ID, valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_ACCESS_KEY_ID}}}
+- {name: AWS_SECRET_ACCESS_KEY, valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}}
+- {name: AWS_SESSION_TOKEN, valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SESSION_TOKEN, optional: true}}}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Secret holding the CA bundle the app checks the Redis server against (rediss://). */}}
 {{- define "mls.redisCaSecret" -}}
 {{- if and .Values.redis.enabled (eq .Values.redis.mode "bundled") .Values.redis.bundled.tls.enabled -}}
@@ -275,7 +289,7 @@ config files the gateway needs) from the object store. $full: include safetensor
 {{- define "mls.rayVolumeMounts" -}}
 - {name: shm, mountPath: /dev/shm}
 - {name: tmp, mountPath: /tmp}
-{{- if ne .Values.weights.source "none" }}
+{{- if has .Values.weights.source (list "pvc" "objectStore") }}
 - {name: weights, mountPath: {{ .Values.weights.mountPath }}, readOnly: true}
 {{- end }}
 {{- if .Values.nodeCache.path }}
