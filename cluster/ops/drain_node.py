@@ -40,8 +40,9 @@ def drain_command(deadline_s: int, reason_message: str) -> list[str]:
     ]
 
 
-def replica_pids(proc: str = "/proc") -> list[int]:
-    """Serve replica processes visible here (the pod's own, in its PID namespace)."""
+def replica_pids(proc: str = "/proc", title: str = REPLICA_TITLE) -> list[int]:
+    """Serve replica processes visible here (the pod's own, in its PID namespace): those
+    whose process title starts with `title`."""
     out = []
     for entry in os.listdir(proc):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -51,15 +52,15 @@ def replica_pids(proc: str = "/proc") -> list[int]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        if cmdline.startswith(REPLICA_TITLE):
+        if cmdline.startswith(title):
             out.append(int(entry))
     return out
 
 
-def wait_drained(deadline_s: float, *, poll_s: float = 2.0, proc: str = "/proc") -> bool:
+def wait_drained(deadline_s: float, *, poll_s: float = 2.0, proc: str = "/proc", title: str = REPLICA_TITLE) -> bool:
     """Until no Serve replica process is left (True) or `deadline_s` passed (False)."""
     end = time.monotonic() + deadline_s
-    while replica_pids(proc):
+    while replica_pids(proc, title):
         if time.monotonic() >= end:
             return False
         time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
