@@ -175,13 +175,13 @@ def wait_for(what: str, check: Any, timeout_s: float) -> float:
 
 
 def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request(autoscaled_cluster: Any) -> None:
-    from bench.live.chaos import engine_replica_pids
+    from bench.live.replicas import engine_replica_pids
 
     cluster = autoscaled_cluster
     policy = cluster.cfg.pool(POOL).autoscaling.policy
     model = cluster.cfg.model.served_name
     http = httpx.Client(base_url=cluster.base_url, timeout=120)
-    first = set(engine_replica_pids(APP_NAME, POOL))
+    first = set(engine_replica_pids(POOL))
     assert len(first) == 1 and replica_states().get("RUNNING") == 1, replica_states()
 
     # Burst: more requests in flight than one replica's target.
@@ -190,7 +190,7 @@ def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request
     try:
         asked = wait_for("a second replica asked for", lambda: sum(replica_states().values()) >= 2, SCALE_UP_TIMEOUT_S)
         running = wait_for("two replicas RUNNING", lambda: replica_states().get("RUNNING") == 2, SCALE_UP_TIMEOUT_S)
-        new = (set(engine_replica_pids(APP_NAME, POOL)) - first).pop()
+        new = (set(engine_replica_pids(POOL)) - first).pop()
         serving = wait_for("the new replica serving", lambda: bool(burst.served_by(new)), 60)
     finally:
         burst_results = burst.finish()
@@ -205,14 +205,14 @@ def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request
         )
         down = wait_for(
             "one replica left",
-            lambda: replica_states() == {"RUNNING": 1} and len(engine_replica_pids(APP_NAME, POOL)) == 1,
+            lambda: replica_states() == {"RUNNING": 1} and len(engine_replica_pids(POOL)) == 1,
             SCALE_DOWN_TIMEOUT_S,
         )
         after = len(trickle.served_by())
         wait_for("requests after the scale-down", lambda: len(trickle.served_by()) >= after + AFTER_DOWN_REQUESTS, 60)
     finally:
         trickle_results = trickle.finish()
-    left = set(engine_replica_pids(APP_NAME, POOL))
+    left = set(engine_replica_pids(POOL))
     during_down = [r for r in trickle_results if r["sent_at"] < down]
 
     print(

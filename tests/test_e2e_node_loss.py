@@ -83,7 +83,7 @@ def test_losing_a_pool_node_under_streaming_load_loses_nothing(node_cluster: Nod
         assert_whole(result)
     migrated = migrations(http, "standard") - migrated_before
     assert migrated > 0, "no stream was cut by the node loss"
-    seconds = sorted(r["seconds"] for r in results)
+    seconds = sorted(r.seconds for r in results)
     print(
         f"{len(results)} streams of {MAX_TOKENS} tokens: 0 failed, {migrated:.0f} migrated, "
         f"p50 {seconds[len(seconds) // 2]:.1f} s, slowest {seconds[-1]:.1f} s",
