@@ -11,7 +11,6 @@ default; `CLUSTER_TEST_AUTOSCALING_POLICY=slo` (or `queue-kv`) runs it with anot
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.live.streams import StreamResult, stream_chat
 from cluster.config import AutoscalingConfig, ClusterConfig
 from cluster.profiles import load_profile
 from deployments.serve_config import APP_NAME, engine_deployment
@@ -92,54 +92,13 @@ def replica_states() -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
 
 
-def stream_chat(http: httpx.Client, model: str, text: str) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": MAX_TOKENS,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started = time.monotonic()
-    try:
-        with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            raw = "".join(r.iter_text()) if r.status_code == 200 else r.read().decode()
-            status, served = r.status_code, r.headers.get("x-served-by")
-    except httpx.HTTPError as e:  # a cut connection is a failed request, reported as such
-        failed = {"status": -1, "body": repr(e), "done": False, "errors": [], "usage": [], "served_by": None}
-        return {**failed, "sent_at": started, "seconds": time.monotonic() - started}
-    events = [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
-    chunks = [json.loads(e) for e in events if e != "[DONE]"]
-    return {
-        "status": status,
-        "body": raw if status != 200 else "",
-        "done": bool(events) and events[-1] == "[DONE]",
-        "errors": [c["error"] for c in chunks if "error" in c],
-        "usage": [c["usage"] for c in chunks if c.get("usage")],
-        "served_by": served,
-        "sent_at": started,
-        "seconds": time.monotonic() - started,
-    }
-
-
-def whole(result: dict[str, Any]) -> bool:
-    return (
-        result["status"] == 200
-        and result["done"]
-        and not result["errors"]
-        and bool(result["usage"])
-        and result["usage"][-1]["completion_tokens"] == MAX_TOKENS
-    )
-
-
 class Load:
     """`clients` threads sending streaming chats back to back until stopped; every result kept."""
 
     def __init__(self, http: httpx.Client, model: str, clients: int, label: str) -> None:
         self.http, self.model, self.label = http, model, label
         self.stop = threading.Event()
-        self.results: list[dict[str, Any]] = []
+        self.results: list[StreamResult] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(clients)
         self._futures = [self._pool.submit(self._client, i) for i in range(clients)]
@@ -147,16 +106,18 @@ class Load:
     def _client(self, i: int) -> None:
         n = 0
         while not self.stop.is_set():
-            result = stream_chat(self.http, self.model, f"{self.label} client {i} request {n}: tell me a story.")
+            result = stream_chat(
+                self.http, self.model, f"{self.label} client {i} request {n}: tell me a story.", max_tokens=MAX_TOKENS
+            )
             with self._lock:
                 self.results.append(result)
             n += 1
 
-    def served_by(self, replica: str | None = None) -> list[dict[str, Any]]:
+    def served_by(self, replica: str | None = None) -> list[StreamResult]:
         with self._lock:
-            return [r for r in self.results if replica is None or r["served_by"] == replica]
+            return [r for r in self.results if replica is None or r.served_by == replica]
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[StreamResult]:
         self.stop.set()
         for f in self._futures:
             f.result(timeout=120)
@@ -213,7 +174,7 @@ def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request
     finally:
         trickle_results = trickle.finish()
     left = set(engine_replica_pids(POOL))
-    during_down = [r for r in trickle_results if r["sent_at"] < down]
+    during_down = [r for r in trickle_results if r.started_at < down]
 
     print(
         f"\n[autoscale e2e] policy {policy}, target_ongoing_requests 2, {BURST_CLIENTS} burst clients:"
@@ -222,13 +183,13 @@ def test_pool_scales_up_under_a_burst_and_down_after_it_without_a_failed_request
         f" {len(burst.served_by(new))} on the new replica)"
         f"\n  scale-down: started {down_asked - t_burst_end:.1f} s after the burst, one replica left after"
         f" {down - t_burst_end:.1f} s ({len(during_down)} requests sent meanwhile,"
-        f" {sum(1 for r in during_down if r['served_by'] == new)} of them on the new replica,"
+        f" {sum(1 for r in during_down if r.served_by == new)} of them on the new replica,"
         f" {len(trickle_results)} in all;"
         f" kept {'the first' if left == first else 'the new'} replica)"
-        f"\n  request seconds: burst p50 {sorted(r['seconds'] for r in burst_results)[len(burst_results) // 2]:.2f},"
-        f" trickle p50 {sorted(r['seconds'] for r in trickle_results)[len(trickle_results) // 2]:.2f}",
+        f"\n  request seconds: burst p50 {sorted(r.seconds for r in burst_results)[len(burst_results) // 2]:.2f},"
+        f" trickle p50 {sorted(r.seconds for r in trickle_results)[len(trickle_results) // 2]:.2f}",
         flush=True,
     )
-    failed = [r for r in burst_results + trickle_results if not whole(r)]
+    failed = [r for r in burst_results + trickle_results if not r.whole(MAX_TOKENS)]
     assert not failed, f"{len(failed)} failed requests, e.g. {failed[:3]}"
     assert len(left) == 1 and len(during_down) >= 1
