@@ -39,6 +39,9 @@ def config(redis_url: str) -> ClusterConfig:
     cfg.auth.enabled, cfg.auth.api_keys_env = True, None
     cfg.auth.tenants = {t: [hash_api_key(k)] for t, k in KEYS.items()}
     adm = cfg.admission
+    # A loaded CI box can hold a Redis answer past the 0.25 s default, which would switch a
+    # gateway to its local 1/N fallback mid-burst; these tests are about the shared limits.
+    adm.redis_timeout_s = 5.0
     adm.default_limits = TenantLimits(requests_per_minute=1000, tokens_per_minute=1_000_000, max_n=4,
                                       max_tokens_cap=256, max_tokens_default=16, max_prompt_tokens=1000)  # fmt: skip
     adm.tenants = {
