@@ -52,7 +52,7 @@ import heapq
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, filterfalse, repeat
-from operator import not_, or_, xor
+from operator import ne, not_, or_, xor
 
 DEFAULT_CAPACITY_BLOCKS = 65536
 # gen_of value of a pinned block that eviction met: held, in no generation list.
@@ -103,11 +103,13 @@ class _ReplicaBlocks:
         new = list(filterfalse(gen_of.__contains__, hashes))  # C-level; warms gen_of's slots
         if new:
             masks, bit = self.masks, self.bit
-            held = list(map(masks.get, new))  # None: no replica holds it yet
-            # A block only this replica holds shares the one `bit` int object (most blocks:
-            # a 36-byte int each otherwise); the others get their mask with `bit` added.
-            masks.update(zip(compress(new, map(not_, held)), repeat(bit)))
-            masks.update(zip(compress(new, held), map(or_, filter(None, held), repeat(bit)), strict=False))
+            # One probe per block: a block no replica held gets `bit` itself (the one int
+            # object, shared: most blocks, 36 bytes each otherwise); the others (whose
+            # mask lacks `bit`, so differs from it) get their mask with `bit` added.
+            was = list(map(masks.setdefault, new, repeat(bit)))
+            others = list(map(ne, was, repeat(bit)))
+            if any(others):
+                masks.update(zip(compress(new, others), map(or_, compress(was, others), repeat(bit)), strict=False))
         gen_of.update(zip(hashes, repeat(cur)))
         if len(cur_list) >= self.gen_size:
             self._new_generation()
