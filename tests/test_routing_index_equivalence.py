@@ -28,10 +28,11 @@ def _chains(rng: random.Random, n: int) -> list[list[int]]:
     return [rng.choice(roots) + [rng.getrandbits(60) for _ in range(rng.randrange(0, 40))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_matches_equal_the_reference_under_any_operations(seed: int) -> None:
+@pytest.mark.parametrize("mask_replicas", [1, 16, 10**6])  # masks always, from the 16th replica, never
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_equal_the_reference_under_any_operations(seed: int, mask_replicas: int) -> None:
     rng = random.Random(seed)
-    new, ref = PrefixIndex(200, generations=4), ReferenceIndex(200, generations=4)
+    new, ref = PrefixIndex(200, generations=4, mask_replicas=mask_replicas), ReferenceIndex(200, generations=4)
     ids = [f"r{i}" for i in range(70)]  # more replicas than a 64-bit mask
     chains = _chains(rng, 300)
     pins: list[tuple[str, list[int]]] = []

@@ -16,10 +16,12 @@ finds the longest held prefix by binary search, however long the prompt.
 
 The decision path. At 64 replicas and 1M blocks a lookup in a replica's own (large,
 cold) dict is a cache miss, and one per replica per probed block was most of a routing
-decision. So one shared dict maps each block to the bitmask of the replicas holding it,
-and `match_many` binary-searches all replicas at once (replicas agreeing at a probe share
-the next one): O(distinct answers x log n) lookups per request, with answers exactly
-those of one search per replica. And the chosen replica's update (`insert`, `pin`) is
+decision. So from `MASK_REPLICAS` (16) replicas on, one shared dict maps each block to
+the bitmask of the replicas holding it, and `match_many` binary-searches all replicas at
+once (replicas agreeing at a probe share the next one): O(distinct answers x log n)
+lookups per request, with answers exactly those of one search per replica. Keeping the
+masks costs a second cold lookup per block stored or evicted, about +60 us per update
+at 1M blocks, which fewer replicas do not win back. And the chosen replica's update (`insert`, `pin`) is
 queued and applied by `flush`, which the live router runs after it has sent the request
 (every other method flushes first, so answers are as if it had been applied at once).
 
@@ -38,10 +40,11 @@ request sent there now is prefilled after it.
 Memory. Per replica, one dict from block hash to a *generation* number, plus one list of
 hashes per generation in touch order (eviction walks the oldest list from its head).
 A generation is ~`capacity / generations` touches, so the dict's values are shared int
-objects and a block costs one dict entry, one 32-byte int and a list slot or two; the
+objects and a block costs one dict entry, one 32-byte int and a list slot or two, about
+two thirds of an OrderedDict exact LRU (`cluster bench router` measures both). The
 shared masks add one entry per distinct block (a block one replica holds shares that
-replica's bit object). About 120 bytes per block when no two replicas share one, as an
-OrderedDict exact LRU; shared prefixes cost less (`cluster bench router` measures both).
+replica's bit object): about 120 bytes per block when no two replicas share one, as the
+OrderedDict; shared prefixes cost less.
 Touches are bulk C-level updates (a chain's blocks all move to the newest generation),
 so order is exact between generations and by first touch within one.
 """
@@ -60,6 +63,9 @@ _PINNED = -1
 # Queued guesses beyond this are applied at once: a caller that never reads still has a
 # bounded queue.
 _MAX_PENDING = 64
+# From this many replicas on the index keeps the shared masks (below, per-replica searches
+# cost as little and the masks' upkeep would double the cost of an update).
+MASK_REPLICAS = 16
 
 
 class _ReplicaBlocks:
@@ -67,10 +73,10 @@ class _ReplicaBlocks:
 
     __slots__ = ("capacity", "gen_of", "lists", "base_gen", "head", "gen_size", "max_lists", "pinned", "bit", "masks")
 
-    def __init__(self, capacity: int, generations: int, bit: int, masks: dict[int, int]) -> None:
+    def __init__(self, capacity: int, generations: int, bit: int, masks: dict[int, int] | None) -> None:
         self.gen_of: dict[int, int] = {}
-        # This replica's bit in the index's shared hash -> replicas-holding-it mask, kept
-        # equal to membership in gen_of.
+        # This replica's bit in the index's shared hash -> replicas-holding-it mask (None
+        # while the index keeps none), kept equal to membership in gen_of.
         self.bit = bit
         self.masks = masks
         # Blocks of requests in flight -> how many of them reference it (never evicted).
@@ -100,9 +106,10 @@ class _ReplicaBlocks:
         cur_list = self.lists[-1]
         cur_list.extend(reversed(hashes))
         gen_of = self.gen_of
-        new = list(filterfalse(gen_of.__contains__, hashes))  # C-level; warms gen_of's slots
-        if new:
-            masks, bit = self.masks, self.bit
+        masks = self.masks
+        new = list(filterfalse(gen_of.__contains__, hashes)) if masks is not None else None  # warms gen_of
+        if new and masks is not None:
+            bit = self.bit
             # One probe per block: a block no replica held gets `bit` itself (the one int
             # object, shared: most blocks, 36 bytes each otherwise); the others (whose
             # mask lacks `bit`, so differs from it) get their mask with `bit` added.
@@ -169,13 +176,14 @@ class _ReplicaBlocks:
             if not self.lists:
                 self.lists.append([])
                 break
-        if gone:
+        if gone and self.masks is not None:
             self._unmask(gone)
 
     def _unmask(self, gone: list[int]) -> None:
         """Take this replica's bit out of the masks of blocks it no longer holds: at C
         speed, the blocks no replica holds leave the masks."""
         masks = self.masks
+        assert masks is not None
         left = list(map(xor, map(masks.__getitem__, gone), repeat(self.bit)))
         masks.update(zip(gone, left, strict=True))
         deque(map(masks.__delitem__, compress(gone, map(not_, left))), 0)
@@ -201,7 +209,7 @@ class _ReplicaBlocks:
     def discard(self, hashes: Iterable[int]) -> None:
         gen_of = self.gen_of
         gone = [h for h in hashes if gen_of.pop(h, None) is not None]
-        if gone:
+        if gone and self.masks is not None:
             self._unmask(gone)
 
     def clear(self) -> None:
@@ -215,24 +223,32 @@ class PrefixIndex:
     Each replica's set is bounded by its KV capacity in blocks (`set_capacity`, from the
     replica's `kv_capacity_blocks` routing stat; `default_capacity_blocks` until known).
 
-    Besides each replica's own LRU, one shared dict maps a block hash to the bitmask of
-    the replicas holding it, so `match_many` looks each block of a request up once,
-    whatever the number of replicas (the per-replica dicts are large and cold: one lookup
-    per replica per probed block was most of a decision at 64 replicas).
+    From `mask_replicas` replicas on, besides each replica's own LRU, one shared dict maps
+    a block hash to the bitmask of the replicas holding it, so `match_many` probes each
+    block once for all replicas (the per-replica dicts are large and cold: one lookup per
+    replica per probed block was most of a decision at 64 replicas).
 
     `insert` and `pin` (the router's guesses, made on the decision path) are queued and
     applied by `flush`, which the router runs after it has returned its choice; every
     other method flushes first, so the index always answers as if they were applied.
     """
 
-    def __init__(self, default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS, generations: int = 32) -> None:
+    def __init__(
+        self,
+        default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+        generations: int = 32,
+        mask_replicas: int = MASK_REPLICAS,
+    ) -> None:
         if generations < 1:
             raise ValueError(f"generations must be >= 1, got {generations}")
         self._default_capacity = max(1, default_capacity_blocks)
         self._generations = generations
         self._replicas: dict[str, _ReplicaBlocks] = {}
         self._exact: set[str] = set()  # replicas whose set follows the engine's events
-        self._masks: dict[int, int] = {}  # block hash -> OR of the bits of replicas holding it
+        # block hash -> OR of the bits of replicas holding it; kept from `mask_replicas`
+        # replicas on (below that the per-replica searches are as cheap, and upkeep is not).
+        self._masks: dict[int, int] | None = None
+        self._mask_replicas = mask_replicas
         self._free_bits: list[int] = []  # bit numbers of dropped replicas, for reuse (a heap)
         self._next_bit = 0
         # Queued guesses: (replica, chain, pinned), applied in order by flush().
@@ -249,7 +265,20 @@ class PrefixIndex:
             blocks = _ReplicaBlocks(self._default_capacity, self._generations, 1 << bit, self._masks)
             self._replicas[replica_id] = blocks
             self._bits_cache = ([], [])
+            if self._masks is None and len(self._replicas) >= self._mask_replicas:
+                self._build_masks()
         return blocks
+
+    def _build_masks(self) -> None:
+        """Start keeping the masks (once: a pool that shrinks back keeps them)."""
+        masks: dict[int, int] = {}
+        for blocks in self._replicas.values():
+            blocks.masks = masks
+            held = list(blocks.gen_of)
+            was = list(map(masks.setdefault, held, repeat(blocks.bit)))
+            others = list(map(ne, was, repeat(blocks.bit)))
+            masks.update(zip(compress(held, others), map(or_, compress(was, others), repeat(blocks.bit)), strict=False))
+        self._masks = masks
 
     def flush(self) -> None:
         """Apply the queued `insert`s and `pin`s (the index maintenance a decision leaves)."""
@@ -360,13 +389,15 @@ class PrefixIndex:
         Each replica's answer is what a binary search for its longest held prefix finds
         (exact where its set is prefix-closed on this chain, the rule but for rare
         reorderings), trying the previous replica's answer first, as when every replica
-        had only its own dict. Here all replicas are searched at once: replicas that
+        had only its own dict. With the masks all replicas are searched at once: replicas that
         agree at a probed block share the next probe, and one lookup in the shared masks
         answers it for all of them, so a request costs O(distinct answers x log n)
         lookups instead of O(replicas x log n)."""
         if self._pending:
             self.flush()
         ids = replica_ids if isinstance(replica_ids, list) else list(replica_ids)
+        if self._masks is None:
+            return self._match_each(ids, block_hashes)
         n = len(block_hashes)
         get = self._masks.get
         m0 = get(block_hashes[0], 0) if n else 0
@@ -420,6 +451,50 @@ class PrefixIndex:
                         if not (b & check[0]) or b & check[1]:
                             out[j] = a = _search(seen, get, block_hashes, b, n, guess)
                     guess = a
+        return out
+
+    def _match_each(self, replica_ids: list[str], block_hashes: Sequence[int]) -> list[int]:
+        """match_many without masks: each replica's own dict, binary search. Replicas often
+        hold the same prefix (a shared system prompt), so the previous replica's answer is
+        tried first: two lookups confirm it, else a binary search narrows from it."""
+        n = len(block_hashes)
+        if n == 0:
+            return [0 for _ in replica_ids]
+        first, last = block_hashes[0], block_hashes[n - 1]
+        out: list[int] = []
+        replicas = self._replicas
+        guess = 0  # a previous answer strictly between 0 and n
+        for rid in replica_ids:
+            blocks = replicas.get(rid)
+            if blocks is None:
+                out.append(0)
+                continue
+            held = blocks.gen_of
+            if first not in held:
+                out.append(0)
+                continue
+            if last in held:
+                out.append(n)
+                continue
+            # Invariant: block_hashes[lo - 1] held, block_hashes[hi] not held.
+            lo, hi = 1, n - 1
+            if guess:
+                if block_hashes[guess - 1] in held:
+                    lo = guess
+                    if block_hashes[guess] not in held:
+                        out.append(guess)
+                        continue
+                    lo = guess + 1
+                else:
+                    hi = guess - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if block_hashes[mid] in held:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out.append(lo)
+            guess = lo
         return out
 
     def num_blocks(self, replica_id: str) -> int:
