@@ -508,7 +508,8 @@ class PrefixIndex:
             self.flush()
         blocks = self._replicas.pop(replica_id, None)
         if blocks is not None:
-            blocks.clear()
+            if blocks.masks is not None:
+                blocks.clear()  # its bit leaves the masks before another replica reuses it
             heapq.heappush(self._free_bits, blocks.bit.bit_length() - 1)
             self._bits_cache = ([], [])
 
