@@ -15,7 +15,8 @@ unit tests drive). Per request, `choose_replicas`:
 3. calls `policy.choose`, writes `chosen_replica` / `matched_blocks` back into the hint
    and returns `[[replica]]` (a single pinned choice: if the replica rejects the request
    because it is full, Ray marks its queue full and calls us again, and the full replica
-   is then left out of the candidates).
+   is then left out of the candidates); the prefix index's update for the choice
+   (`PrefixIndex.flush`) is scheduled on the loop, after the request is sent.
 
 When the gateway reports a request of this router's pool finished (it hashes the held
 conversation, prompt + reply, off its event loop), the listener feeds
@@ -344,6 +345,11 @@ class PolicyRequestRouter(RequestRouter):
             self._sessions.move_to_end(request.session_id)
             while len(self._sessions) > _SESSION_MAP_SIZE:
                 self._sessions.popitem(last=False)
+        # The index update the decision queued (the chosen replica's chain, pinned) runs
+        # once this request is on its way; the next decision would apply it anyway.
+        flush = getattr(getattr(self._policy, "index", None), "flush", None)
+        if flush is not None:
+            self._loop.call_soon(flush)
         return [[chosen]]
 
     def _healthy(self, candidates: list[RunningReplica], hint: RoutingHint | None) -> list[RunningReplica]:
