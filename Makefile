@@ -57,6 +57,9 @@ bench-engine-load-s3: install $(S3_BENCH)/.built
 	PYTHONPATH=$(CURDIR) $(S3_BENCH)/engine/bin/python -m cluster.ops.cli bench engine-load \
 		--variants default,streamed,streamed-s3 --moto-python $(S3_BENCH)/server/bin/python \
 		--json $(S3_BENCH)/engine_load.json
+	PYTHONPATH=$(CURDIR) $(S3_BENCH)/engine/bin/python -m cluster.ops.cli bench engine-load --weights-only \
+		--variants default,streamed,streamed-s3 --repeat 5 --moto-python $(S3_BENCH)/server/bin/python \
+		--json $(S3_BENCH)/weight_read.json
 
 $(S3_BENCH)/.built: $(VENV)/.installed
 	rm -rf $(S3_BENCH)/server $(S3_BENCH)/engine

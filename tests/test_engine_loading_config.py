@@ -152,3 +152,17 @@ def test_the_s3_engine_load_variant_streams_every_pool_from_the_endpoint() -> No
     assert engine_kwargs(vcfg, vcfg.pool("standard"))["load_format"] == "runai_streamer"
     with pytest.raises(ValueError, match="streamed-s3 needs"):
         variant_config(load_profile("cpu-tiny"), "standard", "streamed-s3", "/tmp/c")
+
+
+@pytest.mark.parametrize("path", ["safetensors", "streamer-disk"])
+def test_weight_read_reads_every_byte_of_the_checkpoint(path: str, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.calibration.weight_read import read_once
+
+    tensors = {"a": torch.ones(64, 32, dtype=torch.bfloat16), "b": torch.zeros(1000, dtype=torch.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    got = read_once(path, str(tmp_path / "model.safetensors"))
+    assert got["bytes"] == 64 * 32 * 2 + 1000 * 4
+    assert got["seconds"] > 0

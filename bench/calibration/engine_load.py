@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--s3-endpoint", help="streamed-s3: an S3-compatible server (credentials from AWS_* env)")
     p.add_argument("--moto-python", help="streamed-s3: start moto's S3 server with this interpreter (its own venv)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="no engine: time reading the weights per load path (default, streamed, streamed-s3 of --variants)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one engine start, JSON on stdout
 
 
@@ -121,6 +126,10 @@ def start_once(
     env = {**os.environ, **engine_env(vcfg, vcfg.pool(pool))}
     if "compiled" not in variant:
         env.pop("VLLM_CACHE_ROOT", None)
+    if variant.startswith("streamed"):
+        # The streamer's own "Overall time to stream" line (else dropped: vLLM configures
+        # only its own loggers); the streamed variants' counterpart of "Loading weights".
+        env.setdefault("RUNAI_STREAMER_LOG_TO_STDERR", "1")
     env["MLS_ENGINE_LOAD_CONFIG"] = vcfg.model_dump_json()
     env["MLS_ENGINE_LOAD_T0"] = repr(time.time())
     cmd = [sys.executable, "-m", "bench.calibration.engine_load", "--child", "1", "--pool", pool]
@@ -165,6 +174,30 @@ def _s3_model(cfg: Any, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         yield f"s3://{S3_BUCKET}/{folder.name}", endpoint
 
 
+def _weights_only(cfg: Any, args: argparse.Namespace, variants: list[str]) -> int:
+    """bench/calibration/weight_read.py on the pool's model: the load paths of the variants."""
+    from bench.calibration.weight_read import format_row, measure, safetensors_file
+    from cluster.tiny_model import resolve_model_source
+
+    folder = Path(resolve_model_source(cfg.model.source, cfg.model.architecture))
+    local = str(safetensors_file(folder))
+    by_variant = {"default": ("safetensors", local), "streamed": ("streamer-disk", local)}
+    files = dict(by_variant[v] for v in variants if v in by_variant)
+    print(f"weight read of {local} ({Path(local).stat().st_size / 1e6:.1f} MB), {args.repeat} run(s) per path")
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if "streamed-s3" in variants:
+            uri, endpoint = stack.enter_context(_s3_model(cfg, args))
+            files["streamer-s3"] = f"{uri}/{Path(local).name}"
+            env = cfg.model.object_store.model_copy(update={"endpoint_url": endpoint}).engine_env(uri)
+        rows = measure(files, env, args.repeat, args.timeout_s)
+    for row in rows:
+        print(format_row(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profile": cfg.profile, "weight_read": rows}, indent=1))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def _median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2]
@@ -183,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: unknown variants {bad}; known: {VARIANTS}", file=sys.stderr)
         return 2
     pool = cfg.pool(args.pool)
+    if args.weights_only:
+        return _weights_only(cfg, args, variants)
     print(
         f"engine start of pool {pool.name} ({cfg.profile}, model {cfg.model.source}, "
         f"checkpoint format {cfg.model.load_format}); {args.repeat} run(s) per variant"
