@@ -74,7 +74,7 @@ def test_each_gpu_profiles_target_is_derived_from_its_measured_capacity() -> Non
     targets = {
         name: load_profile(name).pool("standard").autoscaling.target_ongoing_requests for name in IN_FLIGHT_AT_SLO
     }
-    assert targets == {"h100x8-bf16": 7.0, "h200x4-fp8": 5.0}
+    assert targets == {"h100x8-bf16": 7.0, "h100x4-fp8": 6.5, "h200x4-fp8": 5.0}
     assert targets == {name: standard_target_ongoing(v) for name, v in IN_FLIGHT_AT_SLO.items()}
     assert {load_profile(name).pool("long").autoscaling.target_ongoing_requests for name in IN_FLIGHT_AT_SLO} == {1.0}
 
