@@ -37,18 +37,32 @@ H200_NODE = NodeShape(
 )
 
 
-# Requests in flight per replica that the autoscaling policies aim at, calibrated with
-# `cluster bench autoscale` (Mooncake conversations on h100x8-bf16, diurnal and x3 burst
-# days; autoscaling/README.md#evaluation): the largest standard target at which the SLO
-# policy still serves 99% of requests within the SLO on both days (8 fell to 98.8% on the
-# burst). "max_num_seqs / 2" (48 / 16 before) broke the SLO for every policy (55-65%):
+# Requests in flight per standard replica that the autoscaling policies aim at, derived
+# from the replica's measured capacity by one rule (autoscaling/README.md#evaluation).
+# Capacity: the requests in flight per replica of the smallest fixed fleet that serves
+# 99% of Mooncake x2 within the SLO at its mean load (`cluster bench autoscale` prints it).
+# The SLO policy adds replicas on the wait it measures and the rise it anticipates, so it
+# aims higher: SLO_TARGET_HEADROOM x capacity, rounded to 0.5. Sweeps of the diurnal and
+# x3 burst days found the cheapest target holding 99% on both at 1.7-1.8x capacity on each
+# profile (h100x8-bf16: 7 of 3.86; h200x4-fp8: 5 of 2.98) and the burst failing at 2x
+# (8 and 6); on h100x4-fp8 (3.75 -> 6.5) the rule's target held both days (99.7 / 99.5%),
+# as did 7.5 for 1.6% fewer GPU-hours: conservative there, not tuned per profile.
+# "max_num_seqs / 2" (48 / 16 before) broke the SLO for every policy (55-65%):
 # long prompts' chunked prefills share one token budget per step, so TTFT and TPOT fail
 # long before the batch is full. Traffic of short prompts carries more (Azure: 14.5).
-STANDARD_TARGET_ONGOING = 7.0
+IN_FLIGHT_AT_SLO = {"h100x8-bf16": 3.86, "h100x4-fp8": 3.75, "h200x4-fp8": 2.98}
+SLO_TARGET_HEADROOM = 1.75
+
+
+def standard_target_ongoing(in_flight_at_slo: float) -> float:
+    """target_ongoing_requests of a standard pool from its replica's measured capacity."""
+    return max(1.0, round(2 * SLO_TARGET_HEADROOM * in_flight_at_slo) / 2)
+
+
 LONG_TARGET_ONGOING = 1.0
 
 
-def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[PoolConfig]:
+def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int, standard_target: float) -> list[PoolConfig]:
     def engine(max_seqs: int) -> EngineArgs:
         return EngineArgs(
             tensor_parallel_size=tp,
@@ -67,7 +81,7 @@ def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[P
             min_replicas=2,
             max_replicas=16,
             engine=engine(standard_seqs),
-            autoscaling=AutoscalingConfig(target_ongoing_requests=STANDARD_TARGET_ONGOING),
+            autoscaling=AutoscalingConfig(target_ongoing_requests=standard_target),
         ),
         PoolConfig(
             name="long",
@@ -85,7 +99,13 @@ def h100x8_bf16() -> ClusterConfig:
         profile="h100x8-bf16",
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411", weight_dtype="bfloat16"),
         node=H100_NODE,
-        pools=_gpu_pools(tp=8, fp8=False, standard_seqs=128, long_seqs=32),
+        pools=_gpu_pools(
+            tp=8,
+            fp8=False,
+            standard_seqs=128,
+            long_seqs=32,
+            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h100x8-bf16"]),
+        ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
     )
@@ -96,7 +116,13 @@ def h100x4_fp8() -> ClusterConfig:
         profile="h100x4-fp8",
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H100_NODE,
-        pools=_gpu_pools(tp=4, fp8=True, standard_seqs=128, long_seqs=32),
+        pools=_gpu_pools(
+            tp=4,
+            fp8=True,
+            standard_seqs=128,
+            long_seqs=32,
+            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h100x4-fp8"]),
+        ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
     )
@@ -107,7 +133,13 @@ def h200x4_fp8() -> ClusterConfig:
         profile="h200x4-fp8",
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H200_NODE,
-        pools=_gpu_pools(tp=4, fp8=True, standard_seqs=256, long_seqs=64),
+        pools=_gpu_pools(
+            tp=4,
+            fp8=True,
+            standard_seqs=256,
+            long_seqs=64,
+            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h200x4-fp8"]),
+        ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
     )

@@ -66,6 +66,19 @@ def test_the_default_policy_is_the_evaluated_best(profile: str) -> None:
     assert type(make_policy(cfg, pool)) is SLOAutoscalingPolicy
 
 
+def test_each_gpu_profiles_target_is_derived_from_its_measured_capacity() -> None:
+    """autoscaling/README.md#evaluation: one rule, 1.75 x the requests in flight per replica
+    at the SLO, gives the cheapest target that held 99% on both days on each profile swept."""
+    from cluster.profiles import IN_FLIGHT_AT_SLO, standard_target_ongoing
+
+    targets = {
+        name: load_profile(name).pool("standard").autoscaling.target_ongoing_requests for name in IN_FLIGHT_AT_SLO
+    }
+    assert targets == {"h100x8-bf16": 7.0, "h100x4-fp8": 6.5, "h200x4-fp8": 5.0}
+    assert targets == {name: standard_target_ongoing(v) for name, v in IN_FLIGHT_AT_SLO.items()}
+    assert {load_profile(name).pool("long").autoscaling.target_ongoing_requests for name in IN_FLIGHT_AT_SLO} == {1.0}
+
+
 def test_slo_policy_looks_ahead_by_the_pools_cold_start() -> None:
     cfg = on_policy("slo")
     pool = cfg.pool("long")

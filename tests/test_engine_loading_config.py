@@ -121,16 +121,48 @@ def test_engine_load_benchmark_variants_set_the_pool_options() -> None:
     from bench.calibration.engine_load import VARIANTS, variant_config
 
     cfg = load_profile("cpu-tiny")
+    s3 = ("s3://mls-engine-load/tiny", "http://127.0.0.1:9000")
     seen = {}
     for variant in VARIANTS:
-        e = variant_config(cfg, "standard", variant, "/tmp/cache").pool("standard").engine
-        seen[variant] = (e.stream_weights.enabled, e.compile_cache.enabled, e.enforce_eager)
+        vcfg = variant_config(cfg, "standard", variant, "/tmp/cache", s3)
+        e = vcfg.pool("standard").engine
+        seen[variant] = (e.stream_weights.enabled, e.compile_cache.enabled, e.enforce_eager, vcfg.model.source)
         assert e.compile_cache.dir == "/tmp/cache"
     assert seen == {
-        "default": (False, False, True),
-        "streamed": (True, False, True),
-        "compiled-cold": (False, True, False),
-        "compiled-warm": (False, True, False),
-        "streamed-compiled-warm": (True, True, False),
+        "default": (False, False, True, "embedded:tiny"),
+        "streamed": (True, False, True, "embedded:tiny"),
+        "compiled-cold": (False, True, False, "embedded:tiny"),
+        "compiled-warm": (False, True, False, "embedded:tiny"),
+        "streamed-compiled-warm": (True, True, False, "embedded:tiny"),
+        "streamed-s3": (True, False, True, s3[0]),
     }
     assert cfg.pool("standard").engine.enforce_eager  # the profile itself untouched
+
+
+def test_the_s3_engine_load_variant_streams_every_pool_from_the_endpoint() -> None:
+    from bench.calibration.engine_load import variant_config
+
+    vcfg = variant_config(
+        load_profile("cpu-tiny"), "standard", "streamed-s3", "/tmp/c", ("s3://b/tiny", "http://127.0.0.1:9000")
+    )
+    assert all(p.engine.stream_weights.enabled for p in vcfg.pools)  # a URI source needs every pool streaming
+    env = engine_env(vcfg, vcfg.pool("standard"))
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
+    assert engine_kwargs(vcfg, vcfg.pool("standard"))["load_format"] == "runai_streamer"
+    with pytest.raises(ValueError, match="streamed-s3 needs"):
+        variant_config(load_profile("cpu-tiny"), "standard", "streamed-s3", "/tmp/c")
+
+
+@pytest.mark.parametrize("path", ["safetensors", "streamer-disk"])
+def test_weight_read_reads_every_byte_of_the_checkpoint(path: str, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.calibration.weight_read import read_once
+
+    tensors = {"a": torch.ones(64, 32, dtype=torch.bfloat16), "b": torch.zeros(1000, dtype=torch.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    got = read_once(path, str(tmp_path / "model.safetensors"))
+    assert got["bytes"] == 64 * 32 * 2 + 1000 * 4
+    assert got["seconds"] > 0

@@ -4,6 +4,8 @@ only after their cold start and leave only after draining, nodes are billed whol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.sim.fleet import FleetController, FleetReplica, fixed_gpu_hours
@@ -152,3 +154,26 @@ def test_capacity_planner_finds_the_smallest_fixed_fleet_and_prices_it() -> None
             assert run_fleet(cfg, trace, fixed={**fleet, pool: n - 1})["slo_attainment"] < 0.95
     # $20 over 1M input + 1M output tokens, split 1:3 like the API's $2 / $6.
     assert cost_per_million(10.0, 2.0, 1_000_000, 1_000_000) == pytest.approx((5.0, 15.0))
+
+
+def test_a_target_sweep_names_one_target_per_pool_in_config_order() -> None:
+    from bench.sim.autoscale_eval import parse_target_sweep, with_targets
+
+    sweep = parse_target_sweep("4/1,5.5/2", ["standard", "long"])
+    assert sweep == [{"standard": 4.0, "long": 1.0}, {"standard": 5.5, "long": 2.0}]
+    cfg = with_targets(small_cfg(), sweep[1])
+    assert [p.autoscaling.target_ongoing_requests for p in cfg.pools] == [5.5, 2.0]
+    for bad in ("4", "4/1/1", "0/1"):
+        with pytest.raises(ValueError, match="one positive value per pool"):
+            parse_target_sweep(bad, ["standard", "long"])
+
+
+def test_the_cold_start_sweep_plot_is_written(tmp_path: Path) -> None:
+    from bench.sim.autoscale_eval import plot_cold_start_sweep
+
+    rows = [
+        {"policy": p, "cold_start_override_s": c, "slo_attainment": a, "stalled_by_cold_start": n}
+        for p, c, a, n in [("slo", 30.0, 0.998, 6), ("slo", 240.0, 0.99, 40), ("ongoing-requests", 30.0, 0.996, 15)]
+    ]
+    path = plot_cold_start_sweep(rows, tmp_path / "sweep.png", "sweep")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,13 @@ time to the engine being ready (process start to `LLM` built), to the first toke
 request, and vLLM's own figures from its log (weight loading, model loading, torch.compile).
 These measure the inputs of the cold-start model (ColdStartConfig: weight GB/s, engine
 start). `compiled-cold` starts with an empty cache root and `compiled-warm` with the one
-`compiled-cold` filled (the pool compiled with `enforce_eager: false`).
+`compiled-cold` filled (the pool compiled with `enforce_eager: false`). `streamed-s3`
+uploads the model folder to an S3-compatible server (`--s3-endpoint`, or moto's server
+started from `--moto-python`, a venv of its own) and streams it from there:
+`model.source: s3://...` with `model.object_store.endpoint_url`, as a cluster would. It
+needs boto3 and runai-model-streamer-s3 beside vLLM; their botocore pins a
+python-dateutil older than the one kubernetes needs, so they live in a side venv layered
+over the project's (`make bench-engine-load-s3` builds it and the server's venv).
 
 Starts engines: on a shared machine run it where nothing else does (the e2e lock).
 """
@@ -16,6 +22,7 @@ Starts engines: on a shared machine run it where nothing else does (the e2e lock
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,13 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("default", "streamed", "compiled-cold", "compiled-warm", "streamed-compiled-warm")
+VARIANTS = ("default", "streamed", "compiled-cold", "compiled-warm", "streamed-compiled-warm", "streamed-s3")
+S3_BUCKET = "mls-engine-load"
 # vLLM 0.29 log lines with its own timings (seconds).
 LOG_FIGURES = {
     "weights_s": re.compile(r"Loading weights took ([0-9.]+) seconds"),
+    # The whole model load (the streamer's too; its loader logs no "Loading weights").
+    "model_load_s": re.compile(r"Model loading took [0-9.]+ GiB memory and ([0-9.]+) seconds"),
+    "stream_s": re.compile(r"\[RunAI Streamer\] Overall time to stream .*?: ([0-9.]+)s,"),
     "compile_s": re.compile(r"torch\.compile (?:and initial profiling/warmup run together )?took ([0-9.]+) s in total"),
     "engine_init_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s"),
 }
@@ -44,14 +56,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per variant (medians reported)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per engine start")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--s3-endpoint", help="streamed-s3: an S3-compatible server (credentials from AWS_* env)")
+    p.add_argument("--moto-python", help="streamed-s3: start moto's S3 server with this interpreter (its own venv)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="no engine: time reading the weights per load path (default, streamed, streamed-s3 of --variants)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one engine start, JSON on stdout
 
 
-def variant_config(cfg: Any, pool_name: str, variant: str, cache_dir: str) -> Any:
-    """A copy of the config whose pool starts the way `variant` says."""
+def variant_config(cfg: Any, pool_name: str, variant: str, cache_dir: str, s3: tuple[str, str] | None = None) -> Any:
+    """A copy of the config whose pool starts the way `variant` says; `s3` (source URI,
+    endpoint) for streamed-s3."""
     out = cfg.model_copy(deep=True)
     e = out.pool(pool_name).engine
     e.stream_weights.enabled = variant.startswith("streamed")
+    if variant == "streamed-s3":
+        if s3 is None:
+            raise ValueError("streamed-s3 needs --s3-endpoint or --moto-python")
+        out.model.source, out.model.object_store.endpoint_url = s3
+        for p in out.pools:  # config validation: a URI source needs every pool streaming
+            p.engine.stream_weights.enabled = True
     compiled = "compiled" in variant
     e.compile_cache.enabled = compiled
     e.compile_cache.dir = cache_dir
@@ -90,14 +116,20 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_once(cfg: Any, pool: str, variant: str, cache_dir: str, timeout_s: float) -> dict[str, Any]:
+def start_once(
+    cfg: Any, pool: str, variant: str, cache_dir: str, timeout_s: float, s3: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """One fresh process starting the engine; its timings and vLLM's log figures."""
     from deployments.serve_config import engine_env
 
-    vcfg = variant_config(cfg, pool, variant, cache_dir)
+    vcfg = variant_config(cfg, pool, variant, cache_dir, s3)
     env = {**os.environ, **engine_env(vcfg, vcfg.pool(pool))}
     if "compiled" not in variant:
         env.pop("VLLM_CACHE_ROOT", None)
+    if variant.startswith("streamed"):
+        # The streamer's own "Overall time to stream" line (else dropped: vLLM configures
+        # only its own loggers); the streamed variants' counterpart of "Loading weights".
+        env.setdefault("RUNAI_STREAMER_LOG_TO_STDERR", "1")
     env["MLS_ENGINE_LOAD_CONFIG"] = vcfg.model_dump_json()
     env["MLS_ENGINE_LOAD_T0"] = repr(time.time())
     cmd = [sys.executable, "-m", "bench.calibration.engine_load", "--child", "1", "--pool", pool]
@@ -122,6 +154,50 @@ def start_once(cfg: Any, pool: str, variant: str, cache_dir: str, timeout_s: flo
     return out
 
 
+@contextlib.contextmanager
+def _s3_model(cfg: Any, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """(s3:// source, endpoint) of the pool's model folder uploaded to an S3-compatible
+    server: `--s3-endpoint`, or moto's server from `--moto-python` for the duration."""
+    from bench.calibration.s3_server import moto_server, upload_folder
+    from cluster.tiny_model import resolve_model_source
+
+    folder = Path(resolve_model_source(cfg.model.source, cfg.model.architecture))
+    with contextlib.ExitStack() as stack:
+        if args.s3_endpoint:
+            endpoint = args.s3_endpoint
+        elif args.moto_python:
+            endpoint = stack.enter_context(moto_server(args.moto_python))
+        else:
+            raise ValueError("streamed-s3 needs --s3-endpoint or --moto-python")
+        seconds = upload_folder(folder, endpoint, S3_BUCKET, folder.name)
+        print(f"  uploaded {folder.name} to {endpoint} in {seconds:.1f} s", flush=True)
+        yield f"s3://{S3_BUCKET}/{folder.name}", endpoint
+
+
+def _weights_only(cfg: Any, args: argparse.Namespace, variants: list[str]) -> int:
+    """bench/calibration/weight_read.py on the pool's model: the load paths of the variants."""
+    from bench.calibration.weight_read import format_row, measure, safetensors_file
+    from cluster.tiny_model import resolve_model_source
+
+    folder = Path(resolve_model_source(cfg.model.source, cfg.model.architecture))
+    local = str(safetensors_file(folder))
+    by_variant = {"default": ("safetensors", local), "streamed": ("streamer-disk", local)}
+    files = dict(by_variant[v] for v in variants if v in by_variant)
+    print(f"weight read of {local} ({Path(local).stat().st_size / 1e6:.1f} MB), {args.repeat} run(s) per path")
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if "streamed-s3" in variants:
+            uri, endpoint = stack.enter_context(_s3_model(cfg, args))
+            files["streamer-s3"] = f"{uri}/{Path(local).name}"
+            env = cfg.model.object_store.model_copy(update={"endpoint_url": endpoint}).engine_env(uri)
+        rows = measure(files, env, args.repeat, args.timeout_s)
+    for row in rows:
+        print(format_row(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profile": cfg.profile, "weight_read": rows}, indent=1))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def _median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2]
@@ -140,12 +216,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: unknown variants {bad}; known: {VARIANTS}", file=sys.stderr)
         return 2
     pool = cfg.pool(args.pool)
+    if args.weights_only:
+        return _weights_only(cfg, args, variants)
     print(
         f"engine start of pool {pool.name} ({cfg.profile}, model {cfg.model.source}, "
         f"checkpoint format {cfg.model.load_format}); {args.repeat} run(s) per variant"
     )
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="vllm-compile-cache-") as cache:
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="vllm-compile-cache-"))
+        s3 = stack.enter_context(_s3_model(cfg, args)) if "streamed-s3" in variants else None
         for variant in variants:
             # compiled-cold always starts from an empty cache; the warm ones reuse it.
             runs = []
@@ -153,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
                 if variant == "compiled-cold":
                     for child in Path(cache).iterdir():
                         subprocess.run(["rm", "-rf", str(child)], check=True)
-                runs.append(start_once(cfg, pool.name, variant, cache, args.timeout_s))
+                runs.append(start_once(cfg, pool.name, variant, cache, args.timeout_s, s3))
             ok = [r for r in runs if "error" not in r]
             row: dict[str, Any] = {"variant": variant, "runs": len(runs), "failed": len(runs) - len(ok)}
             if not ok:
@@ -178,7 +258,8 @@ def _format_row(row: dict[str, Any]) -> str:
 
     return (
         f"  {row['variant']:24s} ready {f('ready_s')}  first token {f('first_token_s')}  "
-        f"(imports {f('import_s')}, engine build {f('engine_s')}, weights {f('weights_s')}, "
+        f"(imports {f('import_s')}, engine build {f('engine_s')}, model load {f('model_load_s')}, "
+        f"weights {f('weights_s')}, streamer {f('stream_s')}, "
         f"torch.compile {f('compile_s')}, engine init {f('engine_init_s')})"
     )
 

@@ -13,7 +13,10 @@ no-cache floor), TPOT <= 100 ms), TTFT p50/p99, requests stalled by cold starts 
 missed while a replica of their pool was starting), scale-ups. Writes results.json (one
 run per policy and shape), table.txt and replicas_<shape>.png (replicas over time next
 to the load). `--cold-start-sweep 30,60,120,240,480` reruns one policy with the replica
-start time (ask to serving, node included) forced to each value.
+start time (ask to serving, node included) forced to each value. `--target-sweep 4/1,5/1`
+reruns one policy on every shape with `target_ongoing_requests` set to each value (per
+pool, in the config's order); `--no-fixed-peak` skips sizing the peak fleet (the costly
+reference) when only the sweep is wanted.
 """
 
 from __future__ import annotations
@@ -215,7 +218,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-bounds", default=None, help="min:max replicas per pool, e.g. standard=2:16,long=1:8")
     p.add_argument("--cold-start-sweep", default=None, help="replica start times in s, e.g. 30,60,120,240,480")
     p.add_argument("--sweep-policy", default=None, help="policy of the sweep (default: the best by SLO attainment)")
-    p.add_argument("--sweep-shape", default=None, help="shape of the sweep (default: the first)")
+    p.add_argument("--sweep-shape", default=None, help="shape of the cold-start sweep (default: the first)")
+    p.add_argument(
+        "--target-sweep",
+        default=None,
+        help="target_ongoing_requests per pool in config order, e.g. 4/1,5/1,6/1: reruns the sweep policy "
+        "(default slo) on every shape at each",
+    )
+    p.add_argument("--no-fixed-peak", action="store_true", help="skip the fleet sized for the peak (a reference)")
     p.add_argument(
         "--slo-target", type=float, default=0.99, help="fraction of requests the fixed fleets must serve in SLO"
     )
@@ -254,23 +264,47 @@ def parse_bounds(text: str | None) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _one(task: tuple[str, str, dict[str, int] | None, float | None]) -> dict[str, Any]:
-    shape, policy, fixed, cold = task
-    cfg = (
-        _JOB["cfg"]
-        if policy.startswith("fixed")
-        else with_initial(with_policy(_JOB["auto_cfg"], policy), _JOB["start"][shape])
-    )
+Task = tuple[str, str, dict[str, int] | None, float | None, dict[str, float] | None]
+
+
+def _one(task: Task) -> dict[str, Any]:
+    shape, policy, fixed, cold, targets = task
+    if policy.startswith("fixed"):
+        cfg = _JOB["cfg"]
+    else:
+        auto = _JOB["auto_cfg"] if targets is None else with_targets(_JOB["auto_cfg"], targets)
+        cfg = with_initial(with_policy(auto, policy), _JOB["start"][shape])
     row = run_fleet(cfg, _JOB["traces"][shape], router=_JOB["router"], fixed=fixed, cold_start_override_s=cold)
-    row.update(shape=shape, policy=policy, cold_start_override_s=cold)
+    row.update(
+        shape=shape,
+        policy=policy,
+        cold_start_override_s=cold,
+        target_ongoing_requests={p.name: p.autoscaling.target_ongoing_requests for p in cfg.pools},
+    )
+    label = "" if cold is None else f" start {cold:g}s"
+    if targets is not None:
+        label = " target " + "/".join(f"{v:g}" for v in targets.values())
     print(
-        f"  {shape:8s} {policy:17s}{'' if cold is None else f' start {cold:g}s':>12}  GPU-h {row['gpu_hours']:8.1f}  "
+        f"  {shape:8s} {policy:17s}{label:>14}  GPU-h {row['gpu_hours']:8.1f}  "
         f"SLO {row['slo_attainment']:6.1%}  TTFT p99 {row['ttft_p99_s']:7.2f}s  "
         f"stalled {row['stalled_by_cold_start']:5d}  "
         f"({row['sim_wall_s']:.0f} s)",
         flush=True,
     )
     return row
+
+
+def parse_target_sweep(text: str | None, pools: list[str]) -> list[dict[str, float]]:
+    """'4/1,5/1' -> [{standard: 4, long: 1}, {standard: 5, long: 1}] (values in pool order)."""
+    out: list[dict[str, float]] = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        values = [float(v) for v in item.split("/")]
+        if len(values) != len(pools) or min(values) <= 0:
+            raise ValueError(f"--target-sweep item {item!r}: one positive value per pool ({'/'.join(pools)})")
+        out.append(dict(zip(pools, values, strict=True)))
+    return out
 
 
 def _map(tasks: list[Any], jobs: int) -> list[dict[str, Any]]:
@@ -337,6 +371,32 @@ def plot_replicas(rows: list[dict[str, Any]], load: list[tuple[float, float]], p
     return path
 
 
+def plot_cold_start_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """SLO attainment and requests stalled by cold starts against the replica start time,
+    one line per policy (rows: run_fleet figures with `policy`, `cold_start_override_s`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        rs = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["cold_start_override_s"])
+        xs = [r["cold_start_override_s"] for r in rs]
+        top.plot(xs, [100 * r["slo_attainment"] for r in rs], marker="o", label=policy)
+        bottom.plot(xs, [r["stalled_by_cold_start"] for r in rs], marker="o", label=policy)
+    top.axhline(99, color="grey", linestyle="--", linewidth=0.8)
+    top.set_ylabel("SLO attainment (%)")
+    top.set_title(title)
+    top.legend(fontsize=8)
+    bottom.set_ylabel("requests stalled by cold starts")
+    bottom.set_xlabel("replica start, ask to serving (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from bench.sim.traffic_shapes import SHAPES, apply_shape, load_series, make_shape, repeat_trace
     from cluster.config import ClusterConfig
@@ -355,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"unknown autoscaling policies {bad}; known: {AUTOSCALING_POLICIES}")
         sweep = [float(x) for x in args.cold_start_sweep.split(",")] if args.cold_start_sweep else []
+        target_sweep = parse_target_sweep(args.target_sweep, [p.name for p in cfg.pools])
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -382,32 +443,42 @@ def run(args: argparse.Namespace) -> int:
     mean_fleet, mean_row, _ = min_fixed_fleet(
         cfg, apply_shape(base, make_shape("flat"), args.rate_scale), slo_target=args.slo_target, router=args.router
     )
-    targets = (
-        calibrated_targets(mean_row)
-        if args.targets == "calibrated"
-        else {p.name: p.autoscaling.target_ongoing_requests for p in cfg.pools}
+    calibrated = calibrated_targets(mean_row)
+    profile_targets = {p.name: p.autoscaling.target_ongoing_requests for p in cfg.pools}
+    targets = calibrated if args.targets == "calibrated" else profile_targets
+    in_flight = {k: round(v, 2) for k, v in mean_row["ongoing_per_replica"].items()}
+    print(
+        f"  target_ongoing_requests ({args.targets}): {targets}; calibrated {calibrated} "
+        f"(in flight per replica of the fixed fleet {mean_fleet} at the mean load: {in_flight})",
+        flush=True,
     )
-    print(f"  target_ongoing_requests ({args.targets}): {targets}", flush=True)
     auto_cfg = with_targets(cfg, targets)
     sizing: dict[str, dict[str, dict[str, int]]] = {}
     for s in shapes:
-        sizing[s] = {"peak": size(traces[s]), "mean": mean_fleet, "start": size(head_window(traces[s], START_WINDOW_S))}
+        sizing[s] = {"mean": mean_fleet, "start": size(head_window(traces[s], START_WINDOW_S))}
+        if not args.no_fixed_peak:
+            sizing[s]["peak"] = size(traces[s])
         print(f"  {s}: fixed fleets meeting {args.slo_target:.0%}: {sizing[s]}", flush=True)
     _JOB.update(
         cfg=cfg, auto_cfg=auto_cfg, traces=traces, router=args.router, start={s: z["start"] for s, z in sizing.items()}
     )
-    tasks: list[tuple[str, str, dict[str, int] | None, float | None]] = []
+    tasks: list[Task] = []
     for s in shapes:
-        tasks += [(s, p, None, None) for p in policies]
-        tasks += [(s, "fixed-peak", sizing[s]["peak"], None), (s, "fixed-mean", sizing[s]["mean"], None)]
+        tasks += [(s, p, None, None, None) for p in policies]
+        tasks += [(s, f"fixed-{k}", sizing[s][k], None, None) for k in ("peak", "mean") if k in sizing[s]]
     rows = _map(tasks, args.jobs)
+    target_rows: list[dict[str, Any]] = []
+    if target_sweep:
+        policy = args.sweep_policy or "slo"
+        print(f"target sweep: {policy} on {', '.join(shapes)}")
+        target_rows = _map([(s, policy, None, None, t) for t in target_sweep for s in shapes], args.jobs)
     sweep_rows: list[dict[str, Any]] = []
     if sweep:
         shape = args.sweep_shape or shapes[0]
         auto = [r for r in rows if r["shape"] == shape and not r["policy"].startswith("fixed")]
         policy = args.sweep_policy or max(auto, key=lambda r: (r["slo_attainment"], -r["gpu_hours"]))["policy"]
         print(f"cold-start sweep: {policy} on {shape}")
-        sweep_rows = _map([(shape, policy, None, c) for c in sweep], args.jobs)
+        sweep_rows = _map([(shape, policy, None, c, None) for c in sweep], args.jobs)
     table = format_table(rows)
     print(table)
     if sweep_rows:
@@ -417,17 +488,31 @@ def run(args: argparse.Namespace) -> int:
                 f"{r['cold_start_override_s']:17g}  {r['slo_attainment']:14.1%}  {r['gpu_hours']:5.1f}  "
                 f"{r['stalled_by_cold_start']:7d}"
             )
-    print(f"{len(rows) + len(sweep_rows)} runs in {time.perf_counter() - started:.0f} s")
+    if target_rows:
+        print("target (per pool)  shape     SLO attainment  GPU-h  stalled")
+        for r in target_rows:
+            per_pool = "/".join(f"{v:g}" for v in r["target_ongoing_requests"].values())
+            print(
+                f"{per_pool:>17}  {r['shape']:8s}  {r['slo_attainment']:14.1%}  {r['gpu_hours']:5.1f}  "
+                f"{r['stalled_by_cold_start']:7d}"
+            )
+    print(f"{len(rows) + len(sweep_rows) + len(target_rows)} runs in {time.perf_counter() - started:.0f} s")
     result = {
         "trace": {"name": base.name, "requests": len(base), "duration_s": base.duration_s, **base.meta},
         "profile": cfg.profile,
         "pools": {p.name: {"min": p.min_replicas, "max": p.max_replicas} for p in cfg.pools},
         "shapes": {s: t.meta for s, t in traces.items()},
         "sizing": sizing,
-        "target_ongoing_requests": {"source": args.targets, "values": targets},
+        "target_ongoing_requests": {
+            "source": args.targets,
+            "values": targets,
+            "calibrated": calibrated,
+            "in_flight_at_mean_load": mean_row["ongoing_per_replica"],
+        },
         "slo": "TTFT <= max(2 s, 1.5 x own no-cache prefill floor) and TPOT <= 100 ms",
         "runs": rows,
         "cold_start_sweep": sweep_rows,
+        "target_sweep": target_rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
     (out / "table.txt").write_text(table + "\n")
@@ -438,6 +523,9 @@ def run(args: argparse.Namespace) -> int:
             written.append(
                 plot_replicas(rs, load_series(traces[s]), out / f"replicas_{s}.png", f"{base.name}, {s}, {cfg.profile}")
             )
+        if sweep_rows:
+            title = f"{base.name}, {sweep_rows[0]['shape']}, {cfg.profile}: cold-start sweep"
+            written.append(plot_cold_start_sweep(sweep_rows, out / "cold_start_sweep.png", title))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
