@@ -24,6 +24,9 @@ from cluster.routing.registry import make_policy
 B = 16
 REPLICAS = [f"r{i}" for i in range(4)]
 CAPACITY = 3000  # blocks per replica: enough pressure that placement matters
+# Requests 0.1 s apart (half of the 4 replicas' prefill capacity at the policy's default
+# rate): routers price queueing, so time must pass between requests, as it does live.
+ARRIVAL_GAP_S = 0.1
 
 
 def workload(seed: int) -> list[tuple[str, list[int], list[int]]]:
@@ -86,6 +89,7 @@ def replay(num_routers: int, shared_sessions: bool, policy: str = "cache-aware",
             hashes,
             session_id=session,
             affinity_replica=sessions.get(session) if shared_sessions else None,
+            arrival_s=i * ARRIVAL_GAP_S,
         )
         rid = router.choose(request, views).replica_id
         held = chain_block_hashes(prompt + reply, B)

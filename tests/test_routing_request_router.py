@@ -155,11 +155,16 @@ async def test_choose_replicas_follows_the_gateway_hint_and_learns_what_finished
 
 async def test_choose_replicas_without_a_hint_keeps_session_affinity_and_skips_dead_replicas() -> None:
     router = make_router()
-    replicas = [FakeReplica("a"), FakeReplica("b"), FakeReplica("c")]
+    # Affinity is priced like any cached prefix: the engines must report a KV cache that
+    # holds the session's prompt, and the replica must be done prefilling the last copy
+    # (750 tokens, under 0.1 s at the policy's default rate) before the next comes.
+    stats = {"num_waiting": 0, "num_running": 0, "kv_usage": 0.0, "max_num_seqs": 16, "kv_capacity_blocks": 10_000}
+    replicas = [FakeReplica(r, dict(stats)) for r in "abc"]
     router.update_replicas(replicas)
-    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi " * 50}]})
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi " * 1000}]})
     [[chosen]] = await router.choose_replicas(replicas, pending(body, session_id="s1"))
     for _ in range(3):
+        await asyncio.sleep(0.2)
         [[same]] = await router.choose_replicas(replicas, pending(body, session_id="s1"))
         assert same is chosen
     assert await router.choose_replicas([], pending(body)) == []
