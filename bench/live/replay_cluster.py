@@ -54,6 +54,17 @@ FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
 WARM_UP_PROMPT = 48  # tokens per warm-up request
 OVERHEAD_PROMPTS = (32, 96, 256)  # prompt tokens of the lone requests that measure the overhead
 TIMING_KEYS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_ms", "tpot_p90_ms")
+ENGINE_TIMING_ROWS = (
+    "client_ttft_ms",
+    "engine_ttft_ms",
+    "engine_prefill_ms",
+    "client_overhead_ms",
+    "path_in_ms",
+    "path_first_token_back_ms",
+    "path_last_token_back_ms",
+    "stream_lead_ms",
+    "engine_itl_ms",
+)
 
 
 def scale_trace(trace: Trace, token_scale: float, rate_scale: float = 1.0, max_output: int | None = None) -> Trace:
@@ -93,6 +104,7 @@ def prompt_token_ids(req: TraceRequest, block_size: int, vocab_size: int) -> lis
 class Outcome:
     index: int
     sent: float = -1.0  # seconds from replay start
+    sent_wall: float = -1.0  # time.time() when sent: matches the engines' own records
     first_token: float = -1.0
     finish: float = -1.0
     completion_tokens: int = 0
@@ -118,6 +130,7 @@ async def _send(
         await asyncio.sleep(delay)
     async with gate:
         outcome.sent = time.perf_counter() - t0
+        outcome.sent_wall = time.time()
         try:
             async with client.completions.with_streaming_response.create(
                 model=model,
@@ -275,6 +288,31 @@ def replay_and_measure(
     return outcomes, summary
 
 
+def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, Any]:
+    """The replay's time split by the engines' own records (bench/live/engine_timeline.py),
+    and the simulator terms measured from it (`calibration`: request overhead, stream
+    lead and step scale, with their spreads). Needs this process's Ray connection."""
+    from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
+    from bench.live import engine_timeline
+
+    timelines = engine_timeline.read_timelines([p.name for p in cfg.pools])
+    scaled = engine_step_table_for(cfg, cfg.pools[0])
+    # Against the table as measured alone: the scale is what this measures.
+    table = EngineStepTable(scaled.table, scaled.name) if scaled is not None else None
+    mean_context = trace.stats().prompt_tokens / max(1, len(trace))
+    result = engine_timeline.breakdown(outcomes, timelines, table, mean_context)
+    if result["matched"] and table is not None:
+        result["calibration"] = engine_timeline.calibrate(result)
+    return result
+
+
+def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
+    """Set the simulator terms `engine_timing` measured (a `calibration` dict) on cfg."""
+    from cluster.config import SimulatorConfig
+
+    cfg.simulator = SimulatorConfig.model_validate({**cfg.simulator.model_dump(), **terms})
+
+
 def timing_errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
     """(simulated - real) / real of TTFT and TPOT p50 and p90."""
     return {k: (float(sim[k]) - float(real[k])) / float(real[k]) for k in TIMING_KEYS if float(real[k]) > 0}
@@ -420,6 +458,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="first measure the serving path's per-request overhead (lone requests, idle cluster) and simulate with it",
     )
+    p.add_argument(
+        "--engine-timing",
+        action="store_true",
+        help="after the replay, split its time by the engines' own records and print the simulator terms measured "
+        "from it (request overhead, stream lead, step scale; into replay.json as engine_timing.calibration)",
+    )
+    p.add_argument(
+        "--sim-terms",
+        default=None,
+        help="a JSON of simulator terms (another replay's engine_timing.calibration, or its replay.json) to "
+        "simulate with: a prediction from one replay checked on this one",
+    )
     p.add_argument("--out", default="out/replay")
 
 
@@ -507,6 +557,20 @@ def run(args: argparse.Namespace) -> int:
             "block_hit_ceiling": stats.block_hit_ceiling,
         }
     )
+    timing = None
+    if args.engine_timing:
+        timing = engine_timing(cfg, trace, outcomes)
+        print("engine timing (ms, p50 / p90):")
+        for key in ENGINE_TIMING_ROWS:
+            if key in timing:
+                print(f"  {key:28} {timing[key]['p50']:8.1f} {timing[key]['p90']:8.1f}")
+        if "calibration" in timing:
+            print(f"simulator terms measured here: {json.dumps(timing['calibration'])}")
+    if args.sim_terms:
+        terms = json.loads(Path(args.sim_terms).read_text())
+        terms = terms.get("engine_timing", {}).get("calibration", terms)
+        apply_sim_terms(cfg, terms)
+        print(f"simulating with the terms of {args.sim_terms}: {json.dumps(terms)}")
     rows = [summary]
     sim_summary = None
     if not args.no_sim:
@@ -548,6 +612,8 @@ def run(args: argparse.Namespace) -> int:
         "request_overhead_ms": cfg.simulator.request_overhead_ms,
         "overhead_measurement": overhead,
         "timing_errors": errors,
+        "engine_timing": timing,
+        "simulator_terms": cfg.simulator.model_dump(),
         "outcomes": [o.__dict__ for o in outcomes],
     }
     (out / "replay.json").write_text(json.dumps(result, indent=1, default=float))
