@@ -142,6 +142,7 @@ def test_step_scale_stretches_every_step_and_only_cpu_tables_have_it() -> None:
     base = default_step_time(cfg, cfg.pools[0])
     cfg.simulator.engine_step_scale = 1.5
     scaled = default_step_time(cfg, cfg.pools[0])
+    assert isinstance(scaled, EngineStepTable)
     for chunks, dec, kv in (([(256, 0)], 0, 0), ([], 4, 4 * 300), ([(64, 128)], 2, 600)):
         assert scaled.step_ms(chunks, dec, kv) == pytest.approx(1.5 * base.step_ms(chunks, dec, kv))
     assert "x 1.5" in scaled.describe()

@@ -68,7 +68,9 @@ def _table() -> EngineStepTable:
 def test_breakdown_splits_the_client_ttft_and_calibrate_reads_the_legs() -> None:
     table = _table()
     t0 = 1_000_000.0
-    outcomes, requests, steps = [], [], []
+    outcomes: list[_Outcome] = []
+    requests: list[et.EngineRequest] = []
+    steps: list[et.EngineStep] = []
     step = table.step_ms([], 1, 200) / 1e3
     for k in range(20):
         sent = 2.0 * k
