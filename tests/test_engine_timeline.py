@@ -7,6 +7,7 @@ components into simulator terms; bench/sim/spread.py draws from measured quantil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,10 @@ def test_breakdown_splits_the_client_ttft_and_calibrate_reads_the_legs() -> None
         requests.append((arrival, first, 0.001, 0.012, decode, 200, 10, 128))
         steps.extend((arrival + first + (j + 1) * 2 * step, 0, 1, 2 * step, 1, 0) for j in range(9))
     # A record of another replica and one generated-token count apart never match.
-    timelines = {"r1": {"requests": requests, "steps": steps}, "r2": {"requests": requests[:3], "steps": []}}
+    timelines: dict[str, dict[str, list[Any]]] = {
+        "r1": {"requests": list(requests), "steps": list(steps)},
+        "r2": {"requests": requests[:3], "steps": []},
+    }
     b = et.breakdown(outcomes, timelines, table, 200.0)
     assert b["matched"] == 20
     assert b["path_in_ms"]["p50"] == pytest.approx(20.0)
