@@ -76,6 +76,11 @@ class EngineStepTable:
             raise ValueError(f"{path.name} was measured for another model architecture")
         return cls(table, path.name, scale, scale_spread)
 
+    def reseed(self, seed: int | str) -> None:
+        """Draw the step scales anew from `seed` (the simulation's own seed)."""
+        if self._spread is not None:
+            self._spread = Spread(self._spread.quantiles, seed=seed)
+
     def decode_ms(self, batch: int, mean_context: float) -> float:
         row = self._decode_rows.get(batch)
         if row is None:

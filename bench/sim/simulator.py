@@ -204,13 +204,10 @@ class ClusterSimulator:
         self.request_overhead_s = [over.draw() / 1e3 for _ in trace.requests]
         # ... and the later tokens' way back is this much shorter than the first's.
         self.stream_lead_s = [lead.draw() / 1e3 for _ in trace.requests]
-        # The serving path keeps the order of requests: none reaches its engine before
-        # one sent earlier (so the engine-arrival clock never runs backwards).
-        self.engine_arrival_s: list[float] = []
-        t = -INF
-        for r, o in zip(trace.requests, self.request_overhead_s, strict=True):
-            t = max(t, r.arrival_s + o)
-            self.engine_arrival_s.append(t)
+        # Requests reach their engines in the order of these times (a request with a
+        # short path can overtake one sent just before it with a long one).
+        self.engine_arrival_s = [r.arrival_s + o for r, o in zip(trace.requests, self.request_overhead_s, strict=True)]
+        self.arrival_order = sorted(range(len(trace.requests)), key=lambda k: (self.engine_arrival_s[k], k))
         self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
         B = trace.block_size
         fresh = itertools.count(1)
@@ -226,6 +223,9 @@ class ClusterSimulator:
             plan = cfg.memory_plan(pool)
             capacity = max(1, plan.kv_tokens_per_replica // B)
             st = step_time_factory(cfg, pool)
+            reseed = getattr(st, "reseed", None)
+            if callable(reseed):  # a table drawing step scales draws them from this run's seed
+                reseed(f"{seed}-{pool.name}")
             describe = getattr(st, "describe", None)
             if callable(describe):
                 self.step_time_notes.append(f"{pool.name}: {describe()}")
@@ -320,8 +320,9 @@ class ClusterSimulator:
                 since_snap[r.replica_id] = 0
 
         engine_arrival = self.engine_arrival_s
+        order = self.arrival_order
         while i < N or heap:
-            t_arr = engine_arrival[i] if i < N else INF
+            t_arr = engine_arrival[order[i]] if i < N else INF
             t_step = heap[0][0] if heap else INF
             t_snap = next_snap if i < N else INF
             t_fleet = fleet.next_event_s() if fleet is not None and (i < N or heap) else INF
@@ -345,20 +346,21 @@ class ClusterSimulator:
                 next_snap = t_snap + period
             else:
                 now = t_arr
-                req = reqs[i]
+                k = order[i]
+                req = reqs[k]
                 i += 1
                 if progress is not None:
                     progress(i)
                 try:
                     choice = self.selector.select(req.prompt_tokens, req.output_tokens, self._pool_loads())
                 except ContextTooLong:
-                    rejected[i - 1] = True
+                    rejected[k] = True
                     continue
                 pool = self.pools[choice.pool]
-                spilled[i - 1] = choice.spilled_from is not None
-                seq = Seq(i - 1, req, chain_block_ids(req.block_ids), B)
+                spilled[k] = choice.spilled_from is not None
+                seq = Seq(k, req, chain_block_ids(req.block_ids), B)
                 seq.arrival_s = now
-                seqs[i - 1] = seq
+                seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
                 route = _route_request(seq, affinity if affinity in pool.by_id else None)
@@ -376,7 +378,7 @@ class ClusterSimulator:
                 if fleet is not None:
                     fleet.on_arrival(now, rep)
                 if not was_busy:
-                    bound = min(engine_arrival[i], next_snap) if i < N else INF
+                    bound = min(engine_arrival[order[i]], next_snap) if i < N else INF
                     if fleet is not None:
                         bound = min(bound, fleet.next_event_s())
                     heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))
