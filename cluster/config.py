@@ -656,7 +656,8 @@ class SimulatorConfig(_Strict):
     # proxy -> gateway pipeline -> router -> Serve handle -> engine frontend, and the
     # first token's way back. The simulator delivers each request to its engine this
     # long after the client sent it, so TTFT and E2E include it once and TPOT not at all.
-    # Measured per profile with `cluster bench replay --measure-overhead`.
+    # Measured per profile with `cluster bench replay --engine-timing` (the client's TTFT
+    # beyond the engine's own queue and prefill, during a replay).
     request_overhead_ms: float = Field(0.0, ge=0)
     # The first token's way back to the client takes this much longer than a later
     # token's (the gateway's and proxy's first chunk of a stream: headers, the response

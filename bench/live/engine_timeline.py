@@ -36,8 +36,14 @@ def _read_tap(_: Any) -> dict[str, list[Any]]:
 
 
 def read_timelines(pools: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """replica id -> its tap's steps and requests, for every engine replica of `pools`."""
+    """replica id -> its tap's steps and requests, for every engine replica of `pools`.
+    RuntimeError without a Ray connection (never starts a Ray of its own)."""
+    import ray
+
     from bench.live.replicas import replica_call
+
+    if not ray.is_initialized():
+        raise RuntimeError("the engines' timelines need this process's Ray connection (start the cluster here)")
     from deployments.serve_config import engine_deployment
 
     out: dict[str, dict[str, list[Any]]] = {}

@@ -25,10 +25,16 @@ simulator's token hit rate and the trace's ceiling.
 Timing: the same table sets client TTFT and TPOT percentiles beside the simulator's
 (`timing_errors`: relative errors of TTFT and TPOT p50/p90). The simulator's engines take
 their step times from the profile's table (for cpu-tiny the whole engine steps measured
-in vLLM, bench/calibration/engine_step_table.py) and every request pays the profile's
-`simulator.request_overhead_ms` for the serving path outside the engine.
-`--measure-overhead` measures that term first: lone requests on the idle cluster,
-client TTFT minus the simulator's TTFT of the same request alone on an idle replica.
+in vLLM, bench/calibration/engine_step_table.py), and the profile's `simulator` terms
+cover what the table does not: the serving path's time per request, the first token's
+longer way back (`stream_lead_ms`) and the engines' slowdown on shared cores
+(`engine_step_scale`), each with its measured spread. `--engine-timing` measures those
+terms from the replay itself: the engines' stat taps (deployments/engine_stats.py) keep
+vLLM's own per-step and per-request timings, bench/live/engine_timeline.py matches them
+to the client's requests and splits the time; `--sim-terms` simulates with the terms of
+another replay, so one replay calibrates and another checks the prediction.
+`--measure-overhead` measures the overhead the older way: lone requests on the idle
+cluster, client TTFT minus the simulator's TTFT of the same request alone.
 
 Without --base-url the local cluster is started here (profile cpu-tiny by default) and
 stopped at the end. Run one cluster per machine at a time: the engines need the cores.
@@ -560,7 +566,11 @@ def run(args: argparse.Namespace) -> int:
     )
     timing = None
     if args.engine_timing:
-        timing = engine_timing(cfg, trace, outcomes)
+        try:
+            timing = engine_timing(cfg, trace, outcomes)
+        except RuntimeError as e:
+            print(f"warning: no engine timing: {e}", file=sys.stderr)
+            timing = {}
         print("engine timing (ms, p50 / p90):")
         for key in ENGINE_TIMING_ROWS:
             if key in timing:
@@ -569,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"simulator terms measured here: {json.dumps(timing['calibration'])}")
     if args.sim_terms:
         terms = json.loads(Path(args.sim_terms).read_text())
-        terms = terms.get("engine_timing", {}).get("calibration", terms)
+        terms = (terms.get("engine_timing") or {}).get("calibration", terms)
         apply_sim_terms(cfg, terms)
         print(f"simulating with the terms of {args.sim_terms}: {json.dumps(terms)}")
     rows = [summary]
