@@ -301,7 +301,7 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
     outcomes, real = replay_and_measure(
         local_cluster.base_url, metrics_url, cfg, trace, warm_up_requests=0, api_key=api_key
     )
-    assert real["completed"] == len(trace) and real["failed"] == 0
+    assert real["completed"] == len(trace) and real["failed"] == 0, real["failures"]
     assert real["generated_tokens"] == real["expected_tokens"]
     profile_sim = simulate_same(cfg, trace)
     ceiling = trace.stats().token_hit_ceiling
