@@ -218,7 +218,8 @@ def breakdown(
 
 def cluster_cpu_seconds() -> dict[str, float]:
     """CPU seconds (user + system) so far of this driver's descendant processes, by kind:
-    engine cores, engine replicas (vLLM frontends), the gateway, the proxy, the rest."""
+    engine cores, their model workers, engine replicas (vLLM frontends), the gateway, the
+    proxy, the rest."""
     import psutil
 
     out: dict[str, float] = {}
@@ -235,6 +236,7 @@ def cluster_cpu_seconds() -> dict[str, float]:
 def _kind(cmd: str) -> str:
     for needle, kind in (
         ("EngineCore", "engine_core"),
+        ("VLLM::Worker", "engine_worker"),  # the model runs here (vLLM's CPU executor)
         ("engine-", "engine_replica"),
         ("gateway", "gateway"),
         ("ProxyActor", "proxy"),
