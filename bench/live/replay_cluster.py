@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.live import prefix_counters
+from bench.live import engine_timeline, prefix_counters
 from bench.traces import Trace, TraceRequest, read_trace
 
 FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
@@ -454,6 +454,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--synthetic-conversations", type=int, default=60, help="with --trace synthetic")
     p.add_argument("--synthetic-rate", type=float, default=0.5, help="new conversations per second (synthetic)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic trace")
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
     p.add_argument("--max-output", type=int, default=64, help="cap on scaled output tokens")
     p.add_argument("--max-in-flight", type=int, default=256)
@@ -484,7 +485,11 @@ def _source_trace(args: argparse.Namespace) -> Trace:
     if args.trace == "synthetic":
         from bench.traces import SyntheticSpec, synthetic_multiturn
 
-        spec = SyntheticSpec(conversations=args.synthetic_conversations, conversation_rate_per_s=args.synthetic_rate)
+        spec = SyntheticSpec(
+            conversations=args.synthetic_conversations,
+            conversation_rate_per_s=args.synthetic_rate,
+            seed=args.synthetic_seed,
+        )
         return synthetic_multiturn(spec)
     return read_trace(args.trace)
 
@@ -540,6 +545,8 @@ def run(args: argparse.Namespace) -> int:
             overhead = measure_overhead(base_url, cfg, api_key=args.api_key, metrics_url=metrics_url)
             print(f"serving-path overhead per request: {overhead['request_overhead_ms']:.1f} ms ({overhead})")
             cfg.simulator.request_overhead_ms = overhead["request_overhead_ms"]
+        timing: dict[str, Any] | None = None
+        cpu_before, wall_before = engine_timeline.cluster_cpu_seconds(), time.monotonic()
         with tqdm(total=len(trace), unit="req", desc="replaying", file=sys.stderr) as bar:
             outcomes, summary = replay_and_measure(
                 base_url,
@@ -551,6 +558,15 @@ def run(args: argparse.Namespace) -> int:
                 api_key=args.api_key,
                 progress=bar.update,
             )
+        if args.engine_timing:  # read the engines' taps while the cluster still runs
+            cores = engine_timeline.cpu_delta(
+                cpu_before, engine_timeline.cluster_cpu_seconds(), time.monotonic() - wall_before
+            )
+            try:
+                timing = engine_timing(cfg, trace, outcomes)
+                timing["cluster_cores_by_process"] = cores
+            except RuntimeError as e:
+                print(f"warning: no engine timing: {e}", file=sys.stderr)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -564,17 +580,13 @@ def run(args: argparse.Namespace) -> int:
             "block_hit_ceiling": stats.block_hit_ceiling,
         }
     )
-    timing = None
-    if args.engine_timing:
-        try:
-            timing = engine_timing(cfg, trace, outcomes)
-        except RuntimeError as e:
-            print(f"warning: no engine timing: {e}", file=sys.stderr)
-            timing = {}
+    if timing is not None:
         print("engine timing (ms, p50 / p90):")
         for key in ENGINE_TIMING_ROWS:
             if key in timing:
                 print(f"  {key:28} {timing[key]['p50']:8.1f} {timing[key]['p90']:8.1f}")
+        if "cluster_cores_by_process" in timing:
+            print(f"  cores used during the replay, by process: {timing['cluster_cores_by_process']}")
         if "calibration" in timing:
             print(f"simulator terms measured here: {json.dumps(timing['calibration'])}")
     if args.sim_terms:
