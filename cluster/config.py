@@ -656,8 +656,37 @@ class SimulatorConfig(_Strict):
     # proxy -> gateway pipeline -> router -> Serve handle -> engine frontend, and the
     # first token's way back. The simulator delivers each request to its engine this
     # long after the client sent it, so TTFT and E2E include it once and TPOT not at all.
-    # Measured per profile with `cluster bench replay --measure-overhead`.
+    # Measured per profile with `cluster bench replay --engine-timing` (the client's TTFT
+    # beyond the engine's own queue and prefill, during a replay).
     request_overhead_ms: float = Field(0.0, ge=0)
+    # The first token's way back to the client takes this much longer than a later
+    # token's (the gateway's and proxy's first chunk of a stream: headers, the response
+    # set-up); the simulator delivers the last token this much earlier relative to the
+    # first, so client TPOT is the engine's minus stream_lead_ms / (tokens - 1).
+    stream_lead_ms: float = 0.0  # negative: the last token comes back slower
+    # Engines that share their cores with the serving path and the rest of the machine
+    # (CPU profiles only) step this many times slower than the table measured on the
+    # engine alone (bench/calibration/engine_step_table.py reads it; GPU tables ignore it).
+    engine_step_scale: float = Field(1.0, gt=0)
+    # Measured spreads of the three terms (bench/sim/spread.py: quantiles at 0.05, 0.15,
+    # ..., 0.95, from `cluster bench replay --engine-timing`): when given, each request
+    # draws its overhead and stream lead, and each engine step its scale, from these
+    # instead of taking the constant above. Empty: the constants.
+    request_overhead_spread_ms: list[float] = Field(default_factory=list)
+    stream_lead_spread_ms: list[float] = Field(default_factory=list)
+    engine_step_scale_spread: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_spreads(self) -> SimulatorConfig:
+        for name in ("request_overhead_spread_ms", "stream_lead_spread_ms", "engine_step_scale_spread"):
+            values = getattr(self, name)
+            if values and len(values) != 10:
+                raise ValueError(f"simulator.{name} holds 10 quantiles (0.05 ... 0.95), got {len(values)}")
+        if any(v < 0 for v in self.request_overhead_spread_ms):
+            raise ValueError("simulator.request_overhead_spread_ms must be >= 0")
+        if any(v <= 0 for v in self.engine_step_scale_spread):
+            raise ValueError("simulator.engine_step_scale_spread must be > 0")
+        return self
 
 
 class ClusterConfig(_Strict):

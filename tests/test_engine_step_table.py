@@ -19,6 +19,7 @@ from bench.calibration.step_time import CALIBRATION_DIR, StepTimeModel
 from bench.sim.metrics import summarize
 from bench.sim.simulator import ClusterSimulator, default_step_time
 from bench.traces import Trace, TraceRequest
+from cluster.config import ClusterConfig, SimulatorConfig
 from cluster.profiles import load_profile
 
 COMMITTED = CALIBRATION_DIR / engine_table_name("cpu-tiny")
@@ -98,9 +99,15 @@ def test_cpu_backend_schedules_synchronously() -> None:
     assert ClusterSimulator(gpu, Trace("t", 512, []), policy="round-robin", replicas={"standard": 1}).async_scheduling
 
 
-def test_request_overhead_shifts_ttft_and_e2e_but_not_tpot() -> None:
+def _constant_terms() -> ClusterConfig:
+    """cpu-tiny with the serving-path terms as plain constants (no measured spreads)."""
     cfg = load_profile("cpu-tiny")
-    cfg.simulator.request_overhead_ms = 0.0
+    cfg.simulator = SimulatorConfig()
+    return cfg
+
+
+def test_request_overhead_shifts_ttft_and_e2e_but_not_tpot() -> None:
+    cfg = _constant_terms()
     reqs = [_lone(256, 8, 1), _lone(96, 12, 100, t=0.01), _lone(300, 6, 200, t=0.5)]
     trace = Trace("t", 32, reqs)
     kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 2}}
@@ -111,3 +118,64 @@ def test_request_overhead_shifts_ttft_and_e2e_but_not_tpot() -> None:
     assert with_path["e2e_p50_s"] == pytest.approx(bare["e2e_p50_s"] + 0.040)
     assert with_path["tpot_p50_ms"] == pytest.approx(bare["tpot_p50_ms"])
     assert with_path["tpot_p90_ms"] == pytest.approx(bare["tpot_p90_ms"])
+
+
+def test_stream_lead_shortens_tpot_and_e2e_but_not_ttft() -> None:
+    cfg = _constant_terms()
+    reqs = [_lone(256, 11, 1), _lone(96, 6, 100, t=0.5), _lone(64, 1, 200, t=1.0)]
+    trace = Trace("t", 32, reqs)
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 1}}
+    bare = ClusterSimulator(cfg, trace, **kw).run(check=True)
+    cfg.simulator.stream_lead_ms = 20.0
+    led = ClusterSimulator(cfg, trace, **kw).run(check=True)
+    assert led.first_token == bare.first_token
+    assert led.finish[0] == pytest.approx(bare.finish[0] - 0.020)
+    assert led.finish[1] == pytest.approx(max(bare.first_token[1], bare.finish[1] - 0.020))
+    assert led.finish[2] == bare.finish[2] == bare.first_token[2]  # one token: nothing after the first
+    # Client TPOT of the 11-token reply: the engine's less 20 ms over its 10 later tokens.
+    tpot = lambda r: (r.finish[0] - r.first_token[0]) / 10  # noqa: E731
+    assert tpot(led) == pytest.approx(tpot(bare) - 0.002)
+
+
+def test_step_scale_stretches_every_step_and_only_cpu_tables_have_it() -> None:
+    cfg = _constant_terms()
+    base = default_step_time(cfg, cfg.pools[0])
+    cfg.simulator.engine_step_scale = 1.5
+    scaled = default_step_time(cfg, cfg.pools[0])
+    assert isinstance(scaled, EngineStepTable)
+    for chunks, dec, kv in (([(256, 0)], 0, 0), ([], 4, 4 * 300), ([(64, 128)], 2, 600)):
+        assert scaled.step_ms(chunks, dec, kv) == pytest.approx(1.5 * base.step_ms(chunks, dec, kv))
+    assert "x 1.5" in scaled.describe()
+    gpu = load_profile("h100x8-bf16")
+    before = default_step_time(gpu, gpu.pools[0]).step_ms([], 8, 8 * 2048)
+    gpu.simulator.engine_step_scale = 3.0
+    assert default_step_time(gpu, gpu.pools[0]).step_ms([], 8, 8 * 2048) == pytest.approx(before)
+
+
+def test_measured_spreads_are_drawn_per_request_and_replay_identically() -> None:
+    cfg = _constant_terms()
+    cfg.simulator.request_overhead_spread_ms = [30, 35, 40, 45, 50, 55, 60, 70, 80, 120]
+    cfg.simulator.engine_step_scale_spread = [0.8, 0.9, 1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0]
+    reqs = [_lone(96, 4, 100 * k, t=0.5 * k) for k in range(1, 41)]
+    trace = Trace("t", 32, reqs)
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 1}}
+    one = ClusterSimulator(cfg, trace, **kw).run(check=True)
+    two = ClusterSimulator(cfg, trace, **kw).run(check=True)
+    assert one.first_token == two.first_token and one.finish == two.finish
+    sim = ClusterSimulator(cfg, trace, **kw)
+    overheads = sim.request_overhead_s
+    assert min(overheads) >= 0.030 - 1e-9 and max(overheads) <= 0.120 + 1e-9
+    assert len(set(overheads)) > 20  # drawn, not one constant
+    # Requests reach the engine in the order of their own paths' ends.
+    ends = [sim.engine_arrival_s[k] for k in sim.arrival_order]
+    assert all(a <= b for a, b in itertools.pairwise(ends))
+    assert ends == sorted(r.arrival_s + o for r, o in zip(reqs, overheads, strict=True))
+    ttft = sorted(f - a for f, a in zip(one.first_token, one.arrival, strict=True))
+    assert ttft[-1] - ttft[0] > 0.05  # the spread reaches the percentiles
+
+
+def test_a_spread_needs_ten_quantiles() -> None:
+    with pytest.raises(ValueError, match="10 quantiles"):
+        SimulatorConfig(request_overhead_spread_ms=[1.0, 2.0])
+    with pytest.raises(ValueError, match="> 0"):
+        SimulatorConfig(engine_step_scale_spread=[0.0] * 10)

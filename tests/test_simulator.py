@@ -247,82 +247,113 @@ def test_bench_subcommands_pass_options_through(tmp_path: Path, capsys: pytest.C
     assert set(BENCHMARKS) >= {"sim", "replay", "router", "router-cluster", "sessions"}
 
 
-@pytest.mark.e2e
-def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> None:
-    """The same scaled conversation trace through the real cluster (gateway, request
-    router, vLLM engines) and through the simulator: vLLM's own prefix-cache counters
-    agree with the simulator's cache model, and the client's TTFT and TPOT p50/p90 agree
-    with the simulator's, whose engines run the committed cpu-tiny step table and whose
-    requests pay the profile's serving-path overhead. Loose bounds: the machine is a
-    noisy 2-core VM; `cluster bench replay --measure-overhead` reports the figures."""
-    from bench.live.prefix_counters import metrics_urls
-    from bench.live.replay_cluster import (
-        TIMING_KEYS,
-        measure_overhead,
-        replay_and_measure,
-        scale_trace,
-        simulate_same,
-        timing_errors,
-    )
+def _replay_trace(block_size: int, seed: int) -> Trace:
+    """The scaled synthetic conversation trace the real-vs-simulated test replays."""
+    from bench.live.replay_cluster import scale_trace
 
-    cfg = local_cluster.cfg
-    api_key = getattr(local_cluster, "api_key", None) or "none"
     spec = SyntheticSpec(
         conversations=12,
         conversation_rate_per_s=1.0,
         mean_turns=3,
         system_prompts=2,
         mean_think_s=3.0,
-        seed=5,
+        seed=seed,
     )
     source = synthetic_multiturn(spec)
-    trace = scale_trace(source, cfg.pools[0].engine.block_size / source.block_size, max_output=16)
+    return scale_trace(source, block_size / source.block_size, max_output=16)
+
+
+@pytest.mark.e2e
+def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> None:
+    """The same scaled conversation trace through the real cluster (gateway, request
+    router, vLLM engines) and through the simulator: vLLM's own prefix-cache counters
+    agree with the simulator's cache model, and the client's TTFT and TPOT p50/p90 agree
+    with the simulator's, as a prediction: the simulator's serving-path terms (request
+    overhead, stream lead, step scale, with their spreads) are measured from the
+    engines' own records during a replay of a *different* trace (seed 6) right after
+    the test trace (seed 5), and the simulator's prediction for seed 5 is compared. Loose bounds: the machine is a
+    noisy shared 2-core VM; `cluster bench replay --engine-timing` reports the figures."""
+    import os
+
+    from bench.live.prefix_counters import metrics_urls
+    from bench.live.replay_cluster import (
+        TIMING_KEYS,
+        apply_sim_terms,
+        engine_timing,
+        replay_and_measure,
+        simulate_same,
+        timing_errors,
+    )
+
+    cfg = local_cluster.cfg
+    api_key = getattr(local_cluster, "api_key", None) or "none"
+    block = cfg.pools[0].engine.block_size
     metrics_url = next(iter(metrics_urls()), None)
     assert metrics_url is not None
+    load_before = os.getloadavg()
+    # The checked trace first, on a cache that has none of its blocks (both traces share
+    # system prompts), then the calibration trace right after it: the prediction for
+    # seed 5 uses only what seed 6's replay measured.
+    trace = _replay_trace(block, seed=5)
     outcomes, real = replay_and_measure(
         local_cluster.base_url, metrics_url, cfg, trace, warm_up_requests=2, api_key=api_key
     )
-    assert real["completed"] == len(trace) and real["failed"] == 0
+    calibration_trace = _replay_trace(block, seed=6)
+    calibration_outcomes, _ = replay_and_measure(
+        local_cluster.base_url, None, cfg, calibration_trace, warm_up_requests=0, api_key=api_key
+    )
+    measured = engine_timing(cfg, calibration_trace, calibration_outcomes)
+    terms = measured["calibration"]
+    assert real["completed"] == len(trace) and real["failed"] == 0, real["failures"]
     assert real["generated_tokens"] == real["expected_tokens"]
-    sim = simulate_same(cfg, trace)
+    profile_sim = simulate_same(cfg, trace)
     ceiling = trace.stats().token_hit_ceiling
     engine = real["engine_token_hit_rate"]
     assert engine is not None
     assert 0.3 < engine <= ceiling + 1e-9
-    assert abs(engine - sim["token_hit_rate"]) < 0.1
+    assert abs(engine - profile_sim["token_hit_rate"]) < 0.1
 
-    overhead = measure_overhead(local_cluster.base_url, cfg, repeats=4, api_key=api_key, metrics_url=metrics_url)
+    predicted_cfg = cfg.model_copy(deep=True)
+    apply_sim_terms(predicted_cfg, terms)
+    sim = simulate_same(predicted_cfg, trace)
     errors = timing_errors(real, sim)
     print(
         "replay timing:",
         json.dumps(
             {
                 "real": {k: real[k] for k in TIMING_KEYS},
-                "simulated": {k: sim[k] for k in TIMING_KEYS},
+                "predicted": {k: sim[k] for k in TIMING_KEYS},
                 "errors": errors,
-                "real_ttft_mean_s": real["ttft_mean_s"],
-                "vllm_ttft_mean_s": real.get("engine_ttft_mean_s"),
-                "simulated_ttft_mean_s": sim["ttft_mean_s"],
+                "profile_terms_errors": timing_errors(real, profile_sim),
+                "terms_from_the_calibration_replay": terms,
+                "calibration_breakdown": {k: v for k, v in measured.items() if k not in ("samples", "calibration")},
+                "validation_breakdown": {
+                    k: v for k, v in engine_timing(cfg, trace, outcomes).items() if k not in ("samples", "calibration")
+                },
                 "real_per_replica": real["requests_per_replica"],
-                "simulated_per_replica": {r["replica"]: r["requests"] for r in sim.get("replica_stats", [])},
-                "profile_overhead_ms": cfg.simulator.request_overhead_ms,
-                "measured_overhead": overhead,
+                "load_average": [load_before, os.getloadavg()],
             }
         ),
     )
     assert set(errors) == set(TIMING_KEYS)
-    # p50 within 60%, the tails (p90) within 75%: on this shared 2-core VM the engines,
-    # gateway and proxy slow each other and other work slows them all (two runs of this
-    # test: errors -37..-48% and -43..-66%, TPOT p50 real 5.2 and 10.3 ms), while the
-    # table holds the engine's own step times. A regression (a lost overhead term, the
-    # roofline instead of the table: -90%) still fails.
-    bounds = {"ttft_p50_s": 0.6, "tpot_p50_ms": 0.6, "ttft_p90_s": 0.75, "tpot_p90_ms": 0.75}
-    assert all(abs(errors[k]) < bound for k, bound in bounds.items()), errors
-    # The profile's overhead term still describes this serving path.
+    # Bounds (lower, upper) on (predicted - real) / real, from two sessions of this
+    # comparison on the shared 2-core VM (bench/calibration/README.md, "Prediction"):
+    # TTFT p50 +16% / +14%, p90 +52% / -4%, TPOT p50 +252% / +29%, p90 +146% / -3%.
+    # TTFT p50 is tightened from 60% to 35%: a lost overhead term (main's constant 41 ms:
+    # -32% / -56%) or a lost engine part fails it. Client TPOT here is the engine's step
+    # less the stream lead over a few tokens, a small difference of two terms, and the
+    # machine's other work changes the engine's speed between the calibration replay and
+    # this one (1.6x in the first session), so TPOT over-prediction is bounded only loosely.
+    bounds = {
+        "ttft_p50_s": (-0.35, 0.35),
+        "ttft_p90_s": (-0.75, 0.75),
+        "tpot_p50_ms": (-0.6, 3.0),
+        "tpot_p90_ms": (-0.75, 2.0),
+    }
+    assert all(lo < errors[k] < hi for k, (lo, hi) in bounds.items()), errors
+    # The profile's committed overhead still describes this serving path.
     assert (
-        0.5 * cfg.simulator.request_overhead_ms
-        < overhead["request_overhead_ms"]
-        < 2 * cfg.simulator.request_overhead_ms
+        0.5 * cfg.simulator.request_overhead_ms < terms["request_overhead_ms"] < 2 * cfg.simulator.request_overhead_ms
     )
 
 

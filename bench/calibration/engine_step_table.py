@@ -16,6 +16,12 @@ cell: one token of work): the model's work adds, the step's fixed costs (schedul
 the hand-off to the worker, sampling) are paid once. The profiler's mixed checks measure
 how far that composition is off. Both tables are interpolated piecewise-linearly
 (extrapolated linearly past the measured range) and made non-decreasing along every axis.
+
+`scale` (the profile's `simulator.engine_step_scale`) stretches every step: the table
+holds the engine measured alone, while in a serving cluster on the same few cores the
+engine shares them with its own frontend, the gateway, the proxy and whatever else the
+machine runs (`cluster bench replay --engine-timing` measures the ratio from the
+engine's own step intervals during a replay).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.calibration.step_time import CALIBRATION_DIR, Grid2D, interp1
+from bench.sim.spread import Spread
 from cluster.architecture import ModelArchitecture
 from cluster.config import ClusterConfig, PoolConfig
 
@@ -42,9 +49,16 @@ class EngineStepTable:
 
     source = "measured-engine"
 
-    def __init__(self, table: dict[str, Any], name: str = "table") -> None:
+    def __init__(
+        self, table: dict[str, Any], name: str = "table", scale: float = 1.0, scale_spread: Sequence[float] = ()
+    ) -> None:
+        if scale <= 0:
+            raise ValueError(f"step scale must be positive, got {scale}")
         self.table = table
         self.name = name
+        self.scale = scale
+        # A measured spread of the scale: each step draws its own (bench/sim/spread.py).
+        self._spread = Spread(scale_spread) if scale_spread else None
         self._decode = Grid2D.from_json(table["decode_ms"], "batch")
         self._prefill = Grid2D.from_json(table["prefill_ms"], "chunk")
         self.fixed_ms = self._decode.ms[0][0]
@@ -52,13 +66,20 @@ class EngineStepTable:
         self.notes = [f"engine step table {name} (vLLM {table.get('software', {}).get('vllm')}, {table.get('date')})"]
 
     @classmethod
-    def load(cls, path: Path, arch: ModelArchitecture | None = None) -> EngineStepTable:
+    def load(
+        cls, path: Path, arch: ModelArchitecture | None = None, scale: float = 1.0, scale_spread: Sequence[float] = ()
+    ) -> EngineStepTable:
         """The table at `path`; ValueError when it was measured for another architecture."""
         table = json.loads(path.read_text())
         measured = table.get("architecture")
         if arch is not None and measured is not None and ModelArchitecture.model_validate(measured) != arch:
             raise ValueError(f"{path.name} was measured for another model architecture")
-        return cls(table, path.name)
+        return cls(table, path.name, scale, scale_spread)
+
+    def reseed(self, seed: int | str) -> None:
+        """Draw the step scales anew from `seed` (the simulation's own seed)."""
+        if self._spread is not None:
+            self._spread = Spread(self._spread.quantiles, seed=seed)
 
     def decode_ms(self, batch: int, mean_context: float) -> float:
         row = self._decode_rows.get(batch)
@@ -76,14 +97,18 @@ class EngineStepTable:
         total = self.decode_ms(num_decode, decode_kv_tokens / num_decode) if num_decode > 0 else self.fixed_ms
         for new, ctx in prefill_chunks:
             total += self.prefill_ms(new, ctx) - self.fixed_ms
-        return total
+        return total * (self._spread.draw() if self._spread is not None else self.scale)
 
     @property
     def is_analytic(self) -> bool:
         return False
 
     def describe(self) -> str:
-        return "step times: measured whole engine steps; " + "; ".join(self.notes)
+        if self._spread is not None:
+            scaled = f" x {self._spread.median:.2f} median, drawn per step (cores shared in the cluster)"
+        else:
+            scaled = f" x {self.scale:g} (cores shared in the cluster)" if self.scale != 1.0 else ""
+        return "step times: measured whole engine steps" + scaled + "; " + "; ".join(self.notes)
 
 
 def engine_step_table_for(
@@ -98,7 +123,8 @@ def engine_step_table_for(
     if not path.exists():
         return None
     try:
-        return EngineStepTable.load(path, cfg.model.architecture)
+        sim = cfg.simulator
+        return EngineStepTable.load(path, cfg.model.architecture, sim.engine_step_scale, sim.engine_step_scale_spread)
     except (KeyError, ValueError, TypeError) as exc:
         log.warning("engine step table %s unusable for pool %r (%s): layer model instead", path, pool.name, exc)
         return None

@@ -25,10 +25,16 @@ simulator's token hit rate and the trace's ceiling.
 Timing: the same table sets client TTFT and TPOT percentiles beside the simulator's
 (`timing_errors`: relative errors of TTFT and TPOT p50/p90). The simulator's engines take
 their step times from the profile's table (for cpu-tiny the whole engine steps measured
-in vLLM, bench/calibration/engine_step_table.py) and every request pays the profile's
-`simulator.request_overhead_ms` for the serving path outside the engine.
-`--measure-overhead` measures that term first: lone requests on the idle cluster,
-client TTFT minus the simulator's TTFT of the same request alone on an idle replica.
+in vLLM, bench/calibration/engine_step_table.py), and the profile's `simulator` terms
+cover what the table does not: the serving path's time per request, the first token's
+longer way back (`stream_lead_ms`) and the engines' slowdown on shared cores
+(`engine_step_scale`), each with its measured spread. `--engine-timing` measures those
+terms from the replay itself: the engines' stat taps (deployments/engine_stats.py) keep
+vLLM's own per-step and per-request timings, bench/live/engine_timeline.py matches them
+to the client's requests and splits the time; `--sim-terms` simulates with the terms of
+another replay, so one replay calibrates and another checks the prediction.
+`--measure-overhead` measures the overhead the older way: lone requests on the idle
+cluster, client TTFT minus the simulator's TTFT of the same request alone.
 
 Without --base-url the local cluster is started here (profile cpu-tiny by default) and
 stopped at the end. Run one cluster per machine at a time: the engines need the cores.
@@ -47,13 +53,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.live import prefix_counters
+from bench.live import engine_timeline, prefix_counters
 from bench.traces import Trace, TraceRequest, read_trace
 
 FIRST_TOKEN_ID = 1000  # keep clear of the tokenizer's special tokens
 WARM_UP_PROMPT = 48  # tokens per warm-up request
 OVERHEAD_PROMPTS = (32, 96, 256)  # prompt tokens of the lone requests that measure the overhead
 TIMING_KEYS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_ms", "tpot_p90_ms")
+SIM_REPEATS = 15  # seeds the simulator's timing percentiles are the median over (spreads)
+ENGINE_TIMING_ROWS = (
+    "client_ttft_ms",
+    "engine_ttft_ms",
+    "engine_prefill_ms",
+    "client_overhead_ms",
+    "path_in_ms",
+    "path_first_token_back_ms",
+    "path_last_token_back_ms",
+    "stream_lead_ms",
+    "engine_itl_ms",
+)
 
 
 def scale_trace(trace: Trace, token_scale: float, rate_scale: float = 1.0, max_output: int | None = None) -> Trace:
@@ -93,6 +111,7 @@ def prompt_token_ids(req: TraceRequest, block_size: int, vocab_size: int) -> lis
 class Outcome:
     index: int
     sent: float = -1.0  # seconds from replay start
+    sent_wall: float = -1.0  # time.time() when sent: matches the engines' own records
     first_token: float = -1.0
     finish: float = -1.0
     completion_tokens: int = 0
@@ -118,6 +137,7 @@ async def _send(
         await asyncio.sleep(delay)
     async with gate:
         outcome.sent = time.perf_counter() - t0
+        outcome.sent_wall = time.time()
         try:
             async with client.completions.with_streaming_response.create(
                 model=model,
@@ -275,6 +295,31 @@ def replay_and_measure(
     return outcomes, summary
 
 
+def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, Any]:
+    """The replay's time split by the engines' own records (bench/live/engine_timeline.py),
+    and the simulator terms measured from it (`calibration`: request overhead, stream
+    lead and step scale, with their spreads). Needs this process's Ray connection."""
+    from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
+    from bench.live import engine_timeline
+
+    timelines = engine_timeline.read_timelines([p.name for p in cfg.pools])
+    scaled = engine_step_table_for(cfg, cfg.pools[0])
+    # Against the table as measured alone: the scale is what this measures.
+    table = EngineStepTable(scaled.table, scaled.name) if scaled is not None else None
+    mean_context = trace.stats().prompt_tokens / max(1, len(trace))
+    result = engine_timeline.breakdown(outcomes, timelines, table, mean_context)
+    if result["matched"] and table is not None:
+        result["calibration"] = engine_timeline.calibrate(result)
+    return result
+
+
+def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
+    """Set the simulator terms `engine_timing` measured (a `calibration` dict) on cfg."""
+    from cluster.config import SimulatorConfig
+
+    cfg.simulator = SimulatorConfig.model_validate({**cfg.simulator.model_dump(), **terms})
+
+
 def timing_errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
     """(simulated - real) / real of TTFT and TPOT p50 and p90."""
     return {k: (float(sim[k]) - float(real[k])) / float(real[k]) for k in TIMING_KEYS if float(real[k]) > 0}
@@ -409,6 +454,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--synthetic-conversations", type=int, default=60, help="with --trace synthetic")
     p.add_argument("--synthetic-rate", type=float, default=0.5, help="new conversations per second (synthetic)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic trace")
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
     p.add_argument("--max-output", type=int, default=64, help="cap on scaled output tokens")
     p.add_argument("--max-in-flight", type=int, default=256)
@@ -420,6 +466,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="first measure the serving path's per-request overhead (lone requests, idle cluster) and simulate with it",
     )
+    p.add_argument(
+        "--engine-timing",
+        action="store_true",
+        help="after the replay, split its time by the engines' own records and print the simulator terms measured "
+        "from it (request overhead, stream lead, step scale; into replay.json as engine_timing.calibration)",
+    )
+    p.add_argument(
+        "--sim-terms",
+        default=None,
+        help="a JSON of simulator terms (another replay's engine_timing.calibration, or its replay.json) to "
+        "simulate with: a prediction from one replay checked on this one",
+    )
     p.add_argument("--out", default="out/replay")
 
 
@@ -427,7 +485,11 @@ def _source_trace(args: argparse.Namespace) -> Trace:
     if args.trace == "synthetic":
         from bench.traces import SyntheticSpec, synthetic_multiturn
 
-        spec = SyntheticSpec(conversations=args.synthetic_conversations, conversation_rate_per_s=args.synthetic_rate)
+        spec = SyntheticSpec(
+            conversations=args.synthetic_conversations,
+            conversation_rate_per_s=args.synthetic_rate,
+            seed=args.synthetic_seed,
+        )
         return synthetic_multiturn(spec)
     return read_trace(args.trace)
 
@@ -483,6 +545,8 @@ def run(args: argparse.Namespace) -> int:
             overhead = measure_overhead(base_url, cfg, api_key=args.api_key, metrics_url=metrics_url)
             print(f"serving-path overhead per request: {overhead['request_overhead_ms']:.1f} ms ({overhead})")
             cfg.simulator.request_overhead_ms = overhead["request_overhead_ms"]
+        timing: dict[str, Any] | None = None
+        cpu_before, wall_before = engine_timeline.cluster_cpu_seconds(), time.monotonic()
         with tqdm(total=len(trace), unit="req", desc="replaying", file=sys.stderr) as bar:
             outcomes, summary = replay_and_measure(
                 base_url,
@@ -494,6 +558,15 @@ def run(args: argparse.Namespace) -> int:
                 api_key=args.api_key,
                 progress=bar.update,
             )
+        if args.engine_timing:  # read the engines' taps while the cluster still runs
+            cores = engine_timeline.cpu_delta(
+                cpu_before, engine_timeline.cluster_cpu_seconds(), time.monotonic() - wall_before
+            )
+            try:
+                timing = engine_timing(cfg, trace, outcomes)
+                timing["cluster_cores_by_process"] = cores
+            except RuntimeError as e:
+                print(f"warning: no engine timing: {e}", file=sys.stderr)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -507,10 +580,24 @@ def run(args: argparse.Namespace) -> int:
             "block_hit_ceiling": stats.block_hit_ceiling,
         }
     )
+    if timing is not None:
+        print("engine timing (ms, p50 / p90):")
+        for key in ENGINE_TIMING_ROWS:
+            if key in timing:
+                print(f"  {key:28} {timing[key]['p50']:8.1f} {timing[key]['p90']:8.1f}")
+        if "cluster_cores_by_process" in timing:
+            print(f"  cores used during the replay, by process: {timing['cluster_cores_by_process']}")
+        if "calibration" in timing:
+            print(f"simulator terms measured here: {json.dumps(timing['calibration'])}")
+    if args.sim_terms:
+        terms = json.loads(Path(args.sim_terms).read_text())
+        terms = (terms.get("engine_timing") or {}).get("calibration", terms)
+        apply_sim_terms(cfg, terms)
+        print(f"simulating with the terms of {args.sim_terms}: {json.dumps(terms)}")
     rows = [summary]
     sim_summary = None
     if not args.no_sim:
-        sim_summary = simulate_same(cfg, trace)
+        sim_summary = simulate_same(cfg, trace, repeats=SIM_REPEATS)
         sim_summary["rate_scale"] = args.rate_scale
         sim_summary["policy"] = f"simulator ({cfg.router.policy})"
         rows.append(sim_summary)
@@ -548,6 +635,8 @@ def run(args: argparse.Namespace) -> int:
         "request_overhead_ms": cfg.simulator.request_overhead_ms,
         "overhead_measurement": overhead,
         "timing_errors": errors,
+        "engine_timing": timing,
+        "simulator_terms": cfg.simulator.model_dump(),
         "outcomes": [o.__dict__ for o in outcomes],
     }
     (out / "replay.json").write_text(json.dumps(result, indent=1, default=float))
@@ -555,17 +644,28 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-def simulate_same(cfg: Any, trace: Trace) -> dict[str, Any]:
-    """The simulator on the same scaled trace, pools at their start replica counts."""
+def simulate_same(cfg: Any, trace: Trace, repeats: int = 1) -> dict[str, Any]:
+    """The simulator on the same scaled trace, pools at their start replica counts. With
+    measured spreads in the profile (each request and step draws its own terms), the
+    timing percentiles are the median over `repeats` seeds: a trace of a few dozen
+    requests has noisy percentiles, and the prediction should not be one draw's."""
     import logging
+    import statistics
 
     from bench.sim.metrics import summarize
     from bench.sim.simulator import ClusterSimulator
 
     logging.getLogger("bench.calibration.step_time").setLevel(logging.ERROR)
     replicas = {p.name: p.start_replicas for p in cfg.pools}
-    sim = ClusterSimulator(cfg, trace, policy=cfg.router.policy, replicas=replicas)
-    return summarize(sim.run())
+    runs = []
+    for seed in range(max(1, repeats)):
+        sim = ClusterSimulator(cfg, trace, policy=cfg.router.policy, replicas=replicas, seed=seed)
+        runs.append(summarize(sim.run()))
+    out = dict(runs[0])
+    for k in TIMING_KEYS:
+        out[k] = statistics.median(float(r[k]) for r in runs)
+    out["repeats"] = len(runs)
+    return out
 
 
 def _pct(x: float | None) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bench.sim.replica_model import ReplicaModel, Seq, StepTime
+from bench.sim.spread import Spread
 from bench.traces import Trace, TraceStats, chain_block_ids
 from cluster.config import ClusterConfig, PoolConfig
 from cluster.routing.policy import ReplicaView, RouteRequest, RoutingPolicy
@@ -195,7 +196,18 @@ class ClusterSimulator:
         self.async_scheduling = async_scheduling
         # Each request reaches its engine this long after the client sent it (gateway and
         # Serve path, both ways; cluster.config.SimulatorConfig).
-        self.request_overhead_s = cfg.simulator.request_overhead_ms / 1e3
+        # With measured spreads each request draws its own (bench/sim/spread.py); the
+        # draws are in request order, so a seed replays identically.
+        sim = cfg.simulator
+        over = Spread(sim.request_overhead_spread_ms or [sim.request_overhead_ms], seed=f"overhead-{seed}")
+        lead = Spread(sim.stream_lead_spread_ms or [sim.stream_lead_ms], seed=f"lead-{seed}")
+        self.request_overhead_s = [over.draw() / 1e3 for _ in trace.requests]
+        # ... and the later tokens' way back is this much shorter than the first's.
+        self.stream_lead_s = [lead.draw() / 1e3 for _ in trace.requests]
+        # Requests reach their engines in the order of these times (a request with a
+        # short path can overtake one sent just before it with a long one).
+        self.engine_arrival_s = [r.arrival_s + o for r, o in zip(trace.requests, self.request_overhead_s, strict=True)]
+        self.arrival_order = sorted(range(len(trace.requests)), key=lambda k: (self.engine_arrival_s[k], k))
         self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
         B = trace.block_size
         fresh = itertools.count(1)
@@ -211,6 +223,9 @@ class ClusterSimulator:
             plan = cfg.memory_plan(pool)
             capacity = max(1, plan.kv_tokens_per_replica // B)
             st = step_time_factory(cfg, pool)
+            reseed = getattr(st, "reseed", None)
+            if callable(reseed):  # a table drawing step scales draws them from this run's seed
+                reseed(f"{seed}-{pool.name}")
             describe = getattr(st, "describe", None)
             if callable(describe):
                 self.step_time_notes.append(f"{pool.name}: {describe()}")
@@ -304,9 +319,10 @@ class ClusterSimulator:
                 snapshot[r.replica_id] = r.stats()
                 since_snap[r.replica_id] = 0
 
-        overhead = self.request_overhead_s
+        engine_arrival = self.engine_arrival_s
+        order = self.arrival_order
         while i < N or heap:
-            t_arr = reqs[i].arrival_s + overhead if i < N else INF
+            t_arr = engine_arrival[order[i]] if i < N else INF
             t_step = heap[0][0] if heap else INF
             t_snap = next_snap if i < N else INF
             t_fleet = fleet.next_event_s() if fleet is not None and (i < N or heap) else INF
@@ -330,20 +346,21 @@ class ClusterSimulator:
                 next_snap = t_snap + period
             else:
                 now = t_arr
-                req = reqs[i]
+                k = order[i]
+                req = reqs[k]
                 i += 1
                 if progress is not None:
                     progress(i)
                 try:
                     choice = self.selector.select(req.prompt_tokens, req.output_tokens, self._pool_loads())
                 except ContextTooLong:
-                    rejected[i - 1] = True
+                    rejected[k] = True
                     continue
                 pool = self.pools[choice.pool]
-                spilled[i - 1] = choice.spilled_from is not None
-                seq = Seq(i - 1, req, chain_block_ids(req.block_ids), B)
+                spilled[k] = choice.spilled_from is not None
+                seq = Seq(k, req, chain_block_ids(req.block_ids), B)
                 seq.arrival_s = now
-                seqs[i - 1] = seq
+                seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
                 route = _route_request(seq, affinity if affinity in pool.by_id else None)
@@ -361,7 +378,7 @@ class ClusterSimulator:
                 if fleet is not None:
                     fleet.on_arrival(now, rep)
                 if not was_busy:
-                    bound = min(reqs[i].arrival_s + overhead, next_snap) if i < N else INF
+                    bound = min(engine_arrival[order[i]], next_snap) if i < N else INF
                     if fleet is not None:
                         bound = min(bound, fleet.next_event_s())
                     heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))
@@ -455,7 +472,7 @@ class ClusterSimulator:
             replicas={k: v for k, v in self.replica_counts.items() if v},
             arrival=[r.arrival_s for r in reqs],
             first_token=[s.first_token_s if s else nothing for s in seqs],
-            finish=[s.finish_s if s else nothing for s in seqs],
+            finish=[self._client_finish(s) if s else nothing for s in seqs],
             prompt_tokens=[r.prompt_tokens for r in reqs],
             output_tokens=[r.output_tokens for r in reqs],
             prompt_blocks=[len(r.block_ids) for r in reqs],
@@ -471,6 +488,14 @@ class ClusterSimulator:
             wall_s=wall,
             step_time_notes=list(self.step_time_notes),
         )
+
+    def _client_finish(self, seq: Seq) -> float:
+        """When the client has the last token: the engine's last step, less the stream
+        lead (later tokens travel back faster than the first), never before the first."""
+        lead = self.stream_lead_s[seq.index]
+        if seq.finish_s < 0 or lead == 0:
+            return seq.finish_s
+        return max(seq.first_token_s, seq.finish_s - lead)
 
 
 def _route_request(seq: Seq, affinity_replica: str | None = None) -> RouteRequest:

@@ -1,0 +1,273 @@
+"""What a replay's time is made of, from the engines' own measurements: each engine
+replica's stat tap (deployments/engine_stats.py) keeps the engine core's per-step
+intervals and per-request first-token / queue / prefill times; this module reads them
+over Ray once a replay is done, matches every client request to the engine's record of
+it, and splits the client's TTFT into the serving path (client minus engine) and the
+engine's part, and the engine's steps into the step table's prediction and the excess
+(the CPU the engine did not get). Also the CPU seconds each kind of cluster process used
+during the replay (the cluster's processes are the driver's descendants).
+
+Needs a Ray connection (the process that started the local cluster has one)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.sim.spread import quantiles_of
+
+# (arrival wall, first-token latency, queued, prefill, decode, prompt, generated, cached)
+EngineRequest = tuple[float, float, float, float, float, int, int, int]
+# (frontend wall, prompt tokens computed, decode tokens, mean inter-token s, running, waiting)
+EngineStep = tuple[float, int, int, float, int, int]
+
+
+def _read_tap(_: Any) -> dict[str, list[Any]]:
+    from deployments.engine_stats import latest_tap
+
+    tap = latest_tap()
+    if tap is None:
+        return {"steps": [], "requests": []}
+    return {"steps": list(tap.steps), "requests": list(tap.requests)}
+
+
+def read_timelines(pools: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """replica id -> its tap's steps and requests, for every engine replica of `pools`.
+    RuntimeError without a Ray connection (never starts a Ray of its own)."""
+    import ray
+
+    from bench.live.replicas import replica_call
+
+    if not ray.is_initialized():
+        raise RuntimeError("the engines' timelines need this process's Ray connection (start the cluster here)")
+    from deployments.serve_config import engine_deployment
+
+    out: dict[str, dict[str, list[Any]]] = {}
+    for pool in pools:
+        out.update(replica_call(engine_deployment(pool), _read_tap))
+    return out
+
+
+@dataclass
+class Matched:
+    """One client request beside the engine's record of it."""
+
+    sent_wall: float
+    client_ttft_s: float
+    engine_ttft_s: float  # engine frontend arrival -> first token
+    queued_s: float
+    prefill_s: float
+    in_flight_at_send: int  # other client requests in flight when it was sent
+    replica: str
+    in_s: float = 0.0  # client send -> engine frontend arrival
+    first_back_s: float = 0.0  # engine's first token -> the client has it
+    last_back_s: float = 0.0  # engine's last token -> the client has it
+    tokens: int = 0
+
+    @property
+    def client_overhead_s(self) -> float:
+        """Client TTFT less the engine core's own queue and prefill: what the step model
+        does not cover (the serving path both ways and the engine's intake)."""
+        return self.client_ttft_s - self.queued_s - self.prefill_s
+
+
+def match_requests(outcomes: Sequence[Any], timelines: dict[str, dict[str, list[Any]]]) -> list[Matched]:
+    """Each completed outcome (with `sent_wall`, `first_token`, `sent`, `replica`,
+    `completion_tokens`) paired with the engine request of the same replica and the same
+    generated-token count that arrived first after it was sent (within 2 s)."""
+    ok = [o for o in outcomes if o.status == 200 and o.first_token >= 0]
+    spans = [(o.sent, o.finish) for o in ok]
+    used: set[tuple[str, int]] = set()
+    out: list[Matched] = []
+    for o in sorted(ok, key=lambda o: o.sent_wall):
+        best: tuple[float, int, EngineRequest] | None = None
+        reqs = timelines.get(o.replica, {}).get("requests", [])
+        for k, r in enumerate(reqs):
+            lag = r[0] - o.sent_wall
+            if (o.replica, k) in used or r[6] != o.completion_tokens or not -0.05 < lag < 2.0:
+                continue
+            if best is None or lag < best[0]:
+                best = (lag, k, r)
+        if best is None:
+            continue
+        used.add((o.replica, best[1]))
+        r = best[2]
+        others = sum(1 for s, f in spans if s <= o.sent < f) - 1
+        engine_first = r[0] + r[1]
+        out.append(
+            Matched(
+                o.sent_wall,
+                o.first_token - o.sent,
+                r[1],
+                r[2],
+                r[3],
+                max(0, others),
+                o.replica,
+                in_s=r[0] - o.sent_wall,
+                first_back_s=o.sent_wall + o.first_token - o.sent - engine_first,
+                last_back_s=o.sent_wall + o.finish - o.sent - (engine_first + r[4]),
+                tokens=r[6],
+            )
+        )
+    return out
+
+
+def _pcts(values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
+    if not values:
+        return {"p50": math.nan, "p90": math.nan, "mean": math.nan, "n": 0}
+    a = np.asarray(values, dtype=float) * scale
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "mean": float(a.mean()),
+        "n": len(values),
+    }
+
+
+def steps_in(timelines: dict[str, dict[str, list[Any]]], start_wall: float, end_wall: float) -> list[tuple[str, Any]]:
+    return [
+        (rid, s) for rid, t in timelines.items() for s in t.get("steps", []) if start_wall <= s[0] <= end_wall and s[2]
+    ]
+
+
+def step_excess(steps: Sequence[tuple[str, Any]], table: Any, mean_context: float) -> dict[str, Any]:
+    """Measured decode-step intervals against the table's step for the same batch (and
+    the prefill computed in it): ratios measured / table, overall and by how many other
+    replicas stepped within the same interval (engine-on-engine CPU sharing)."""
+    ratios = step_ratios(steps, table, mean_context)
+    by_replica: dict[str, list[tuple[float, float]]] = {}
+    for rid, s in steps:
+        by_replica.setdefault(rid, []).append((s[0] - s[3], s[0]))
+    by_overlap: dict[int, list[float]] = {}
+    by_batch: dict[int, list[float]] = {}
+    for (rid, s), ratio in zip(steps, ratios, strict=True):
+        wall, decode, itl = s[0], s[2], s[3]
+        start = wall - itl
+        overlap = sum(
+            1 for other, iv in by_replica.items() if other != rid and any(a < wall and b > start for a, b in iv)
+        )
+        by_overlap.setdefault(overlap, []).append(ratio)
+        by_batch.setdefault(min(decode, 4), []).append(ratio)
+    return {
+        "ratio": _pcts(ratios),
+        "by_other_replicas_stepping": {k: _pcts(v) for k, v in sorted(by_overlap.items())},
+        "by_batch": {k: _pcts(v) for k, v in sorted(by_batch.items())},
+    }
+
+
+def step_ratios(steps: Sequence[tuple[str, Any]], table: Any, mean_context: float) -> list[float]:
+    """Each step's engine-measured interval over the (unscaled) table's step of the same
+    batch and computed prompt tokens."""
+    out = []
+    for _, s in steps:
+        prompt, decode, itl = s[1], s[2], s[3]
+        chunks = [(prompt, 0)] if prompt else []
+        out.append(itl / (table.step_ms(chunks, decode, int(decode * mean_context)) / 1e3))
+    return out
+
+
+def breakdown(
+    outcomes: Sequence[Any],
+    timelines: dict[str, dict[str, list[Any]]],
+    table: Any | None,
+    mean_context: float,
+) -> dict[str, Any]:
+    """The replay's TTFT split into serving path and engine, by in-flight requests at
+    send, and the engine's decode steps against the table."""
+    matched = match_requests(outcomes, timelines)
+    path = [m.client_ttft_s - m.engine_ttft_s for m in matched]
+    by_in_flight: dict[int, list[float]] = {}
+    for m, p in zip(matched, path, strict=True):
+        by_in_flight.setdefault(min(m.in_flight_at_send, 3), []).append(p)
+    out: dict[str, Any] = {
+        "matched": len(matched),
+        "client_ttft_ms": _pcts([m.client_ttft_s for m in matched], 1e3),
+        "engine_ttft_ms": _pcts([m.engine_ttft_s for m in matched], 1e3),
+        "engine_queued_ms": _pcts([m.queued_s for m in matched], 1e3),
+        "engine_prefill_ms": _pcts([m.prefill_s for m in matched], 1e3),
+        "serving_path_ms": _pcts(path, 1e3),
+        "path_in_ms": _pcts([m.in_s for m in matched], 1e3),
+        "path_first_token_back_ms": _pcts([m.first_back_s for m in matched], 1e3),
+        "path_last_token_back_ms": _pcts([m.last_back_s for m in matched if m.tokens > 1], 1e3),
+        "stream_lead_ms": _pcts([m.first_back_s - m.last_back_s for m in matched if m.tokens > 1], 1e3),
+        "client_overhead_ms": _pcts([m.client_overhead_s for m in matched], 1e3),
+        "serving_path_ms_by_in_flight": {k: _pcts(v, 1e3) for k, v in sorted(by_in_flight.items())},
+    }
+    # The raw per-request and per-step values `calibrate` takes its spreads from.
+    samples: dict[str, list[float]] = {
+        "client_overhead_ms": [1e3 * m.client_overhead_s for m in matched],
+        "stream_lead_ms": [1e3 * (m.first_back_s - m.last_back_s) for m in matched if m.tokens > 1],
+    }
+    out["samples"] = samples
+    ok = [o for o in outcomes if o.status == 200 and o.first_token >= 0]
+    if ok:
+        start = min(o.sent_wall for o in ok)
+        end = max(o.sent_wall + (o.finish - o.sent) for o in ok)
+        steps = steps_in(timelines, start, end + 0.5)
+        itl = [s[3] for _, s in steps for _ in range(s[2])]
+        out["engine_itl_ms"] = _pcts(itl, 1e3)
+        if table is not None:
+            out["decode_steps_vs_table"] = step_excess(steps, table, mean_context)
+            samples["engine_step_scale"] = step_ratios(steps, table, mean_context)
+    return out
+
+
+def cluster_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this driver's descendant processes, by kind:
+    engine cores, their model workers, engine replicas (vLLM frontends), the gateway, the
+    proxy, the rest."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            name = " ".join(p.cmdline()[:2]) or p.name()
+            t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[_kind(name)] = out.get(_kind(name), 0.0) + t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def _kind(cmd: str) -> str:
+    for needle, kind in (
+        ("EngineCore", "engine_core"),
+        ("VLLM::Worker", "engine_worker"),  # the model runs here (vLLM's CPU executor)
+        ("engine-", "engine_replica"),
+        ("gateway", "gateway"),
+        ("ProxyActor", "proxy"),
+        ("ServeController", "controller"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+    ):
+        if needle in cmd:
+            return kind
+    return "other"
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Cores used per process kind over `wall_s` (CPU seconds / wall seconds)."""
+    return {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / wall_s, 3) for k in sorted(after)}
+
+
+def calibrate(b: dict[str, Any]) -> dict[str, Any]:
+    """The cpu-tiny profile's simulator terms from one replay's breakdown, each a median
+    of a measured component (not a fit to the replay's percentiles): the client's TTFT
+    beyond the engine core's queue and prefill (`request_overhead_ms`), the first token's
+    extra way back (`stream_lead_ms`), and the engine's decode steps against the table
+    (`engine_step_scale`)."""
+    samples = b["samples"]
+    scale = samples.get("engine_step_scale", [])
+    overhead = samples["client_overhead_ms"]
+    return {
+        "request_overhead_ms": round(float(np.median(overhead)), 1),
+        "stream_lead_ms": round(float(np.median(samples["stream_lead_ms"])), 1),
+        "engine_step_scale": round(float(np.median(scale)), 2) if scale else 1.0,
+        "request_overhead_spread_ms": [max(0.0, v) for v in quantiles_of(overhead, 1)],
+        "stream_lead_spread_ms": quantiles_of(samples["stream_lead_ms"], 1),
+        "engine_step_scale_spread": quantiles_of(scale, 2),
+    }

@@ -1,0 +1,118 @@
+"""The replay timing breakdown (bench/live/engine_timeline.py) on records built here: the
+stat tap keeps what vLLM's own stats objects report per step and per finished request,
+client requests are matched to the engine's records, the client's TTFT splits into the
+serving path's legs, steps are set against the table, and `calibrate` turns the measured
+components into simulator terms; bench/sim/spread.py draws from measured quantiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
+from bench.live import engine_timeline as et
+from bench.sim.spread import PROBS, Spread, quantiles_of
+from cluster.config import SimulatorConfig
+from cluster.profiles import load_profile
+from deployments.engine_stats import SchedulerStatsTap
+
+
+@dataclass
+class _Outcome:  # the fields of bench.live.replay_cluster.Outcome the breakdown reads
+    index: int
+    sent: float
+    sent_wall: float
+    first_token: float
+    finish: float
+    completion_tokens: int
+    replica: str
+    status: int = 200
+
+
+def test_the_tap_keeps_vllms_per_step_and_per_request_figures() -> None:
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
+
+    tap = SchedulerStatsTap()
+    it = IterationStats()
+    it.inter_token_latencies_iter = [0.006, 0.006]
+    it.finished_requests.append(
+        FinishedRequestStats(
+            finish_reason=None,  # type: ignore[arg-type]
+            e2e_latency=0.100,
+            num_prompt_tokens=200,
+            num_generation_tokens=9,
+            queued_time=0.001,
+            prefill_time=0.012,
+            decode_time=0.048,
+            num_cached_tokens=128,
+        )
+    )
+    tap.record(SchedulerStats(num_running_reqs=2), it)
+    wall, prompt, decode, itl, running, waiting = tap.steps[0]
+    assert (prompt, decode, running, waiting) == (0, 2, 2, 0) and itl == pytest.approx(0.006)
+    arrival, first, queued, prefill, dec, p, g, cached = tap.requests[0]
+    assert arrival == pytest.approx(wall - 0.100)
+    assert first == pytest.approx(0.052) and (queued, prefill, dec) == (0.001, 0.012, 0.048)
+    assert (p, g, cached) == (200, 9, 128)
+
+
+def _table() -> EngineStepTable:
+    cfg = load_profile("cpu-tiny")
+    cfg.simulator = SimulatorConfig()
+    table = engine_step_table_for(cfg, cfg.pools[0])
+    assert table is not None
+    return table
+
+
+def test_breakdown_splits_the_client_ttft_and_calibrate_reads_the_legs() -> None:
+    table = _table()
+    t0 = 1_000_000.0
+    outcomes: list[_Outcome] = []
+    requests: list[et.EngineRequest] = []
+    steps: list[et.EngineStep] = []
+    step = table.step_ms([], 1, 200) / 1e3
+    for k in range(20):
+        sent = 2.0 * k
+        arrival = t0 + sent + 0.020  # 20 ms in
+        first = 0.015  # engine: arrival -> first token
+        decode = 9 * 2 * step  # steps twice the table's
+        # first token back after 40 ms, the last after 15 ms: the stream lead is 25 ms
+        outcomes.append(
+            _Outcome(k, sent, t0 + sent, sent + 0.020 + first + 0.040, sent + 0.020 + first + decode + 0.015, 10, "r1")
+        )
+        requests.append((arrival, first, 0.001, 0.012, decode, 200, 10, 128))
+        steps.extend((arrival + first + (j + 1) * 2 * step, 0, 1, 2 * step, 1, 0) for j in range(9))
+    # A record of another replica and one generated-token count apart never match.
+    timelines: dict[str, dict[str, list[Any]]] = {
+        "r1": {"requests": list(requests), "steps": list(steps)},
+        "r2": {"requests": requests[:3], "steps": []},
+    }
+    b = et.breakdown(outcomes, timelines, table, 200.0)
+    assert b["matched"] == 20
+    assert b["path_in_ms"]["p50"] == pytest.approx(20.0)
+    assert b["path_first_token_back_ms"]["p50"] == pytest.approx(40.0)
+    assert b["stream_lead_ms"]["p50"] == pytest.approx(25.0)
+    assert b["client_overhead_ms"]["p50"] == pytest.approx(75.0 - 13.0)  # less queue and prefill
+    assert b["decode_steps_vs_table"]["ratio"]["p50"] == pytest.approx(2.0)
+    terms = et.calibrate(b)
+    assert terms["request_overhead_ms"] == pytest.approx(62.0)
+    assert terms["stream_lead_ms"] == pytest.approx(25.0)
+    assert terms["engine_step_scale"] == pytest.approx(2.0)
+    SimulatorConfig.model_validate(terms)  # what it measures is a valid profile section
+
+
+def test_a_spread_draws_between_its_quantiles_and_a_constant_stays_one() -> None:
+    values = [float(v) for v in range(101)]
+    q = quantiles_of(values)
+    assert len(q) == len(PROBS) and q[0] == pytest.approx(5.0) and q[-1] == pytest.approx(95.0)
+    s = Spread(q, seed=1)
+    draws = [s.draw() for _ in range(2000)]
+    assert 5.0 <= min(draws) and max(draws) <= 95.0
+    assert s.median == pytest.approx(50.0)
+    assert sorted(draws)[1000] == pytest.approx(50.0, abs=5.0)
+    assert Spread(q, seed=1).draw() == Spread(q, seed=1).draw()
+    assert Spread([7.0]).draw() == 7.0
+    with pytest.raises(ValueError):
+        Spread([1.0, 2.0])
