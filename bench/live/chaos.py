@@ -3,8 +3,9 @@ are killed, wedged or drained on a schedule; what clients saw.
 
 Starts the local cluster (profile cpu-tiny by default), runs `--concurrency` streaming
 chat requests back to back (ignore_eos, fixed max_tokens, so a complete reply has exactly
-max_tokens tokens) for `--duration-s`, and applies `--faults` to the standard pool, in
-order (each waits until the pool is whole again after the one before):
+max_tokens tokens) until `--tail-s` after the last fault healed (`--duration-s` at
+most), and applies `--faults` to the standard pool, in order (each waits until the pool
+is whole again after the one before):
 - `kill@T`: SIGKILL an engine replica process T seconds in;
 - `stop@T`: SIGSTOP its engine core (resumed at the end);
 - `drain@T`: a config change that scales the pool down by one replica, redeployed as
@@ -54,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--faults", default="kill@20,stop@100", help="comma-separated kill@T / stop@T / drain@T (seconds)")
     p.add_argument("--stall-s", type=float, default=1.0)
+    p.add_argument(
+        "--tail-s",
+        type=float,
+        default=30.0,
+        help="end the load this long after the last fault healed, if that is before --duration-s",
+    )
 
 
 def parse_faults(spec: str) -> list[tuple[str, float]]:
@@ -282,8 +289,12 @@ def run(args: argparse.Namespace) -> int:
         http = httpx.Client(base_url=cluster.base_url, timeout=300)
         counter = iter(range(10**9))
 
+        # Set once the schedule is through and the tail has run: the load ends then, or at
+        # `end`, whichever comes first (a long --duration-s leaves room for slow rollouts).
+        finished = threading.Event()
+
         def worker() -> None:
-            while time.monotonic() < end:
+            while time.monotonic() < end and not finished.is_set():
                 sample = stream_chat(
                     http, cfg.model.served_name, f"chaos {next(counter)}: a long story", max_tokens=args.max_tokens
                 )
@@ -291,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
                     samples.append(sample)
 
         def scraper() -> None:
-            while time.monotonic() < end + 5:
+            while time.monotonic() < end + 5 and not finished.is_set():
                 counters.scrape(http)
                 time.sleep(1.0)
 
@@ -301,9 +312,14 @@ def run(args: argparse.Namespace) -> int:
             t.start()
         for kind, at in schedule:
             faults.apply(kind, at)
+        finished.wait(max(0.0, min(end, time.monotonic() + args.tail_s) - time.monotonic()))
+        finished.set()
         for t in threads:
             t.join()
+        stopped = time.monotonic()
+        counters.scrape(http)  # the last requests' retries and migrations
     finally:
         faults.resume()
         cluster.stop()
-    return report(samples, counters, faults, args, end)
+    faults.log(f"load ended after {stopped - t0:.0f} s")
+    return report(samples, counters, faults, args, stopped)
