@@ -21,7 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "router": ("bench.router_latency", "routing decision latency of each policy"),
     "router-cluster": ("bench.live.router_cluster", "routing through the real cluster's request router"),
     "sessions": ("bench.live.sessions", "session store throughput and latency"),
-    "chaos": ("bench.live.chaos", "streaming load while engine replicas are killed or wedged; what clients saw"),
+    "chaos": (
+        "bench.live.chaos",
+        "streaming load while engine replicas are killed, wedged or drained; what clients saw",
+    ),
     "published-check": (
         "bench.calibration.published_check",
         "the simulator against a published vLLM figure (Lambda, TP=8)",

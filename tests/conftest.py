@@ -22,16 +22,24 @@ from cluster.profiles import load_profile
 from tests.otlp_receiver import OTLPReceiver
 from tests.redis_server import RedisServer
 
+# The modules that share `standard_pool_cluster`, in the order they run: the KV-events
+# test wants the pool fresh, the drain module kills a replica and then scales the pool down.
+STANDARD_POOL_CLUSTER_MODULES = ("test_e2e_kv_events.py", "test_e2e_drain.py")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Fault-injection tests run after every other test of the shared cluster, so a replica
     they kill never disturbs another test; tests with a cluster of their own run last (they
-    stop the shared one: one Ray per process)."""
+    stop the shared one: one Ray per process), those sharing `standard_pool_cluster` first
+    among them, next to each other."""
 
-    def phase(item: pytest.Item) -> int:
+    def phase(item: pytest.Item) -> tuple[int, int]:
         if item.get_closest_marker("own_cluster") is not None:
-            return 2
-        return 1 if item.get_closest_marker("fault") is not None else 0
+            name = item.path.name
+            if name in STANDARD_POOL_CLUSTER_MODULES:
+                return 2, STANDARD_POOL_CLUSTER_MODULES.index(name)
+            return 3, 0
+        return (1 if item.get_closest_marker("fault") is not None else 0), 0
 
     items.sort(key=phase)  # stable: file order within a phase
 
@@ -111,6 +119,44 @@ def local_cluster(
         yield cluster
     finally:
         stop_shared_cluster()
+
+
+# Engine KV blocks of the standard-pool cluster: 3,072 tokens each, a few conversations'
+# worth, so the KV-events test's conversations evict each other's blocks.
+STANDARD_POOL_KV_BLOCKS = 96
+
+
+def standard_pool_config(redis_url: str) -> ClusterConfig:
+    """cpu-tiny with only its `standard` pool (2 replicas: two engines start and roll
+    faster than three), engines that publish KV events and hold STANDARD_POOL_KV_BLOCKS
+    blocks, and stream migration off (the drain module's cut streams are not saved)."""
+    data = load_profile("cpu-tiny").to_dict()
+    data["pools"] = [p for p in data["pools"] if p["name"] == "standard"]
+    data["pools"][0]["engine"]["extra"]["num_gpu_blocks_override"] = STANDARD_POOL_KV_BLOCKS
+    data["router"]["kv_events"]["enabled"] = True
+    data["resilience"]["max_migrations"] = 0
+    data["sessions"]["redis_url"], data["sessions"]["redis_url_env"] = redis_url, None
+    return ClusterConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def standard_pool_cluster() -> Iterator[Any]:
+    """An own cluster of `standard_pool_config`, shared by the KV-events and drain modules
+    (one start instead of two). It takes the shared cluster's place (stopped first: one Ray
+    per process), so the next own-cluster module's `stop_shared_cluster()` stops it."""
+    from cluster.ops.local import start_local_cluster
+
+    stop_shared_cluster()
+    redis = RedisServer().start()
+    try:
+        progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+        _shared["cluster"] = start_local_cluster(standard_pool_config(redis.url), progress=progress)
+        try:
+            yield _shared["cluster"]
+        finally:
+            stop_shared_cluster()
+    finally:
+        redis.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -145,7 +145,8 @@ class TokenEngine:
     """A pool of fake replicas generating `next_token` sequences, as a router would pick
     them (the first not excluded by the request's hint or the gateway's health board).
     `faults[replica]` injects a failure: "before" (before the first chunk), "hang" (never
-    answers) or an int (after that many token chunks); each fault fires once."""
+    answers), "hang-after-N" (wedged after N token chunks) or an int (dies after that many
+    token chunks); each fault fires once."""
 
     def __init__(self, replicas: list[str], board: HintBoard, health: ReplicaHealth) -> None:
         self.replicas = replicas
@@ -202,6 +203,8 @@ class TokenEngine:
                 raise EngineUnavailable(f"{replica} died mid-stream")
             if fault == "cancelled" and i >= 3:  # Serve cancels the call on a stopping replica
                 raise asyncio.CancelledError()
+            if isinstance(fault, str) and fault.startswith("hang-after-") and i >= int(fault.rsplit("-", 1)[1]):
+                await asyncio.sleep(3600)  # wedged mid-stream: nothing more comes
             t = next_token(context + ids)
             ids.append(t)
             finish = "length" if i == limit - 1 else None

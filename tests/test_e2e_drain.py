@@ -2,16 +2,19 @@
 Redis; no mocks): one pool, `standard`, at 2 replicas, with stream migration turned off
 (`resilience.max_migrations = 0`), so nothing here is saved by a migration:
 
-- a SIGKILLed replica under streaming load: every request that had not begun streaming is
-  retried elsewhere and succeeds; the streams it cut end with an OpenAI-style error event
-  and `data: [DONE]` (issue 10, 6b);
+- a replica SIGKILLed under streaming load (16 long streams open, 8 more sent right after
+  the kill): the victim is the replica seen streaming two of the long replies, so the kill
+  cuts streams for certain, not by a race; every request that had not begun streaming on
+  it is retried elsewhere and whole; the streams it cut end with an OpenAI-style error
+  event and `data: [DONE]`, and carry no usage (issue 10, 6b);
 - the pool scaled from 2 replicas to 1 by a config change, redeployed as `cluster serve` /
   `serve.run` deploy it, while streams run: Serve starts the new replicas first, the old
   ones get no new requests and finish the streams they have (graceful shutdown,
   drain.replica_shutdown_s): 0 failed requests, every stream whole (issue 10, 5 and 6e).
 
-The cluster is started once for the module (the shared one is stopped first: one Ray per
-process); the tests run in file order, the kill first (the pool heals before the drain).
+The cluster is `standard_pool_cluster` (tests/conftest.py), shared with the KV-events
+module, which runs first; here the tests run in file order, the kill first (the pool heals
+before the drain), the scale-down last.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,15 +32,16 @@ import pytest
 
 from bench.live.replicas import engine_replica_pids, replica_states, replica_table, wait_pool
 from bench.live.streams import StreamResult, stream_chat
-from cluster.config import ClusterConfig
-from cluster.profiles import load_profile
-from tests.conftest import stop_shared_cluster
-from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
 POOL = "standard"
 MAX_TOKENS = 48
+# The kill: EARLY_STREAMS long replies first (ignore_eos, so each is still open well after
+# its first token), the victim the first replica seen streaming CUT_AT_LEAST of them, then
+# LATE_STREAMS requests sent after the kill.
+EARLY_STREAMS, LATE_STREAMS, LONG_TOKENS, CUT_AT_LEAST = 16, 8, 160, 2
+MID_REPLY_TIMEOUT_S = 120
 HEAL_TIMEOUT_S = 300
 # The drain runs while every replica of the new version starts on a busy 2-core box.
 ROLLOUT_TIMEOUT_S = 360
@@ -47,72 +50,81 @@ ROLLOUT_TIMEOUT_S = 360
 ROUTING_UPDATE_S = 3.0
 
 
-def drain_config(redis_url: str) -> ClusterConfig:
-    cfg = load_profile("cpu-tiny")
-    cfg.pools = [cfg.pool(POOL)]  # two engines start (and roll) faster than three
-    cfg.resilience.max_migrations = 0
-    cfg.sessions.redis_url, cfg.sessions.redis_url_env = redis_url, None
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    from cluster.ops.local import start_local_cluster
-
-    stop_shared_cluster()
-    redis = RedisServer().start()
-    try:
-        progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-        running = start_local_cluster(drain_config(redis.url), progress=progress)
-        try:
-            yield running
-        finally:
-            running.stop()
-    finally:
-        redis.cleanup()
+@pytest.fixture
+def cluster(standard_pool_cluster: Any) -> Any:
+    """The standard-pool cluster (tests/conftest.py), with migration off as this module
+    needs."""
+    assert standard_pool_cluster.cfg.resilience.max_migrations == 0
+    assert [p.name for p in standard_pool_cluster.cfg.pools] == [POOL]
+    return standard_pool_cluster
 
 
 def _client(cluster: Any) -> httpx.Client:
     return httpx.Client(base_url=cluster.base_url, timeout=300)
 
 
+def mid_reply(streams: list[StreamResult]) -> dict[str, list[StreamResult]]:
+    """The streams that have received content and are still open, by the replica
+    streaming them (X-Served-By): a replica killed now certainly cuts these."""
+    out: dict[str, list[StreamResult]] = {}
+    for s in list(streams):
+        if s.served_by is not None and s.content_chunks > 0 and not s.done and s.seconds == 0:
+            out.setdefault(s.served_by, []).append(s)
+    return out
+
+
 def test_with_migration_off_a_killed_replica_cuts_its_streams_with_an_error_event(cluster: Any) -> None:
     assert wait_pool(POOL, 2, HEAL_TIMEOUT_S) is not None, replica_states(POOL)
     http, model = _client(cluster), cluster.cfg.model.served_name
-    victim_id, victim_pid = sorted(engine_replica_pids(POOL).items())[0]
-    killed_at = 0.0
-    with ThreadPoolExecutor(24) as pool:
+    pids = engine_replica_pids(POOL)
+    early = [StreamResult() for _ in range(EARLY_STREAMS)]
+    with ThreadPoolExecutor(EARLY_STREAMS + LATE_STREAMS) as pool:
         futures = []
-        for i in range(24):
-            futures.append(pool.submit(stream_chat, http, model, f"Request {i}: a long story.", max_tokens=MAX_TOKENS))
+        for i, live in enumerate(early):
+            futures.append(
+                pool.submit(stream_chat, http, model, f"Request {i}: a long story.", max_tokens=LONG_TOKENS, into=live)
+            )
             time.sleep(0.1)
-            # Three quarters sent: the first streams are mid-reply on both replicas (at half
-            # the load, on a loaded box, as few as 2 had begun, both on the other replica).
-            if i == 18:
-                os.kill(victim_pid, signal.SIGKILL)
-                killed_at = time.monotonic()
-        results = [f.result() for f in futures]
-    # A stream whose first chunk came within a second of the kill may have been on the way.
-    began = [r for r in results if r.first_chunk_at is not None and r.first_chunk_at < killed_at + 1.0]
-    not_begun = [r for r in results if r not in began]
-    for r in not_begun:  # retried before its first token: an ordinary, whole reply
+        # The victim is the first replica seen streaming CUT_AT_LEAST replies (long ones:
+        # they are still open when it dies), so the kill cuts streams for certain.
+        deadline, victim = time.monotonic() + MID_REPLY_TIMEOUT_S, None
+        while victim is None and time.monotonic() < deadline:
+            victim = next((r for r, on in mid_reply(early).items() if len(on) >= CUT_AT_LEAST), None)
+            time.sleep(0.05)
+        assert victim is not None, f"no replica streamed {CUT_AT_LEAST} replies at once: {mid_reply(early)}"
+        seen_mid_reply = mid_reply(early).get(victim, [])
+        os.kill(pids[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
+        # Requests sent after the kill: none has started, each must be retried and whole.
+        late = []
+        for i in range(LATE_STREAMS):
+            late.append(pool.submit(stream_chat, http, model, f"Late request {i}: a story.", max_tokens=MAX_TOKENS))
+            time.sleep(0.1)
+        early_results = [f.result() for f in futures]
+        late_results = [f.result() for f in late]
+    for r in late_results:
         assert r.whole(MAX_TOKENS), r.why_not_whole(MAX_TOKENS)
-    cut = [r for r in began if not r.whole(MAX_TOKENS)]
-    for r in cut:  # never silent: an error event, then [DONE]
-        assert r.cut_with_error(), r.why_not_whole(MAX_TOKENS)
-        assert r.served_by == victim_id, (r.served_by, victim_id)
+        assert r.served_by != victim
+    # Began on the victim (its first token came from there) and not finished before the
+    # kill: cut, never silently.
+    cut = [r for r in early_results if r.served_by == victim and r.started_at + r.seconds > killed_at]
+    for r in cut:
+        assert r.cut_with_error(), r.why_not_whole(LONG_TOKENS)
         assert r.usage == []  # a cut reply has no usage chunk: it is not a finished one
-    # Whether a stream is mid-reply on the victim at the kill is a race on this box (CI saw
-    # runs with none): the cut-stream contract is checked above whenever one was cut, and
-    # always by tests/test_gateway_resilience.py. TODO: pin streams to the victim first.
-    if not cut:
-        print(
-            f"kill: no stream was cut ({len(began)} had begun on {sorted({r.served_by for r in began})})",
-            file=sys.stderr,
-        )
-    assert len(not_begun) >= 8, f"only {len(not_begun)} requests began after the kill"
-    print(f"kill: {len(not_begun)} not begun, all whole; {len(cut)} of {len(began)} begun cut", file=sys.stderr)
-    assert wait_pool(POOL, 2, HEAL_TIMEOUT_S, gone={victim_id}) is not None, replica_states(POOL)
+    cut_ids = {id(r) for r in cut}
+    for r in early_results:  # on the other replica, or retried there before a first token
+        if id(r) not in cut_ids:
+            assert r.whole(LONG_TOKENS), r.why_not_whole(LONG_TOKENS)
+    assert {id(r) for r in seen_mid_reply} <= cut_ids
+    assert len(cut) >= len(seen_mid_reply) >= CUT_AT_LEAST
+    retried = sum(1 for r in early_results + late_results if r.attempts > 1)
+    print(
+        f"kill: {len(cut)} streams cut with an error event ({len(seen_mid_reply)} seen mid-reply at the kill), "
+        f"{len(early_results) - len(cut)} + {len(late_results)} late whole, {retried} retried",
+        file=sys.stderr,
+    )
+    assert wait_pool(POOL, 2, HEAL_TIMEOUT_S, gone={victim}) is not None, replica_states(POOL)
+    print(f"kill: pool whole again {time.monotonic() - killed_at:.0f} s after the kill", file=sys.stderr)
 
 
 def test_scaling_a_pool_down_by_a_config_change_under_load_loses_nothing(cluster: Any) -> None:

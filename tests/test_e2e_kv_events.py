@@ -2,10 +2,11 @@
 own KV cache events, so what it predicts cached for a request is what vLLM then reports
 cached (`usage.prompt_tokens_details.cached_tokens`), also under eviction pressure.
 
-A cluster of its own: the standard pool's two engines publish KV events (each replica
-on its own ports, reported through its routing stats) and hold only a few hundred KV
-blocks each (`num_gpu_blocks_override`), so the conversations evict each other's
-blocks. Each request's prediction comes back in `X-Predicted-Cached-Tokens`.
+A cluster of its own (`standard_pool_cluster`, tests/conftest.py, shared with the drain
+module, which runs after this one): the standard pool's two engines publish KV events
+(each replica on its own ports, reported through its routing stats) and hold only a few
+hundred KV blocks each (`num_gpu_blocks_override`), so the conversations evict each
+other's blocks. Each request's prediction comes back in `X-Predicted-Cached-Tokens`.
 """
 
 from __future__ import annotations
@@ -13,40 +14,29 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from bench.live.router_cluster import Agreement, stream_turn
-from cluster.config import ClusterConfig
-from cluster.profiles import load_profile
-from tests.conftest import stop_shared_cluster
-from tests.redis_server import RedisServer
+from tests.conftest import STANDARD_POOL_KV_BLOCKS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
-KV_BLOCKS = 96  # per engine: 3,072 tokens, a few conversations' worth
+KV_BLOCKS = STANDARD_POOL_KV_BLOCKS  # per engine: 3,072 tokens, a few conversations' worth
 _WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
-@pytest.fixture(scope="module")
-def events_cluster(local_cluster_redis: RedisServer) -> Iterator[Any]:
-    from cluster.ops.local import start_local_cluster
-
-    stop_shared_cluster()
-    data = load_profile("cpu-tiny").to_dict()
-    data["pools"] = [p for p in data["pools"] if p["name"] == "standard"]  # the engines this test needs
-    data["pools"][0]["engine"]["extra"]["num_gpu_blocks_override"] = KV_BLOCKS
-    data["router"]["kv_events"]["enabled"] = True
-    data["sessions"]["redis_url"], data["sessions"]["redis_url_env"] = local_cluster_redis.url, None
-    cfg = ClusterConfig.model_validate(data)
-    cluster = start_local_cluster(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+@pytest.fixture
+def events_cluster(standard_pool_cluster: Any) -> Any:
+    """The standard-pool cluster (tests/conftest.py; shared with the drain module, which
+    runs after this one): KV events on, KV_BLOCKS blocks per engine, both replicas fresh."""
+    cfg = standard_pool_cluster.cfg
+    assert cfg.router.kv_events.enabled
+    assert [p.name for p in cfg.pools] == ["standard"]
+    assert cfg.pools[0].engine.extra["num_gpu_blocks_override"] == KV_BLOCKS
+    return standard_pool_cluster
 
 
 def _body(model: str, messages: list[dict[str, str]]) -> dict[str, Any]:

@@ -174,6 +174,27 @@ async def test_a_request_waiting_on_a_replica_marked_wedged_fails_over(setup: An
     assert events(r.text)[-1] == "[DONE]"
 
 
+async def test_a_stream_whose_replica_is_marked_wedged_mid_reply_is_migrated(setup: Any) -> None:
+    # The read pending on the wedged stream is cancelled, and must have unwound before the
+    # stream is closed (closing an async generator mid-read raised RuntimeError, and the
+    # client saw its connection dropped: `cluster bench chaos`, stop@T).
+    client, engine, gateway = setup
+    engine.faults["a"] = "hang-after-4"
+
+    async def router_sees_wedged_stats() -> None:
+        await asyncio.sleep(0.8)
+        engine.health.mark_failed("a", 30)
+
+    marker = asyncio.create_task(router_sees_wedged_stats())
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    await marker
+    got = events(r.text)
+    assert r.status_code == 200 and got[-1] == "[DONE]" and not any("error" in e for e in got[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got[:-1] if c.get("choices"))
+    assert text == "".join(f"<{t}>" for t in expected_tokens(chat_prompt("go"), 12))
+    assert gateway.metrics.migrations.labels("standard")._value.get() == 1
+
+
 async def test_a_call_cancelled_on_the_replica_is_migrated_not_cut(setup: Any) -> None:
     client, engine, _ = setup
     engine.faults["a"] = "cancelled"

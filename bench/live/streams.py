@@ -16,9 +16,9 @@ import httpx
 
 @dataclass
 class StreamResult:
-    status: int  # 0: the connection broke (see transport_error)
-    started_at: float  # time.monotonic() when the request was sent
-    seconds: float = 0.0
+    status: int = 0  # 0: no answer yet, or the connection broke (see transport_error)
+    started_at: float = 0.0  # time.monotonic() when the request was sent
+    seconds: float = 0.0  # the whole request; 0 while it runs
     first_chunk_at: float | None = None  # time.monotonic() of the first SSE event
     max_gap_s: float = 0.0  # the longest wait between two pieces of the body
     events: list[str] = field(default_factory=list)  # `data:` payloads, "[DONE]" included
@@ -96,12 +96,21 @@ def chat_body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
 
 
 def stream_chat(
-    http: httpx.Client, model: str, text: str, *, max_tokens: int, session_id: str | None = None
+    http: httpx.Client,
+    model: str,
+    text: str,
+    *,
+    max_tokens: int,
+    session_id: str | None = None,
+    into: StreamResult | None = None,
 ) -> StreamResult:
     """POST one streaming chat and read it to the end; a broken connection is recorded,
-    not raised (it is one of the outcomes being counted)."""
+    not raised (it is one of the outcomes being counted). With `into`, that result is
+    filled as the stream goes (served_by once the headers came, events as they arrive,
+    `seconds` only at the end), so another thread can watch a stream mid-reply."""
     headers = {"X-Session-ID": session_id} if session_id else {}
-    result = StreamResult(status=0, started_at=time.monotonic())
+    result = into if into is not None else StreamResult()
+    result.started_at = time.monotonic()
     last = result.started_at
     try:
         with http.stream("POST", "/v1/chat/completions", json=chat_body(model, text, max_tokens), headers=headers) as r:

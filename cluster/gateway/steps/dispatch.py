@@ -31,6 +31,9 @@ from cluster.routing.replica_health import ReplicaHealth
 
 # How often a wait for the engine's next chunk checks whether its replica was marked failed.
 WATCH_S = 0.5
+# How long a read cancelled on a failed replica may take to unwind before its stream is
+# closed anyway (a cancelled await on a dead or wedged replica's call returns at once).
+UNWIND_S = 2.0
 
 
 class Dispatch(Step):
@@ -121,6 +124,12 @@ class Dispatch(Step):
         finally:
             if not step.done():
                 step.cancel()
+                # Let the cancelled read unwind before anyone closes the stream: an async
+                # generator being read cannot be closed (RuntimeError, and the client's
+                # connection dropped without an error event).
+                await asyncio.wait({step}, timeout=UNWIND_S)
+                if step.done() and not step.cancelled():
+                    step.exception()  # retrieved: the failure is already being handled
 
     def _failed(self, ctx: RequestContext) -> None:
         replica = ctx.replica
@@ -192,5 +201,12 @@ def _result(step: asyncio.Future[EngineChunk]) -> EngineChunk:
 
 async def _aclose(stream: AsyncIterator[EngineChunk]) -> None:
     close = getattr(stream, "aclose", None)
-    if close is not None:
+    if close is None:
+        return
+    try:
         await close()
+    except RuntimeError as exc:
+        # A read of it is still unwinding after UNWIND_S: nothing more is read from it,
+        # and its call ends with its replica; the reply goes on (migrated) or ends cleanly.
+        if "already running" not in str(exc):
+            raise
