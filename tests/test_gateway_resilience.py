@@ -159,15 +159,16 @@ async def test_completions_stream_migrates_too(setup: Any) -> None:
     assert text == "".join(f"<{t}>" for t in expected_tokens(prompt, 6)) and got[-1] == "[DONE]"
 
 
+async def router_sees_wedged_stats(engine: Any, replica: str, after_s: float = 0.8) -> None:
+    """What the router does when the replica's stats say its engine stopped making progress."""
+    await asyncio.sleep(after_s)
+    engine.health.mark_failed(replica, 30)
+
+
 async def test_a_request_waiting_on_a_replica_marked_wedged_fails_over(setup: Any) -> None:
     client, engine, _ = setup
     engine.faults["a"] = "hang"
-
-    async def router_sees_wedged_stats() -> None:
-        await asyncio.sleep(0.8)
-        engine.health.mark_failed("a", 30)
-
-    marker = asyncio.create_task(router_sees_wedged_stats())
+    marker = asyncio.create_task(router_sees_wedged_stats(engine, "a"))
     r = await client.post("/v1/chat/completions", json=STREAM_BODY)
     await marker
     assert r.status_code == 200 and r.headers["x-served-by"] == "b" and r.headers["x-attempts"] == "2"
@@ -180,12 +181,7 @@ async def test_a_stream_whose_replica_is_marked_wedged_mid_reply_is_migrated(set
     # client saw its connection dropped: `cluster bench chaos`, stop@T).
     client, engine, gateway = setup
     engine.faults["a"] = "hang-after-4"
-
-    async def router_sees_wedged_stats() -> None:
-        await asyncio.sleep(0.8)
-        engine.health.mark_failed("a", 30)
-
-    marker = asyncio.create_task(router_sees_wedged_stats())
+    marker = asyncio.create_task(router_sees_wedged_stats(engine, "a"))
     r = await client.post("/v1/chat/completions", json=STREAM_BODY)
     await marker
     got = events(r.text)
