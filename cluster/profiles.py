@@ -62,7 +62,10 @@ def standard_target_ongoing(in_flight_at_slo: float) -> float:
 LONG_TARGET_ONGOING = 1.0
 
 
-def _gpu_pools(tp: int, fp8: bool, standard_seqs: int, long_seqs: int, standard_target: float) -> list[PoolConfig]:
+def _gpu_pools(profile: str, tp: int, fp8: bool, standard_seqs: int, long_seqs: int) -> list[PoolConfig]:
+    # The standard pool's target follows from the profile's measured capacity (see above).
+    standard_target = standard_target_ongoing(IN_FLIGHT_AT_SLO[profile])
+
     def engine(max_seqs: int) -> EngineArgs:
         return EngineArgs(
             tensor_parallel_size=tp,
@@ -100,11 +103,11 @@ def h100x8_bf16() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411", weight_dtype="bfloat16"),
         node=H100_NODE,
         pools=_gpu_pools(
+            "h100x8-bf16",
             tp=8,
             fp8=False,
             standard_seqs=128,
             long_seqs=32,
-            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h100x8-bf16"]),
         ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
@@ -117,11 +120,11 @@ def h100x4_fp8() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H100_NODE,
         pools=_gpu_pools(
+            "h100x4-fp8",
             tp=4,
             fp8=True,
             standard_seqs=128,
             long_seqs=32,
-            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h100x4-fp8"]),
         ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
@@ -134,11 +137,11 @@ def h200x4_fp8() -> ClusterConfig:
         model=ModelConfig(source="/models/Mistral-Large-Instruct-2411-FP8", weight_dtype="fp8"),
         node=H200_NODE,
         pools=_gpu_pools(
+            "h200x4-fp8",
             tp=4,
             fp8=True,
             standard_seqs=256,
             long_seqs=64,
-            standard_target=standard_target_ongoing(IN_FLIGHT_AT_SLO["h200x4-fp8"]),
         ),
         # Served to the network: API keys required (hashes from a Secret, auth.api_keys_env).
         auth=AuthConfig(enabled=True),
