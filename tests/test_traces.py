@@ -157,6 +157,20 @@ def test_scaled_down_replay_trace_keeps_block_structure(tmp_path: Path) -> None:
     assert min(a) >= 1000 and max(a) < 32768  # clear of special tokens, inside the vocabulary
 
 
+def test_replay_trace_outputs_scale_apart_from_tokens(tmp_path: Path) -> None:
+    from bench.live.replay_cluster import scale_trace
+
+    trace = read_trace(_write_mooncake(tmp_path / "m.jsonl", MOONCAKE_ROWS))
+    # Outputs 10, 0, 5 at half scale -> 5, 0, 3; the floor of 2 lifts the zero, prompts as at 1/32.
+    longer = scale_trace(trace, 1 / 32, output_scale=0.5, min_output=2, max_output=4)
+    assert [r.output_tokens for r in longer.requests] == [4, 2, 3]
+    assert [r.prompt_tokens for r in longer.requests] == [35, 19, 32]
+    with pytest.raises(ValueError, match="output scale"):
+        scale_trace(trace, 1 / 32, output_scale=2.0)
+    with pytest.raises(ValueError, match="min_output"):
+        scale_trace(trace, 1 / 32, min_output=5, max_output=4)
+
+
 def test_prometheus_counters_of_vllm() -> None:
     from bench.live.prefix_counters import prometheus_sum
 

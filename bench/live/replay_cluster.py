@@ -74,19 +74,34 @@ ENGINE_TIMING_ROWS = (
 )
 
 
-def scale_trace(trace: Trace, token_scale: float, rate_scale: float = 1.0, max_output: int | None = None) -> Trace:
-    """The trace with blocks of round(block_size x token_scale) tokens, outputs scaled the
-    same way (at least 1, at most max_output), arrivals `rate_scale` times as fast, and
-    no reply blocks (a real engine's replies are not the trace's)."""
+def scale_trace(
+    trace: Trace,
+    token_scale: float,
+    rate_scale: float = 1.0,
+    max_output: int | None = None,
+    *,
+    output_scale: float | None = None,
+    min_output: int = 1,
+) -> Trace:
+    """The trace with blocks of round(block_size x token_scale) tokens, outputs scaled by
+    `output_scale` (default: the token scale; at least min_output, at most max_output),
+    arrivals `rate_scale` times as fast, and no reply blocks (a real engine's replies are
+    not the trace's). A larger output scale keeps client TPOT an engine quantity: over a
+    few tokens it is mostly the first token's extra way back (`stream_lead_ms`)."""
     if not 0 < token_scale <= 1:
         raise ValueError(f"token scale must be in (0, 1], got {token_scale}")
+    out_scale = token_scale if output_scale is None else output_scale
+    if not 0 < out_scale <= 1:
+        raise ValueError(f"output scale must be in (0, 1], got {out_scale}")
+    if min_output < 1 or (max_output is not None and max_output < min_output):
+        raise ValueError(f"need 1 <= min_output <= max_output, got {min_output}, {max_output}")
     bt = max(1, round(trace.block_size * token_scale))
     reqs: list[TraceRequest] = []
     for r in trace.requests:
         n = len(r.block_ids)
         last = r.prompt_tokens - (n - 1) * trace.block_size
         last_scaled = min(bt, max(1, math.ceil(last * token_scale)))
-        out = max(1, math.ceil(r.output_tokens * token_scale))
+        out = max(min_output, math.ceil(r.output_tokens * out_scale))
         if max_output is not None:
             out = min(out, max_output)
         reqs.append(replace(r, prompt_tokens=(n - 1) * bt + last_scaled, output_tokens=out, output_block_ids=()))
@@ -457,6 +472,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic trace")
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
     p.add_argument("--max-output", type=int, default=64, help="cap on scaled output tokens")
+    p.add_argument("--min-output", type=int, default=1, help="floor on scaled output tokens")
+    p.add_argument(
+        "--output-scale",
+        type=float,
+        default=None,
+        help="output-length multiplier (default: the token scale)",
+    )
     p.add_argument("--max-in-flight", type=int, default=256)
     p.add_argument("--api-key", default="none")
     p.add_argument("--warm-up", type=int, default=6, help="warm-up requests before measuring")
@@ -511,7 +533,14 @@ def run(args: argparse.Namespace) -> int:
         full = _source_trace(args)
         engine_block = cfg.pools[0].engine.block_size
         token_scale = args.token_scale or engine_block / full.block_size
-        trace = scale_trace(full.head(args.limit), token_scale, args.rate_scale, args.max_output)
+        trace = scale_trace(
+            full.head(args.limit),
+            token_scale,
+            args.rate_scale,
+            args.max_output,
+            output_scale=args.output_scale,
+            min_output=args.min_output,
+        )
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
