@@ -675,6 +675,10 @@ class SimulatorConfig(_Strict):
     request_overhead_spread_ms: list[float] = Field(default_factory=list)
     stream_lead_spread_ms: list[float] = Field(default_factory=list)
     engine_step_scale_spread: list[float] = Field(default_factory=list)
+    # Lag-1 correlation of consecutive steps' scales (normal scores; measured with the
+    # spread): slow steps come in runs on shared cores, so a request's TPOT varies more
+    # than independent draws give. 0: each step draws alone.
+    engine_step_scale_autocorr: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _check_spreads(self) -> SimulatorConfig:

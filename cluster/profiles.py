@@ -195,6 +195,8 @@ def cpu_tiny() -> ClusterConfig:
             request_overhead_spread_ms=[34.9, 49.3, 60.0, 61.8, 70.7, 74.6, 77.7, 80.0, 104.4, 120.0],
             stream_lead_spread_ms=[-64.9, -15.4, -4.8, 3.4, 15.7, 17.9, 27.9, 34.7, 38.5, 46.1],
             engine_step_scale_spread=[0.7, 0.79, 0.9, 1.01, 1.15, 1.32, 1.69, 2.19, 2.82, 5.43],
+            # Measured later, by the e2e timing test's calibration replays (0.49, 0.61).
+            engine_step_scale_autocorr=0.5,
         ),
     )
 

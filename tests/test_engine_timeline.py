@@ -13,7 +13,7 @@ import pytest
 
 from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
 from bench.live import engine_timeline as et
-from bench.sim.spread import PROBS, Spread, quantiles_of
+from bench.sim.spread import PROBS, Spread, lag1_autocorr, quantiles_of
 from cluster.config import SimulatorConfig
 from cluster.profiles import load_profile
 from deployments.engine_stats import SchedulerStatsTap
@@ -100,6 +100,7 @@ def test_breakdown_splits_the_client_ttft_and_calibrate_reads_the_legs() -> None
     assert terms["request_overhead_ms"] == pytest.approx(62.0)
     assert terms["stream_lead_ms"] == pytest.approx(25.0)
     assert terms["engine_step_scale"] == pytest.approx(2.0)
+    assert terms["engine_step_scale_autocorr"] == 0.0  # every step exactly twice the table
     SimulatorConfig.model_validate(terms)  # what it measures is a valid profile section
 
 
@@ -116,3 +117,35 @@ def test_a_spread_draws_between_its_quantiles_and_a_constant_stays_one() -> None
     assert Spread([7.0]).draw() == 7.0
     with pytest.raises(ValueError):
         Spread([1.0, 2.0])
+
+
+def test_correlated_draws_keep_the_spread_and_carry_into_the_next() -> None:
+    q = quantiles_of([float(v) for v in range(101)])
+    alone = Spread(q, seed=3)
+    runs = Spread(q, seed=3, autocorr=0.9)
+    a = [alone.draw() for _ in range(4000)]
+    b = [runs.draw() for _ in range(4000)]
+    # Each draw has the same measured spread either way ...
+    assert sorted(b)[2000] == pytest.approx(50.0, abs=6.0)
+    assert 5.0 <= min(b) and max(b) <= 95.0
+    # ... and the lag-1 correlation measured back is what was drawn (about).
+    assert lag1_autocorr([a]) < 0.1
+    assert lag1_autocorr([b]) == pytest.approx(0.9, abs=0.05)
+
+    # Means over 20 consecutive draws (one request's steps) vary far more in runs.
+    def spread_of_means(xs: list[float]) -> float:
+        means = sorted(sum(xs[i : i + 20]) / 20 for i in range(0, len(xs), 20))
+        return means[int(len(means) * 0.9)] - means[int(len(means) * 0.1)]
+
+    assert spread_of_means(b) > 2 * spread_of_means(a)
+    with pytest.raises(ValueError, match="autocorr"):
+        Spread(q, autocorr=1.0)
+
+
+def test_autocorr_pools_series_and_never_pairs_across_them() -> None:
+    up = [float(v) for v in range(50)]
+    # Two rising series: strongly correlated within each; the jump between them is no pair.
+    assert lag1_autocorr([up, up]) > 0.9
+    assert lag1_autocorr([[1.0, 2.0]]) == 0.0  # too few pairs
+    alternating = [float(v % 2) for v in range(60)]
+    assert lag1_autocorr([alternating]) == 0.0  # negative correlation clamps to 0

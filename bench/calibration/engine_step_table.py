@@ -50,15 +50,21 @@ class EngineStepTable:
     source = "measured-engine"
 
     def __init__(
-        self, table: dict[str, Any], name: str = "table", scale: float = 1.0, scale_spread: Sequence[float] = ()
+        self,
+        table: dict[str, Any],
+        name: str = "table",
+        scale: float = 1.0,
+        scale_spread: Sequence[float] = (),
+        scale_autocorr: float = 0.0,
     ) -> None:
         if scale <= 0:
             raise ValueError(f"step scale must be positive, got {scale}")
         self.table = table
         self.name = name
         self.scale = scale
-        # A measured spread of the scale: each step draws its own (bench/sim/spread.py).
-        self._spread = Spread(scale_spread) if scale_spread else None
+        # A measured spread of the scale: each step draws its own (bench/sim/spread.py),
+        # correlated with the step before by `scale_autocorr`.
+        self._spread = Spread(scale_spread, autocorr=scale_autocorr) if scale_spread else None
         self._decode = Grid2D.from_json(table["decode_ms"], "batch")
         self._prefill = Grid2D.from_json(table["prefill_ms"], "chunk")
         self.fixed_ms = self._decode.ms[0][0]
@@ -67,19 +73,24 @@ class EngineStepTable:
 
     @classmethod
     def load(
-        cls, path: Path, arch: ModelArchitecture | None = None, scale: float = 1.0, scale_spread: Sequence[float] = ()
+        cls,
+        path: Path,
+        arch: ModelArchitecture | None = None,
+        scale: float = 1.0,
+        scale_spread: Sequence[float] = (),
+        scale_autocorr: float = 0.0,
     ) -> EngineStepTable:
         """The table at `path`; ValueError when it was measured for another architecture."""
         table = json.loads(path.read_text())
         measured = table.get("architecture")
         if arch is not None and measured is not None and ModelArchitecture.model_validate(measured) != arch:
             raise ValueError(f"{path.name} was measured for another model architecture")
-        return cls(table, path.name, scale, scale_spread)
+        return cls(table, path.name, scale, scale_spread, scale_autocorr)
 
     def reseed(self, seed: int | str) -> None:
         """Draw the step scales anew from `seed` (the simulation's own seed)."""
         if self._spread is not None:
-            self._spread = Spread(self._spread.quantiles, seed=seed)
+            self._spread = Spread(self._spread.quantiles, seed=seed, autocorr=self._spread.autocorr)
 
     def decode_ms(self, batch: int, mean_context: float) -> float:
         row = self._decode_rows.get(batch)
@@ -106,6 +117,8 @@ class EngineStepTable:
     def describe(self) -> str:
         if self._spread is not None:
             scaled = f" x {self._spread.median:.2f} median, drawn per step (cores shared in the cluster)"
+            if self._spread.autocorr:
+                scaled += f", lag-1 correlation {self._spread.autocorr:.2f}"
         else:
             scaled = f" x {self.scale:g} (cores shared in the cluster)" if self.scale != 1.0 else ""
         return "step times: measured whole engine steps" + scaled + "; " + "; ".join(self.notes)
@@ -124,7 +137,13 @@ def engine_step_table_for(
         return None
     try:
         sim = cfg.simulator
-        return EngineStepTable.load(path, cfg.model.architecture, sim.engine_step_scale, sim.engine_step_scale_spread)
+        return EngineStepTable.load(
+            path,
+            cfg.model.architecture,
+            sim.engine_step_scale,
+            sim.engine_step_scale_spread,
+            sim.engine_step_scale_autocorr,
+        )
     except (KeyError, ValueError, TypeError) as exc:
         log.warning("engine step table %s unusable for pool %r (%s): layer model instead", path, pool.name, exc)
         return None

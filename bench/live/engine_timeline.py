@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.sim.spread import quantiles_of
+from bench.sim.spread import lag1_autocorr, quantiles_of
 
 # (arrival wall, first-token latency, queued, prefill, decode, prompt, generated, cached)
 EngineRequest = tuple[float, float, float, float, float, int, int, int]
@@ -212,7 +212,13 @@ def breakdown(
         out["engine_itl_ms"] = _pcts(itl, 1e3)
         if table is not None:
             out["decode_steps_vs_table"] = step_excess(steps, table, mean_context)
-            samples["engine_step_scale"] = step_ratios(steps, table, mean_context)
+            ratios = step_ratios(steps, table, mean_context)
+            samples["engine_step_scale"] = ratios
+            # Per replica in time order: how far a slow step carries into the next.
+            series: dict[str, list[float]] = {}
+            for (rid, _), ratio in zip(steps, ratios, strict=True):
+                series.setdefault(rid, []).append(ratio)
+            out["engine_step_scale_autocorr"] = round(lag1_autocorr(list(series.values())), 2)
     return out
 
 
@@ -259,7 +265,7 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
     of a measured component (not a fit to the replay's percentiles): the client's TTFT
     beyond the engine core's queue and prefill (`request_overhead_ms`), the first token's
     extra way back (`stream_lead_ms`), and the engine's decode steps against the table
-    (`engine_step_scale`)."""
+    (`engine_step_scale`, and how much one step's ratio carries into the next one's)."""
     samples = b["samples"]
     scale = samples.get("engine_step_scale", [])
     overhead = samples["client_overhead_ms"]
@@ -270,4 +276,5 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
         "request_overhead_spread_ms": [max(0.0, v) for v in quantiles_of(overhead, 1)],
         "stream_lead_spread_ms": quantiles_of(samples["stream_lead_ms"], 1),
         "engine_step_scale_spread": quantiles_of(scale, 2),
+        "engine_step_scale_autocorr": b.get("engine_step_scale_autocorr", 0.0),
     }

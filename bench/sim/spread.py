@@ -9,8 +9,10 @@ percentiles a replay reports (p90) come from that spread, not from its median.""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -24,16 +26,69 @@ def quantiles_of(values: Sequence[float], digits: int = 2) -> list[float]:
     return [round(float(q), digits) for q in np.quantile(np.asarray(values, dtype=float), PROBS)]
 
 
-class Spread:
-    """Draws from measured quantiles; a constant when given one value."""
+_NORMAL = NormalDist()
 
-    def __init__(self, quantiles: Sequence[float], seed: int | str = 0) -> None:
+
+def normal_scores(values: Sequence[float]) -> list[float]:
+    """Each value's rank as a standard normal quantile; equal values share their mean rank
+    (a run of equal ratios is no correlation)."""
+    n = len(values)
+    order = sorted(range(n), key=lambda i: values[i])
+    z = [0.0] * n
+    lo = 0
+    while lo < n:
+        hi = lo
+        while hi + 1 < n and values[order[hi + 1]] == values[order[lo]]:
+            hi += 1
+        score = _NORMAL.inv_cdf(((lo + hi) / 2 + 0.5) / n)
+        for k in range(lo, hi + 1):
+            z[order[k]] = score
+        lo = hi + 1
+    return z
+
+
+def lag1_autocorr(series: Sequence[Sequence[float]]) -> float:
+    """Lag-1 correlation of consecutive values' normal scores, pooled over several series
+    (one per replica, in time order): how much one step's slowdown carries into the next,
+    on the scale the draws use. 0 for fewer than 3 pairs; clamped to [0, 0.99]."""
+    flat = [v for s in series for v in s]
+    if len(flat) < 4:
+        return 0.0
+    scores = normal_scores(flat)
+    pairs: list[tuple[float, float]] = []
+    start = 0
+    for s in series:
+        zs = scores[start : start + len(s)]
+        pairs.extend(zip(zs, zs[1:], strict=False))
+        start += len(s)
+    if len(pairs) < 3:
+        return 0.0
+    xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((a - mx) * (b - my) for a, b in pairs)
+    var = math.sqrt(sum((a - mx) ** 2 for a in xs) * sum((b - my) ** 2 for b in ys))
+    return min(0.99, max(0.0, cov / var)) if var > 0 else 0.0
+
+
+class Spread:
+    """Draws from measured quantiles; a constant when given one value.
+
+    With `autocorr` > 0 consecutive draws are correlated (a Gaussian AR(1) process mapped
+    through the quantiles, so each draw still has the measured spread): on shared cores
+    the slow steps come in runs (the machine's other work lasts seconds), and a request's
+    mean over its steps then varies as much as the runs do, not as independent draws'."""
+
+    def __init__(self, quantiles: Sequence[float], seed: int | str = 0, autocorr: float = 0.0) -> None:
         if not quantiles:
             raise ValueError("a spread needs at least one quantile")
         if len(quantiles) not in (1, len(PROBS)):
             raise ValueError(f"a spread has 1 or {len(PROBS)} quantiles, got {len(quantiles)}")
+        if not 0 <= autocorr < 1:
+            raise ValueError(f"autocorr must be in [0, 1), got {autocorr}")
         self.quantiles = sorted(float(q) for q in quantiles)  # sorted: a monotone inverse CDF
+        self.autocorr = autocorr
         self._rng = random.Random(f"spread-{seed}")
+        self._z: float | None = None
 
     @property
     def median(self) -> float:
@@ -45,4 +100,11 @@ class Spread:
         return float(np.interp(u, PROBS, self.quantiles))
 
     def draw(self) -> float:
-        return self.at(self._rng.random()) if len(self.quantiles) > 1 else self.quantiles[0]
+        if len(self.quantiles) == 1:
+            return self.quantiles[0]
+        if not self.autocorr:
+            return self.at(self._rng.random())
+        rho = self.autocorr
+        fresh = self._rng.gauss(0.0, 1.0)
+        self._z = fresh if self._z is None else rho * self._z + math.sqrt(1 - rho * rho) * fresh
+        return self.at(_NORMAL.cdf(self._z))
