@@ -380,17 +380,6 @@ class CacheAwarePolicy:
                 if ours is None or ours[0] != target:
                     credit = int((prompt_tokens - self.mean_turn_tokens) // block_size)
                     affinity_blocks = max(affinity_blocks, min(credit, len(blocks)))
-        # Uncached tokens per replica; never negative (no match is longer than the chain,
-        # and prompt_tokens covers the chain). An overloaded replica loses its cache bonus.
-        if any(matched):
-            uncached_of = [
-                prompt_tokens if load > limit or r.kv_usage >= kv_overload else prompt_tokens - m * block_size
-                for r, load, m in zip(replicas, loads, matched, strict=True)
-            ]
-        else:
-            uncached_of = [prompt_tokens] * len(ids)
-        if affinity >= 0:
-            uncached_of[affinity] = prompt_tokens - affinity_blocks * block_size
 
         now = self._now(request)
         backlog_weight = self.backlog_weight
@@ -410,7 +399,12 @@ class CacheAwarePolicy:
         offset = self._rng.randrange(n)
         for i in chain(range(offset, n), range(offset)):
             r = replicas[i]
-            uncached = uncached_of[i]
+            kv_usage = r.kv_usage
+            if loads[i] > limit or kv_usage >= kv_overload:
+                uncached = prompt_tokens  # the hot-spot guard: no cache bonus
+            else:
+                # Never negative: no match is longer than the chain, which prompt_tokens covers.
+                uncached = prompt_tokens - (affinity_blocks if i == affinity else matched[i]) * block_size
             running = r.num_running
             share = 1.0 - running * inv_batch
             rate = prefill_rate * (share if share > 0.05 else 0.05)
@@ -420,8 +414,8 @@ class CacheAwarePolicy:
             busy = running + q
             if busy >= r.max_num_seqs:
                 ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
-            if r.kv_usage > kv_high:
-                ttft += (r.kv_usage - kv_high) * kv_scale
+            if kv_usage > kv_high:
+                ttft += (kv_usage - kv_high) * kv_scale
             extra = ext * own_s if ext else 0.0
             state = aligned[i]
             if state is not None:
