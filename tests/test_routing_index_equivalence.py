@@ -81,6 +81,33 @@ def test_matches_equal_the_reference_under_any_operations(seed: int, mask_replic
             assert [new.pinned_blocks(r) for r in ids] == [ref.pinned_blocks(r) for r in ids]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_many_answers_and_holes_equal_the_reference(seed: int) -> None:
+    """Replicas holding prefixes of one chain, of few or many lengths, with holes (engine
+    evictions anywhere): the answers depend on the order the candidates come in, each
+    replica's search trying the previous one's answer first. Candidates may repeat or be
+    unknown to the index."""
+    rng = random.Random(seed)
+    new, ref = PrefixIndex(10_000, mask_replicas=1), ReferenceIndex(10_000)
+    chain = [rng.getrandbits(60) for _ in range(rng.choice([40, 200]))]
+    ids = [f"r{i}" for i in range(rng.choice([20, 64, 70]))]
+    lengths = [rng.randrange(len(chain) + 1) for _ in range(rng.choice([2, 5, 40]))]
+    for rid in ids:
+        held = chain[: rng.choice(lengths)]
+        holes = [h for h in held if rng.random() < 0.03]
+        for idx in (new, ref):
+            idx.insert(rid, held)
+            idx.remove(rid, holes)
+    for _ in range(300):
+        order = rng.sample(ids, rng.randrange(1, len(ids) + 1))
+        if rng.random() < 0.2:
+            order += rng.sample(order, 2) if len(order) > 1 else order
+            order.append("unknown")
+            rng.shuffle(order)
+        probe = chain[: rng.randrange(1, len(chain) + 1)]
+        assert new.match_many(order, probe) == ref.match_many(order, probe)
+
+
 class _Recorder:
     """Wraps a policy's choose() and keeps every decision."""
 

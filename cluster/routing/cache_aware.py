@@ -259,6 +259,9 @@ class CacheAwarePolicy:
         self.index = PrefixIndex(default_capacity_blocks, index_generations)
         self._rng = random.Random(seed)
         self._last_caps: tuple[list[str], list[int]] = ([], [])
+        # _state's entries in the order of the last candidate list (None: rebuild).
+        self._aligned: list[_ReplicaState | None] | None = None
+        self._aligned_ids: list[str] = []
 
     # --- scoring -------------------------------------------------------------------
 
@@ -333,17 +336,24 @@ class CacheAwarePolicy:
             self._last_caps = (ids, caps)
             for rid, cap in zip(ids, caps, strict=True):
                 index.set_capacity(rid, int(cap * self.index_capacity_fraction) if cap > 0 else 0)
+        states = self._state
+        # This router's state of each candidate, in candidate order: rebuilt only when the
+        # candidates or the replicas with state change (a dict lookup per replica otherwise).
+        aligned = self._aligned
+        if aligned is None or ids != self._aligned_ids:
+            aligned = self._aligned = [states.get(rid) for rid in ids]
+            self._aligned_ids = ids
+        in_flight_weight = self.in_flight_weight
+        queued = [r.num_waiting + in_flight_weight * r.in_flight for r in replicas]
         loads = [r.num_waiting + r.num_running + r.in_flight for r in replicas]
         min_load = min(loads)
         abs_limit = min_load + self.balance_abs
         rel_limit = self.balance_rel * min_load
-        # Off by default: a full KV cache still holds its prefixes, and KV pressure is
-        # already priced (kv_penalty_s); at saturation every cache is full.
+        # `overloaded` is load > both limits (a NaN limit: never) or r.kv_usage >= kv_overload,
+        # evaluated where needed. Off by default: a full KV cache still holds its prefixes,
+        # and KV pressure is already priced (kv_penalty_s); at saturation every cache is full.
+        limit = abs_limit if abs_limit >= rel_limit else rel_limit
         kv_overload = self.kv_overload if self.kv_overload is not None else 2.0
-        overloaded = [
-            (load > abs_limit and load > rel_limit) or r.kv_usage >= kv_overload
-            for r, load in zip(replicas, loads, strict=True)
-        ]
         blocks = request.block_hashes
         block_size = self.block_size
         prompt_tokens = max(request.prompt_tokens, len(blocks) * block_size)
@@ -362,60 +372,52 @@ class CacheAwarePolicy:
         ours = self._sessions.get(session) if session is not None else None
         if ours is not None and ours[1] in self._in_flight:
             target = ours[0]
-        if self.use_affinity and target is not None:
-            for i, rid in enumerate(ids):
-                if rid == target:
-                    if not overloaded[i]:
-                        affinity = i
-                        affinity_blocks = matched[i]
-                        if ours is None or ours[0] != rid:
-                            credit = int((prompt_tokens - self.mean_turn_tokens) // block_size)
-                            affinity_blocks = max(affinity_blocks, min(credit, len(blocks)))
-                    break
+        if self.use_affinity and target is not None and target in ids:
+            i = ids.index(target)
+            if not (loads[i] > limit or replicas[i].kv_usage >= kv_overload):
+                affinity = i
+                affinity_blocks = matched[i]
+                if ours is None or ours[0] != target:
+                    credit = int((prompt_tokens - self.mean_turn_tokens) // block_size)
+                    affinity_blocks = max(affinity_blocks, min(credit, len(blocks)))
 
         now = self._now(request)
         backlog_weight = self.backlog_weight
         # expected_ttft_s, inlined: this loop runs once per replica per request.
         prefill_rate, inv_batch = self.prefill_tokens_per_s, 1.0 / self.batch_tokens
         mean_tokens, duration_s = self.mean_uncached_tokens, self.request_duration_s
-        in_flight_weight = self.in_flight_weight
         kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
-        ext = self.externality_weight * self.mean_queue(replicas)
+        n = len(replicas)
+        ext = self.externality_weight * (sum(queued) / n)  # mean_queue(replicas)
         kv_wait_weight = self.kv_wait_weight
         out_tokens = request.max_tokens or 0
         tpot_weight = self.tpot_weight
-        states = self._state
         scores: dict[str, float] = {}
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
         # random offset, so cold requests spread instead of piling on replicas[0].
-        n = len(replicas)
         offset = self._rng.randrange(n)
         for i in chain(range(offset, n), range(offset)):
             r = replicas[i]
-            rid = ids[i]
-            if overloaded[i]:
-                uncached = prompt_tokens
+            kv_usage = r.kv_usage
+            if loads[i] > limit or kv_usage >= kv_overload:
+                uncached = prompt_tokens  # the hot-spot guard: no cache bonus
             else:
+                # Never negative: no match is longer than the chain, which prompt_tokens covers.
                 uncached = prompt_tokens - (affinity_blocks if i == affinity else matched[i]) * block_size
-                if uncached < 0:
-                    uncached = 0
             running = r.num_running
             share = 1.0 - running * inv_batch
             rate = prefill_rate * (share if share > 0.05 else 0.05)
-            queued = r.num_waiting + in_flight_weight * r.in_flight
+            q = queued[i]
             own_s = uncached / rate
-            ttft = (queued * mean_tokens + uncached) / rate
-            busy = running + queued
+            ttft = (q * mean_tokens + uncached) / rate
+            busy = running + q
             if busy >= r.max_num_seqs:
                 ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
-            if r.kv_usage > kv_high:
-                ttft += (r.kv_usage - kv_high) * kv_scale
-            if ext:
-                extra = ext * own_s
-            else:
-                extra = 0.0
-            state = states.get(rid)
+            if kv_usage > kv_high:
+                ttft += (kv_usage - kv_high) * kv_scale
+            extra = ext * own_s if ext else 0.0
+            state = aligned[i]
             if state is not None:
                 backlog_s = state.backlog_until - now
                 if backlog_s > 0 and backlog_weight:
@@ -437,7 +439,7 @@ class CacheAwarePolicy:
                         # Admission waits until running requests free that much KV.
                         extra += kv_wait_weight * over / cap * duration_s
             ttft += extra
-            scores[rid] = ttft
+            scores[ids[i]] = ttft
             if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
                 best_ttft, best_load = ttft, loads[i]
                 chosen = i
@@ -451,7 +453,7 @@ class CacheAwarePolicy:
             if len(sessions) > self.max_sessions:
                 sessions.popitem(last=False)
         hit = matched[chosen]
-        if reason != "affinity" and hit and not overloaded[chosen]:
+        if reason != "affinity" and hit and not (loads[chosen] > limit or replicas[chosen].kv_usage >= kv_overload):
             reason = "cache"
         expected_hit = affinity_blocks if chosen == affinity else hit
         uncached = max(0, prompt_tokens - expected_hit * block_size)
@@ -474,9 +476,10 @@ class CacheAwarePolicy:
             index.pin(rid, blocks)
         else:
             index.insert(rid, blocks)
-        state = states.get(rid)
+        state = aligned[chosen]
         if state is None:
             state = states[rid] = _ReplicaState(now)
+            self._aligned = None
         state.backlog_until = max(now, state.backlog_until) + uncached / prefill_rate
         owed_tokens = float(uncached + out_tokens) if kv_wait_weight else 0.0
         state.kv_owed += owed_tokens
@@ -536,6 +539,7 @@ class CacheAwarePolicy:
         live = set(replica_ids)
         for rid in [r for r in self._state if r not in live]:
             del self._state[rid]
+        self._aligned = None
         for req_id in [k for k, v in self._in_flight.items() if v.replica_id not in live]:
             del self._in_flight[req_id]
 
