@@ -161,6 +161,8 @@ class PolicyRequestRouter(RequestRouter):
         self._outstanding: defaultdict[str, int] = defaultdict(int)
         self._unreported: defaultdict[str, int] = defaultdict(int)
         self._last_stats: dict[str, Mapping[str, Any]] = {}
+        # replica id -> (the stats it was built from, in flight, the view)
+        self._views: dict[str, tuple[Mapping[str, Any] | None, int, ReplicaView]] = {}
         self._sessions: OrderedDict[str, str] = OrderedDict()  # fallback affinity, no hint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -254,11 +256,19 @@ class PolicyRequestRouter(RequestRouter):
     def _view(self, replica: RunningReplica) -> ReplicaView:
         rid = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
-        if stats != self._last_stats.get(rid):
-            self._last_stats[rid] = stats
+        last = self._last_stats.get(rid)
+        if stats is not last and stats != last:
+            self._last_stats[rid] = last = stats
             self._unreported[rid] = 0
         in_flight = min(self._unreported[rid], self._outstanding[rid])
-        return replica_view(rid, stats, in_flight)
+        # Stats change once a period and in-flight counts once a request: between them
+        # the view is the same, and building 64 of them cost more than the decision.
+        cached = self._views.get(rid)
+        if cached is not None and cached[0] is last and cached[1] == in_flight:
+            return cached[2]
+        view = replica_view(rid, stats, in_flight)
+        self._views[rid] = (last, in_flight, view)
+        return view
 
     def _hint_of(self, pending: PendingRequest | None) -> RoutingHint | None:
         if pending is None:
@@ -385,7 +395,7 @@ class PolicyRequestRouter(RequestRouter):
         ids = {r.replica_id.unique_id for r in replicas}
         if ids != self._known_ids:
             self._known_ids = ids
-            for table in (self._outstanding, self._unreported, self._last_stats):
+            for table in (self._outstanding, self._unreported, self._last_stats, self._views):
                 for rid in [r for r in table if r not in ids]:
                     del table[rid]
             self._policy.on_replicas_changed(sorted(ids))

@@ -306,3 +306,22 @@ async def test_with_kv_events_the_router_follows_each_replicas_engine() -> None:
         if router._kv is not None:
             await router._kv.close()
         pub.shutdown()
+
+
+async def test_a_replicas_view_is_rebuilt_only_when_its_stats_or_in_flight_change() -> None:
+    router = make_router()
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router.update_replicas([a, b])
+    first = router._view(a)
+    assert router._view(a) is first  # nothing changed: the same view
+    a.routing_stats = dict(a.routing_stats)  # new stats of equal content: still the same
+    assert router._view(a) is first
+    router.on_send_request(a.replica_id)  # one more request not yet reported
+    sent = router._view(a)
+    assert sent is not first and sent.in_flight == 1
+    a.routing_stats = {**a.routing_stats, "num_waiting": 2}  # the replica reports again
+    reported = router._view(a)
+    assert (reported.num_waiting, reported.in_flight) == (2, 0)
+    assert router._view(b).replica_id == "b"
+    router.update_replicas([b])  # a is gone: its cached view with it
+    assert set(router._views) == {"b"}
