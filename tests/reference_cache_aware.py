@@ -1,8 +1,9 @@
-"""A frozen copy of `cluster.routing.cache_aware` as it was before the decision-latency work
-(commit 1c7152d): the reference `tests/test_routing_policy_equivalence.py` checks the
-current policy against, decision for decision (choice, reason, every score, and the
-state each decision leaves). Not used by the project itself; the rationale of every term
-is in the real module's docstring."""
+"""A frozen copy of `cluster.routing.cache_aware` as it was with the slot-turnover wait and
+before the decision-latency work (branch pol3, commit 77a8612): the reference
+`tests/test_routing_policy_equivalence.py` checks the current policy against, decision for
+decision (choice, reason, every score, and the state each decision leaves). Not used by
+the project itself; the rationale of every term is in the real module's docstring. A
+change of what the policy decides updates this copy with it."""
 
 from __future__ import annotations
 
@@ -20,14 +21,18 @@ from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 
 class _ReplicaState:
     """What this router alone knows of one replica: when the prefill work it sent there is
-    done (virtual time), the KV tokens its unfinished requests will hold, and their decodes."""
+    done (virtual time), the KV tokens its unfinished requests will hold, their decodes,
+    and how fast their sequence slots free (the sum of 1 / expected duration)."""
 
-    __slots__ = ("backlog_until", "kv_owed", "decodes")
+    __slots__ = ("backlog_until", "kv_owed", "decodes", "slot_rate", "slot_count")
 
     def __init__(self, now: float) -> None:
         self.backlog_until = now
         self.kv_owed = 0.0
         self.decodes = DecodeExposure()
+        # Over its unfinished requests: sum of 1 / (expected seconds holding a slot), count.
+        self.slot_rate = 0.0
+        self.slot_count = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class _InFlight:
     routed_at: float
     decode: list[float] | None = None  # its DecodeExposure entry
     prefill_end: float = float("-inf")  # its prefill's end on the virtual prefill clock
+    # (its prefill alone in s, decode tokens, 1 / expected slot seconds) for the slot wait.
+    slot: tuple[float, int, float] | None = None
+    admitted: bool = False  # a sequence slot was free when it was routed
 
 
 class CacheAwarePolicy:
@@ -75,6 +83,7 @@ class CacheAwarePolicy:
         tpot_target_s: float = 0.1,
         pin_ttl_s: float = 1800.0,
         learn_duration: bool = False,
+        slot_turnover: bool = True,
         max_sessions: int = 65536,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
@@ -90,6 +99,11 @@ class CacheAwarePolicy:
         self.batch_tokens = batch_tokens
         self.request_duration_s = request_duration_s
         self.learn_duration = learn_duration
+        self.slot_turnover = slot_turnover
+        # Running sums (decayed) of decode seconds and decode tokens of finished requests
+        # that found a free slot: their ratio is the per-token time that prices slot waits.
+        self._decode_s = 0.0
+        self._decode_tokens = 0.0
         self.in_flight_weight = in_flight_weight
         self.kv_high = kv_high
         self.kv_overload = kv_overload
@@ -180,14 +194,52 @@ class CacheAwarePolicy:
         queue_s = queued * self.mean_uncached_tokens / rate
         busy = r.num_running + queued
         if busy >= r.max_num_seqs:
-            # No free sequence slot: wait for running requests to finish.
-            queue_s += (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.request_duration_s
+            # No free sequence slot: wait for running requests to finish (see choose()).
+            wait_s = (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.slot_turnover_s(r.replica_id, busy)
+            queue_s = max(queue_s, wait_s) if self.slot_turnover else queue_s + wait_s
         if r.kv_usage > self.kv_high:
             queue_s += self.kv_penalty_s * (r.kv_usage - self.kv_high) / max(1e-6, 1.0 - self.kv_high)
         ttft = queue_s + uncached_tokens / rate
         if self.backlog_weight and backlog_s > 0:
             ttft = max(ttft, self.backlog_weight * backlog_s + uncached_tokens / self.prefill_tokens_per_s)
         return ttft + self.externality_weight * mean_queue * uncached_tokens / rate
+
+    def decode_token_s(self) -> float:
+        """Seconds per decoded token: decode time / decode tokens, decayed running sums over
+        this router's finished requests that found a free sequence slot (routed -> finished,
+        less their prefill at `prefill_tokens_per_s`); `tpot_target_s` until one finished."""
+        return self._decode_s / self._decode_tokens if self._decode_tokens > 0 else self.tpot_target_s
+
+    def slot_turnover_s(self, replica_id: str, busy: float) -> float:
+        """Seconds for the replica to free as many sequence slots (and the KV they hold) as
+        it has busy requests: 1 / the mean of 1 / D over this router's unfinished requests
+        there, D = the seconds a request holds its slot (its prefill + max_tokens x
+        `decode_token_s`). At a random point of its D a request frees its slot at 1 / D
+        per second, so a full replica frees slots at max_num_seqs x that mean. Where the
+        router knows only a share f of the `busy` requests (other gateways'), the rest
+        count at the constant `request_duration_s`."""
+        state = self._state.get(replica_id)
+        if not self.slot_turnover or state is None or not state.slot_count:
+            return self.request_duration_s
+        known = state.slot_count
+        share = known / busy if known < busy else 1.0
+        return 1.0 / (share * state.slot_rate / known + (1.0 - share) / self.request_duration_s)
+
+    def _learn_decode(self, record: _InFlight) -> None:
+        """A finished request that found a free slot updates the per-token decode time; one
+        that waited for a slot would count the wait it prices (feedback at saturation)."""
+        if not record.admitted or record.slot is None:
+            return
+        prefill_s, tokens, _ = record.slot
+        took = (self._last_now if self._external_clock else self._clock()) - record.routed_at - prefill_s
+        if took <= 0 or tokens <= 0:
+            return
+        if self._decode_tokens > 0:
+            a = self.ewma_alpha
+            self._decode_s += a * (took - self._decode_s)
+            self._decode_tokens += a * (tokens - self._decode_tokens)
+        else:
+            self._decode_s, self._decode_tokens = took, float(tokens)
 
     def _now(self, request: RouteRequest) -> float:
         if request.arrival_s is None:
@@ -270,6 +322,8 @@ class CacheAwarePolicy:
         tpot_weight = self.tpot_weight
         states = self._state
         scores: dict[str, float] = {}
+        slot_turnover = self.slot_turnover
+        slot_waits: dict[int, float] = {}  # replica index -> slot wait, where there is no free slot
         best_ttft, best_load = float("inf"), 0
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
         # random offset, so cold requests spread instead of piling on replicas[0].
@@ -292,7 +346,16 @@ class CacheAwarePolicy:
             ttft = (queued * mean_tokens + uncached) / rate
             busy = running + queued
             if busy >= r.max_num_seqs:
-                ttft += (busy - r.max_num_seqs + 1) / r.max_num_seqs * duration_s
+                # No free sequence slot: the requests queued ahead prefill as slots free,
+                # during the wait for one, so the wait counts where it is the longer.
+                wait_s = (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.slot_turnover_s(rid, busy)
+                slot_waits[i] = wait_s
+                if slot_turnover:
+                    queue_s = queued * mean_tokens / rate
+                    if wait_s > queue_s:
+                        ttft += wait_s - queue_s
+                else:
+                    ttft += wait_s
             if r.kv_usage > kv_high:
                 ttft += (r.kv_usage - kv_high) * kv_scale
             if ext:
@@ -370,8 +433,21 @@ class CacheAwarePolicy:
             # that meets the TPOT target is over (out_tokens - 1) x target later.
             end = state.backlog_until + (out_tokens - 1) * self.tpot_target_s
             decode = state.decodes.add(end, 1.0 / (out_tokens - 1))
-        if rid_blocks or owed_tokens or decode is not None:
-            self._track(request.request_id, _InFlight(rid, rid_blocks, owed_tokens, now, decode, state.backlog_until))
+        slot = None
+        waited = slot_waits.get(chosen)
+        if self.slot_turnover:
+            tokens = out_tokens - 1 if out_tokens > 1 else 0
+            # It holds a slot for its prefill and its decode.
+            prefill_s = uncached / prefill_rate
+            holds_s = prefill_s + tokens * self.decode_token_s()
+            slot = (prefill_s, tokens, 1.0 / holds_s if holds_s > 1e-3 else 1e3)
+            state.slot_rate += slot[2]
+            state.slot_count += 1
+        if rid_blocks or owed_tokens or decode is not None or slot is not None:
+            record = _InFlight(
+                rid, rid_blocks, owed_tokens, now, decode, state.backlog_until, slot, admitted=waited is None
+            )
+            self._track(request.request_id, record)
         return RouteDecision(replica_id=rid, matched_blocks=hit, reason=reason, scores=scores)
 
     def _track(self, request_id: str, record: _InFlight) -> None:
@@ -394,6 +470,10 @@ class CacheAwarePolicy:
             self.index.unpin(record.replica_id, record.blocks)
         state = self._state.get(record.replica_id)
         if state is not None:
+            if record.slot is not None:
+                state.slot_count -= 1
+                # Exact 0 when none is left: sums of floats drift.
+                state.slot_rate = state.slot_rate - record.slot[2] if state.slot_count else 0.0
             if record.kv_tokens:
                 state.kv_owed = max(0.0, state.kv_owed - record.kv_tokens)
             if record.decode is not None:
@@ -407,6 +487,8 @@ class CacheAwarePolicy:
             self._release(record)
             if self.learn_duration:
                 self._learn_duration(record)
+            if self.slot_turnover:
+                self._learn_decode(record)
         chain = list(request.block_hashes)
         if output_block_hashes:
             if chain and output_block_hashes[0] == chain[0]:

@@ -262,3 +262,77 @@ def test_tpot_exposure_can_be_turned_off() -> None:
     p.choose(request(tokens(1, 64), "short", max_tokens=5, arrival_s=0.0), idle)
     d = p.choose(request(tokens(2, 16_000), "cold", arrival_s=0.001), idle)
     assert d.scores["r0"] == d.scores["r1"]
+
+
+def test_slot_wait_is_priced_from_the_durations_of_the_requests_holding_the_slots() -> None:
+    """Two full replicas (2 of 2 slots busy, nothing queued): r0 holds two 1,000-token
+    replies, r1 two 10-token ones. At the prior 0.1 s per token their slots free at 1 / D
+    per second each (D = prefill + decode: ~100 s and ~1 s), so the wait for one is
+    1 / 2 x 1 / mean(1 / D): ~50 s on r0, ~0.5 s on r1. The constant duration would
+    price both at 1 / 2 x 10 s."""
+    p = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0, externality_weight=0.0)
+    r0, r1 = views(2)
+    for k, (view, out) in enumerate([(r0, 1001), (r0, 1001), (r1, 11), (r1, 11)]):
+        p.choose(request(tokens(k, B), f"q{k}", max_tokens=out, arrival_s=0.0), [view])
+    full = views(2, r0={"num_running": 2, "max_num_seqs": 2}, r1={"num_running": 2, "max_num_seqs": 2})
+    d = p.choose(request(tokens(9, B), "new", arrival_s=0.0), full)
+    assert d.replica_id == "r1"
+    prefill_s = B / p.prefill_tokens_per_s
+    own_s = B / (p.prefill_tokens_per_s * (1 - 2 / p.batch_tokens))
+    for rid, out in (("r0", 1001), ("r1", 11)):
+        wait_s = 0.5 * (prefill_s + (out - 1) * p.tpot_target_s)
+        assert abs(d.scores[rid] - (wait_s + own_s)) < 1e-9
+    # Without the router's own requests there, the constant: 1 / 2 x request_duration_s.
+    fresh = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0, externality_weight=0.0)
+    d = fresh.choose(request(tokens(9, B), "new", arrival_s=0.0), full)
+    assert abs(d.scores["r0"] - (0.5 * fresh.request_duration_s + own_s)) < 1e-9
+    assert fresh.slot_turnover_s("r0", 2) == fresh.request_duration_s
+
+
+def test_slot_wait_overlaps_the_prefill_queued_ahead() -> None:
+    """The requests queued ahead on a full replica prefill as slots free, while the new
+    one waits for its slot: the TTFT is the longer of the two, not their sum."""
+    p = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0, externality_weight=0.0)
+    full = views(1, r0={"num_running": 2, "num_waiting": 40, "max_num_seqs": 2})
+    expected = p.expected_ttft_s(full[0], B)
+    d = p.choose(request(tokens(1, B), "new", arrival_s=0.0), full)
+    rate = p.prefill_tokens_per_s * (1 - 2 / p.batch_tokens)
+    queue_s = 40 * 1024 / rate  # 40 x the prior 1,024 uncached tokens: ~5.1 s
+    wait_s = 41 / 2 * p.request_duration_s  # 205 s
+    assert abs(d.scores["r0"] - (wait_s + B / rate)) < 1e-9
+    assert queue_s < wait_s
+    assert abs(expected - d.scores["r0"]) < 1e-9
+    off = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0, externality_weight=0.0, slot_turnover=False)
+    d = off.choose(request(tokens(1, B), "new", arrival_s=0.0), full)
+    assert abs(d.scores["r0"] - (queue_s + wait_s + B / rate)) < 1e-9
+
+
+def test_slot_wait_mixes_in_the_constant_for_requests_other_gateways_sent() -> None:
+    """The router sent one of a full replica's 4 busy requests (a 1,000-token reply,
+    ~100 s): the others count at the constant 1 / request_duration_s."""
+    p = policy(backlog_weight=0.0, kv_wait_weight=0.0, tpot_weight=0.0, externality_weight=0.0)
+    p.choose(request(tokens(1, B), "mine", max_tokens=1001, arrival_s=0.0), views(1))
+    d_s = B / p.prefill_tokens_per_s + 1000 * p.tpot_target_s
+    rate = 0.25 / d_s + 0.75 / p.request_duration_s
+    assert abs(p.slot_turnover_s("r0", 4) - 1 / rate) < 1e-9
+    p.on_finished(request(tokens(1, B), "mine"), "r0", [])
+    assert p.slot_turnover_s("r0", 4) == p.request_duration_s
+
+
+def test_decode_time_per_token_is_measured_on_requests_that_found_a_free_slot() -> None:
+    """Routed at 0 with a 101-token reply (100 decode tokens after the first), finished by
+    the time the router's clock reads 10 s: (10 - its prefill) / 100 s per token. A
+    request that waited for a slot would count the wait it prices: not measured."""
+    p = policy()
+    idle = views(2)
+    assert p.decode_token_s() == p.tpot_target_s  # the prior, until one finishes
+    p.choose(request(tokens(1, B), "a", max_tokens=101, arrival_s=0.0), idle)
+    p.choose(request(tokens(2, B), "b", arrival_s=10.0), idle)  # the clock reads 10 s
+    p.on_finished(request(tokens(1, B), "a"), "r0", [])
+    assert abs(p.decode_token_s() - (10.0 - B / p.prefill_tokens_per_s) / 100) < 1e-12
+    measured = p.decode_token_s()
+    full = views(1, r0={"num_running": 256})
+    p.choose(request(tokens(3, B), "c", max_tokens=101, arrival_s=11.0), full)
+    p.choose(request(tokens(4, B), "d", arrival_s=60.0), idle)
+    p.on_finished(request(tokens(3, B), "c"), "r0", [])
+    assert p.decode_token_s() == measured

@@ -1,5 +1,5 @@
 """The cache-aware policy decides exactly as the frozen reference (`tests/reference_cache_aware.py`,
-the policy before the decision-latency work): over randomized replica states, requests,
+the policy before the decision-latency work, with the slot-turnover wait): over randomized replica states, requests,
 sessions, finishes and pool changes, and over every option that switches a term off, each
 decision has the same replica, matched blocks, reason and scores (bit for bit), and leaves
 the same state behind (running means, backlog, KV owed, decode exposure, the rng)."""
@@ -25,6 +25,7 @@ OPTIONS: list[dict[str, Any]] = [
     {"tpot_weight": 0.0, "kv_wait_weight": 0.0, "pin_in_flight": False},
     {"learn_duration": True, "mean_prompt_tokens": 300, "index_capacity_fraction": 0.5},
     {"use_affinity": False, "batch_tokens": 64, "kv_high": 0.5, "max_sessions": 3},
+    {"slot_turnover": False, "learn_duration": True},
 ]
 
 
@@ -52,9 +53,13 @@ def _view(rng: random.Random, rid: str, capacity: int) -> ReplicaView:
 
 
 def _snapshot(p: Any) -> tuple[Any, ...]:
-    states = sorted((rid, s.backlog_until, s.kv_owed, s.decodes.total, s.decodes.live) for rid, s in p._state.items())
+    states = sorted(
+        (rid, s.backlog_until, s.kv_owed, s.decodes.total, s.decodes.live, s.slot_rate, s.slot_count)
+        for rid, s in p._state.items()
+    )
     return (
         p.mean_uncached_tokens,
+        p.decode_token_s(),
         p.mean_turn_tokens,
         p.request_duration_s,
         states,
