@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -169,7 +170,8 @@ def test_scaling_a_pool_down_by_a_config_change_under_load_loses_nothing(cluster
     failed = [r.why_not_whole(MAX_TOKENS) for r in results if not r.whole(MAX_TOKENS)]
     assert not failed, f"{len(failed)}/{len(results)} failed: {failed[:5]}"
     assert len(results) >= 16
-    assert set(stop_began) == old, f"saw {sorted(stop_began)} of {sorted(old)} stopping"
+    served = Counter(r.served_by for r in results)
+    assert set(stop_began) == old, f"saw {sorted(stop_began)} of {sorted(old)} stopping; served by {dict(served)}"
     # The old replicas finished streams after they were told to stop (a drain, not a cut) ...
     drained = [r for r in results if r.served_by in old and r.started_at + r.seconds > stop_began[r.served_by]]
     assert drained, "no stream was in flight on a stopping replica"
