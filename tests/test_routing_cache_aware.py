@@ -371,5 +371,19 @@ def test_a_slot_at_a_full_replica_is_priced_like_the_prefill_it_would_save() -> 
         if on:
             rate = p.prefill_tokens_per_s * (1 - 4 / p.batch_tokens)
             off_score = 0.5 + 32 / rate + p.externality_weight * mq * 32 / rate
-            assert abs(d.scores["r0"] - (off_score + p.externality_weight * mq * 0.5)) < 1e-9
+            # Charged the slot interval instead of its own (shorter) prefill.
+            assert abs(d.scores["r0"] - (off_score + p.externality_weight * mq * (0.5 - 32 / rate))) < 1e-9
     assert picks == {True: "r1", False: "r0"}
+
+
+def test_no_slot_charge_where_the_full_replica_queue_waits_for_prefill() -> None:
+    """No free slot, but the 40 queued requests' prefill (~5.1 s) outlasts the slot wait
+    (41 / 4 x 0.1 s): the requests behind wait for prefill, one more slot holder delays
+    none of them, so the score is the one without the slot term."""
+    kw: dict[str, object] = {"backlog_weight": 0.0, "kv_wait_weight": 0.0, "tpot_weight": 0.0}
+    full = views(2, r0={"num_running": 4, "num_waiting": 40, "max_num_seqs": 4}, r1={"num_waiting": 3})
+    scores = []
+    for on in (True, False):
+        p = policy(slot_externality=on, request_duration_s=0.1, **kw)
+        scores.append(p.choose(request(tokens(1, B), "new", arrival_s=0.0), full).scores["r0"])
+    assert scores[0] == scores[1]
