@@ -84,6 +84,7 @@ class CacheAwarePolicy:
         pin_ttl_s: float = 1800.0,
         learn_duration: bool = False,
         slot_turnover: bool = True,
+        slot_externality: bool = True,
         max_sessions: int = 65536,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
@@ -100,6 +101,7 @@ class CacheAwarePolicy:
         self.request_duration_s = request_duration_s
         self.learn_duration = learn_duration
         self.slot_turnover = slot_turnover
+        self.slot_externality = slot_externality
         # Running sums (decayed) of decode seconds and decode tokens of finished requests
         # that found a free slot: their ratio is the per-token time that prices slot waits.
         self._decode_s = 0.0
@@ -193,16 +195,21 @@ class CacheAwarePolicy:
         queued = r.num_waiting + self.in_flight_weight * r.in_flight
         queue_s = queued * self.mean_uncached_tokens / rate
         busy = r.num_running + queued
+        own_s = uncached_tokens / rate
+        delay_s = own_s  # what it adds to the wait of the requests queued behind (see choose())
         if busy >= r.max_num_seqs:
             # No free sequence slot: wait for running requests to finish (see choose()).
             wait_s = (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.slot_turnover_s(r.replica_id, busy)
+            if self.slot_externality:
+                slot_s = wait_s / (busy - r.max_num_seqs + 1)
+                delay_s = max(own_s, slot_s if wait_s > queue_s else wait_s - queue_s + slot_s)
             queue_s = max(queue_s, wait_s) if self.slot_turnover else queue_s + wait_s
         if r.kv_usage > self.kv_high:
             queue_s += self.kv_penalty_s * (r.kv_usage - self.kv_high) / max(1e-6, 1.0 - self.kv_high)
         ttft = queue_s + uncached_tokens / rate
         if self.backlog_weight and backlog_s > 0:
             ttft = max(ttft, self.backlog_weight * backlog_s + uncached_tokens / self.prefill_tokens_per_s)
-        return ttft + self.externality_weight * mean_queue * uncached_tokens / rate
+        return ttft + self.externality_weight * mean_queue * delay_s
 
     def decode_token_s(self) -> float:
         """Seconds per decoded token: decode time / decode tokens, decayed running sums over
@@ -362,6 +369,19 @@ class CacheAwarePolicy:
                 extra = ext * own_s
             else:
                 extra = 0.0
+            if self.slot_externality and ext and i in slot_waits:
+                # No free slot: the requests queued behind wait the longer of the prefill
+                # queued and the slot wait; this one adds its prefill to the first and one
+                # turnover interval to the second. Past its prefill, the slot's share.
+                wait_s = slot_waits[i]
+                prefill_queue_s = queued * mean_tokens / rate
+                slot_s = wait_s / (busy - r.max_num_seqs + 1)
+                if wait_s - prefill_queue_s > 0:
+                    rise = slot_s
+                else:
+                    rise = (wait_s - prefill_queue_s) + slot_s
+                if rise > own_s:
+                    extra += ext * (rise - own_s)
             state = states.get(rid)
             if state is not None:
                 backlog_s = state.backlog_until - now

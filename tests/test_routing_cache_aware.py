@@ -336,3 +336,54 @@ def test_decode_time_per_token_is_measured_on_requests_that_found_a_free_slot() 
     p.choose(request(tokens(4, B), "d", arrival_s=60.0), idle)
     p.on_finished(request(tokens(3, B), "c"), "r0", [])
     assert p.decode_token_s() == measured
+
+
+def test_a_slot_at_a_full_replica_is_priced_like_the_prefill_it_would_save() -> None:
+    """r0 holds a 2,048-token system prompt but has no free slot (its queue waits for one:
+    1 / 4 x 2 s = 0.5 s), r1 has free slots and nothing cached, r2 a queue of 20 waiting
+    for prefill (mean queue 20 / 3). The prefix saves 0.26 s of prefill, worth
+    externality_weight x 20 / 3 times that to the others queued; taking the next slot
+    at r0 makes every request queued behind wait one more slot (0.5 s), just as scarce:
+    r1 gets the request. Without the slot term the prefix held it on the full replica."""
+    kw: dict[str, object] = {
+        "backlog_weight": 0.0,
+        "kv_wait_weight": 0.0,
+        "tpot_weight": 0.0,
+        "request_duration_s": 2.0,
+    }
+    system = tokens(1, 2048)
+    loaded = views(
+        3,
+        r0={"num_running": 4, "max_num_seqs": 4},
+        r1={"num_running": 1, "max_num_seqs": 4},
+        r2={"num_waiting": 20, "max_num_seqs": 256},
+    )
+    picks = {}
+    for on in (True, False):
+        p = policy(slot_externality=on, **kw)
+        p.choose(request(system, "s", arrival_s=0.0), views(1))  # r0 caches the system prompt
+        p.on_finished(request(system, "s"), "r0", [])
+        mq = p.mean_queue(loaded)
+        expected = p.expected_ttft_s(loaded[0], 32, mean_queue=mq)  # all but the 32 new tokens cached
+        d = p.choose(request(system + tokens(2, 32), "new", arrival_s=1.0), loaded)
+        picks[on] = d.replica_id
+        assert abs(d.scores["r0"] - expected) < 1e-9
+        if on:
+            rate = p.prefill_tokens_per_s * (1 - 4 / p.batch_tokens)
+            off_score = 0.5 + 32 / rate + p.externality_weight * mq * 32 / rate
+            # Charged the slot interval instead of its own (shorter) prefill.
+            assert abs(d.scores["r0"] - (off_score + p.externality_weight * mq * (0.5 - 32 / rate))) < 1e-9
+    assert picks == {True: "r1", False: "r0"}
+
+
+def test_no_slot_charge_where_the_full_replica_queue_waits_for_prefill() -> None:
+    """No free slot, but the 40 queued requests' prefill (~5.1 s) outlasts the slot wait
+    (41 / 4 x 0.1 s): the requests behind wait for prefill, one more slot holder delays
+    none of them, so the score is the one without the slot term."""
+    kw: dict[str, object] = {"backlog_weight": 0.0, "kv_wait_weight": 0.0, "tpot_weight": 0.0}
+    full = views(2, r0={"num_running": 4, "num_waiting": 40, "max_num_seqs": 4}, r1={"num_waiting": 3})
+    scores = []
+    for on in (True, False):
+        p = policy(slot_externality=on, request_duration_s=0.1, **kw)
+        scores.append(p.choose(request(tokens(1, B), "new", arrival_s=0.0), full).scores["r0"])
+    assert scores[0] == scores[1]

@@ -26,6 +26,7 @@ OPTIONS: list[dict[str, Any]] = [
     {"learn_duration": True, "mean_prompt_tokens": 300, "index_capacity_fraction": 0.5},
     {"use_affinity": False, "batch_tokens": 64, "kv_high": 0.5, "max_sessions": 3},
     {"slot_turnover": False, "learn_duration": True},
+    {"slot_externality": False, "max_sessions": 3},
 ]
 
 
