@@ -160,9 +160,8 @@ class PolicyRequestRouter(RequestRouter):
         # changed: the latter, capped by the former, are what the stats cannot show yet.
         self._outstanding: defaultdict[str, int] = defaultdict(int)
         self._unreported: defaultdict[str, int] = defaultdict(int)
-        self._last_stats: dict[str, Mapping[str, Any]] = {}
-        # replica id -> (the stats it was built from, in flight, the view)
-        self._views: dict[str, tuple[Mapping[str, Any] | None, int, ReplicaView]] = {}
+        # replica id -> (the last stats it reported, in flight, the view built from them)
+        self._views: dict[str, tuple[Mapping[str, Any], int, ReplicaView]] = {}
         self._sessions: OrderedDict[str, str] = OrderedDict()  # fallback affinity, no hint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -256,17 +255,17 @@ class PolicyRequestRouter(RequestRouter):
     def _view(self, replica: RunningReplica) -> ReplicaView:
         rid = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
-        last = self._last_stats.get(rid)
-        if stats is not last and stats != last:
-            self._last_stats[rid] = last = stats
-            self._unreported[rid] = 0
+        cached = self._views.get(rid)
+        if cached is None or (stats is not cached[0] and stats != cached[0]):
+            self._unreported[rid] = 0  # a new report: it covers what was sent before
+            cached = None
         in_flight = min(self._unreported[rid], self._outstanding[rid])
         # Stats change once a period and in-flight counts once a request: between them
         # the view is the same, and building 64 of them cost more than the decision.
-        cached = self._views.get(rid)
-        if cached is not None and cached[0] is last and cached[1] == in_flight:
+        if cached is not None and cached[1] == in_flight:
             return cached[2]
-        view = replica_view(rid, stats, in_flight)
+        last = stats if cached is None else cached[0]
+        view = replica_view(rid, last, in_flight)
         self._views[rid] = (last, in_flight, view)
         return view
 
@@ -395,7 +394,7 @@ class PolicyRequestRouter(RequestRouter):
         ids = {r.replica_id.unique_id for r in replicas}
         if ids != self._known_ids:
             self._known_ids = ids
-            for table in (self._outstanding, self._unreported, self._last_stats, self._views):
+            for table in (self._outstanding, self._unreported, self._views):
                 for rid in [r for r in table if r not in ids]:
                     del table[rid]
             self._policy.on_replicas_changed(sorted(ids))
