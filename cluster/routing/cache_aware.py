@@ -379,7 +379,7 @@ class CacheAwarePolicy:
         if not record.admitted or record.slot is None:
             return
         prefill_s, tokens, _ = record.slot
-        took = (self._last_now if self._external_clock else self._clock()) - record.routed_at - prefill_s
+        took = self._finish_now() - record.routed_at - prefill_s
         if took <= 0 or tokens <= 0:
             return
         if self._decode_tokens > 0:
@@ -397,10 +397,15 @@ class CacheAwarePolicy:
             self._last_now = request.arrival_s
         return request.arrival_s
 
+    def _finish_now(self) -> float:
+        """When a finish is reported: the latest request's arrival on an external clock
+        (the simulator's), else this router's clock."""
+        return self._last_now if self._external_clock else self._clock()
+
     def _learn_duration(self, record: _InFlight) -> None:
         """A finished request's time in flight (routed -> finished) updates the running
         mean that prices a wait for a sequence slot (`request_duration_s`)."""
-        now = self._last_now if self._external_clock else self._clock()
+        now = self._finish_now()
         # From its expected first token on the virtual prefill clock: the queue before it is
         # not slot time (counted, it would feed back once queues grow).
         took = now - max(record.routed_at, record.prefill_end)
@@ -496,30 +501,30 @@ class CacheAwarePolicy:
             own_s = uncached / rate
             ttft = (q * mean_tokens + uncached) / rate
             busy = running + q
+            extra = ext * own_s if ext else 0.0
             if busy >= r.max_num_seqs:
                 # No free sequence slot: the requests queued ahead prefill as slots free,
                 # during the wait for one, so the wait counts where it is the longer.
-                wait_s = (busy - r.max_num_seqs + 1) / r.max_num_seqs * self.slot_turnover_s(ids[i], busy)
+                waiting_for = busy - r.max_num_seqs + 1
+                wait_s = waiting_for / r.max_num_seqs * self.slot_turnover_s(ids[i], busy)
                 slot_waits[i] = wait_s
+                queue_s = q * mean_tokens / rate
                 if slot_turnover:
-                    queue_s = q * mean_tokens / rate
                     if wait_s > queue_s:
                         ttft += wait_s - queue_s
                 else:
                     ttft += wait_s
+                if slot_cost:
+                    # The queue behind waits max(prefill queued, slot wait); this request
+                    # adds its prefill to the one and a turnover interval to the other:
+                    # the rise past its prefill (priced above) is the slot's share.
+                    gap = wait_s - queue_s
+                    slot_s = wait_s / waiting_for
+                    rise = slot_s if gap > 0 else gap + slot_s
+                    if rise > own_s:
+                        extra += ext * (rise - own_s)
             if kv_usage > kv_high:
                 ttft += (kv_usage - kv_high) * kv_scale
-            extra = ext * own_s if ext else 0.0
-            if slot_cost and i in slot_waits:
-                # The queue behind waits max(prefill queued, slot wait); this request adds
-                # its prefill to the one and a turnover interval to the other: the rise
-                # past its prefill (priced above) is the slot's share.
-                wait_s = slot_waits[i]
-                gap = wait_s - q * mean_tokens / rate
-                slot_s = wait_s / (busy - r.max_num_seqs + 1)
-                rise = slot_s if gap > 0 else gap + slot_s
-                if rise > own_s:
-                    extra += ext * (rise - own_s)
             state = aligned[i]
             if state is not None:
                 backlog_s = state.backlog_until - now
