@@ -134,11 +134,11 @@ def steps_in(timelines: dict[str, dict[str, list[Any]]], start_wall: float, end_
     ]
 
 
-def step_excess(steps: Sequence[tuple[str, Any]], table: Any, mean_context: float) -> dict[str, Any]:
+def step_excess(steps: Sequence[tuple[str, Any]], ratios: Sequence[float]) -> dict[str, Any]:
     """Measured decode-step intervals against the table's step for the same batch (and
-    the prefill computed in it): ratios measured / table, overall and by how many other
-    replicas stepped within the same interval (engine-on-engine CPU sharing)."""
-    ratios = step_ratios(steps, table, mean_context)
+    the prefill computed in it; `ratios`, from `step_ratios`): measured / table, overall
+    and by how many other replicas stepped within the same interval (engine-on-engine CPU
+    sharing)."""
     by_replica: dict[str, list[tuple[float, float]]] = {}
     for rid, s in steps:
         by_replica.setdefault(rid, []).append((s[0] - s[3], s[0]))
@@ -211,8 +211,8 @@ def breakdown(
         itl = [s[3] for _, s in steps for _ in range(s[2])]
         out["engine_itl_ms"] = _pcts(itl, 1e3)
         if table is not None:
-            out["decode_steps_vs_table"] = step_excess(steps, table, mean_context)
             ratios = step_ratios(steps, table, mean_context)
+            out["decode_steps_vs_table"] = step_excess(steps, ratios)
             samples["engine_step_scale"] = ratios
             # Per replica in time order: how far a slow step carries into the next.
             series: dict[str, list[float]] = {}

@@ -315,7 +315,6 @@ def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, 
     and the simulator terms measured from it (`calibration`: request overhead, stream
     lead and step scale, with their spreads). Needs this process's Ray connection."""
     from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
-    from bench.live import engine_timeline
 
     timelines = engine_timeline.read_timelines([p.name for p in cfg.pools])
     scaled = engine_step_table_for(cfg, cfg.pools[0])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections.abc import Sequence
-from statistics import NormalDist
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def quantiles_of(values: Sequence[float], digits: int = 2) -> list[float]:
     return [round(float(q), digits) for q in np.quantile(np.asarray(values, dtype=float), PROBS)]
 
 
-_NORMAL = NormalDist()
+_NORMAL = statistics.NormalDist()
 
 
 def normal_scores(values: Sequence[float]) -> list[float]:
@@ -50,11 +50,9 @@ def normal_scores(values: Sequence[float]) -> list[float]:
 def lag1_autocorr(series: Sequence[Sequence[float]]) -> float:
     """Lag-1 correlation of consecutive values' normal scores, pooled over several series
     (one per replica, in time order): how much one step's slowdown carries into the next,
-    on the scale the draws use. 0 for fewer than 3 pairs; clamped to [0, 0.99]."""
-    flat = [v for s in series for v in s]
-    if len(flat) < 4:
-        return 0.0
-    scores = normal_scores(flat)
+    on the scale the draws use. 0 for fewer than 3 pairs or no variation; clamped to
+    [0, 0.99]."""
+    scores = normal_scores([v for s in series for v in s])
     pairs: list[tuple[float, float]] = []
     start = 0
     for s in series:
@@ -63,11 +61,11 @@ def lag1_autocorr(series: Sequence[Sequence[float]]) -> float:
         start += len(s)
     if len(pairs) < 3:
         return 0.0
-    xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    cov = sum((a - mx) * (b - my) for a, b in pairs)
-    var = math.sqrt(sum((a - mx) ** 2 for a in xs) * sum((b - my) ** 2 for b in ys))
-    return min(0.99, max(0.0, cov / var)) if var > 0 else 0.0
+    try:
+        r = statistics.correlation([a for a, _ in pairs], [b for _, b in pairs])
+    except statistics.StatisticsError:  # a constant side: no correlation to speak of
+        return 0.0
+    return min(0.99, max(0.0, r))
 
 
 class Spread:
