@@ -282,7 +282,7 @@ class PrefixIndex:
         self._next_bit = 0
         # Queued guesses: (replica, chain, pinned), applied in order by flush().
         self._pending: list[tuple[str, Sequence[int], bool]] = []
-        # replica ids -> their bits, digit positions and the bit width (see _bits).
+        # The last candidate list, its replicas' bits and what match_many derives from them (_Bits).
         self._bits_cache = _NO_BITS  # the last candidate list's bits
 
     def _get(self, replica_id: str) -> _ReplicaBlocks:
