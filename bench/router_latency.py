@@ -6,7 +6,9 @@ also evicts), then `choose()` is timed on a mix of requests: follow-up turns tha
 an indexed chain, new conversations on a shared system prompt, and cold prompts.
 Replica loads vary per decision. Requests finish as in a serving router: once
 `--in-flight` per replica are outstanding, the oldest one's `on_finished` is reported
-(untimed), so per-request state (pins, KV owed, decode exposure) stays at its steady size.
+and the index update it queues applied (untimed: the live router does both when the
+finish arrives, deployments/request_router.py), so per-request state (pins, KV owed,
+decode exposure) stays at its steady size.
 Prints p50/p99 per policy, the cost of hashing prompts
 (done once per request, outside `choose`) and the index's bytes per million blocks.
 
@@ -140,14 +142,17 @@ def time_policy(
     outstanding: deque[tuple[RouteRequest, str]] = deque()
     window = max(1, getattr(args, "in_flight", 32)) * num_replicas
 
+    # A PrefixIndex queues the chosen replica's update for after the decision (the live
+    # router runs flush() once it has returned the choice): timed apart, as "update".
+    # A finish queues one too, which the live router applies as it handles the finish.
+    flush: Callable[[], None] = getattr(getattr(policy, "index", None), "flush", lambda: None)
+
     def finish_oldest() -> None:
         while len(outstanding) > window:
             req, rid = outstanding.popleft()
             policy.on_finished(req, rid, req.block_hashes)
+        flush()
 
-    # A PrefixIndex queues the chosen replica's update for after the decision (the live
-    # router runs flush() once it has returned the choice): timed apart, as "update".
-    flush: Callable[[], None] = getattr(getattr(policy, "index", None), "flush", lambda: None)
     for i in range(200):  # warm-up
         outstanding.append((requests[i], policy.choose(requests[i], all_views[i % 64]).replica_id))
         flush()

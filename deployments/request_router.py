@@ -21,7 +21,8 @@ unit tests drive). Per request, `choose_replicas`:
 When the gateway reports a request of this router's pool finished (it hashes the held
 conversation, prompt + reply, off its event loop), the listener feeds
 `policy.on_finished` on the router's own event loop, so the policy is only ever touched
-from one thread. The subscription ends with the router. Replica set changes reach
+from one thread, and then applies the index update that finish queued, so the next
+decision does not. The subscription ends with the router. Replica set changes reach
 `policy.on_replicas_changed`. Nothing here blocks the event loop.
 
 With `router.kv_events` on, the engine replicas report where they publish their KV cache
@@ -356,10 +357,19 @@ class PolicyRequestRouter(RequestRouter):
                 self._sessions.popitem(last=False)
         # The index update the decision queued (the chosen replica's chain, pinned) runs
         # once this request is on its way; the next decision would apply it anyway.
-        flush = getattr(getattr(self._policy, "index", None), "flush", None)
-        if flush is not None:
-            self._loop.call_soon(flush)
+        self._loop.call_soon(self._apply_index_updates)
         return [[chosen]]
+
+    def _apply_index_updates(self) -> None:
+        """Index maintenance that decisions and finishes queue (`PrefixIndex.flush`): run
+        after them on the loop, so no routing decision waits for it."""
+        index = getattr(self._policy, "index", None)
+        if index is not None:
+            index.flush()
+
+    def _finished(self, request: RouteRequest, replica: str, held_block_hashes: list[int]) -> None:
+        self._policy.on_finished(request, replica, held_block_hashes)
+        self._apply_index_updates()
 
     def _healthy(self, candidates: list[RunningReplica], hint: RoutingHint | None) -> list[RunningReplica]:
         """Candidates that neither failed recently (in this process), nor this request, nor
@@ -415,7 +425,7 @@ class PolicyRequestRouter(RequestRouter):
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._policy.on_finished, request, replica, list(held_block_hashes))
+        loop.call_soon_threadsafe(self._finished, request, replica, list(held_block_hashes))
 
 
 __all__ = [

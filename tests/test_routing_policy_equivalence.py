@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cluster.routing import cache_aware, replica_scores
 from cluster.routing.cache_aware import CacheAwarePolicy
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from tests.reference_cache_aware import CacheAwarePolicy as ReferencePolicy
@@ -75,9 +76,21 @@ def _same(a: RouteDecision, b: RouteDecision) -> bool:
     return a == b and exact and list(a.scores) == list(b.scores)
 
 
-@pytest.mark.parametrize("num_replicas", [1, 3, 20, 64])
+@pytest.fixture(params=["python", "compiled"])
+def scorer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The policy with each version of its scoring loop (`cluster.routing.replica_scores`)."""
+    if request.param == "compiled":
+        # `make install` builds it (setup.py); a silent fallback to Python would go unseen.
+        assert replica_scores.score_replicas_c is not None, "cluster/routing/_replica_scores.c was not built"
+        monkeypatch.setattr(cache_aware, "score_replicas", replica_scores.score_replicas_c)
+    else:
+        monkeypatch.setattr(cache_aware, "score_replicas", replica_scores.score_replicas_py)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3, 20, 64, 150])
 @pytest.mark.parametrize("option", range(len(OPTIONS)))
-def test_decisions_equal_the_reference(num_replicas: int, option: int) -> None:
+def test_decisions_equal_the_reference(num_replicas: int, option: int, scorer: str) -> None:
     rng = random.Random(num_replicas * 100 + option)
     clock = _Clock()
     kw = {"block_size": B, "seed": option, "clock": clock, "pin_ttl_s": 50.0, **OPTIONS[option]}
@@ -135,3 +148,27 @@ def test_decisions_equal_the_reference(num_replicas: int, option: int) -> None:
         if step % 50 == 0:
             probe = rng.choice(chains)
             assert new.index.match_many(live, probe) == ref.index.match_many(live, probe)
+
+
+def test_compiled_scorer_rejects_bad_input() -> None:
+    """The compiled loop checks what the Python version would trip on, rather than read
+    past a list: mismatched lengths, an offset or affinity index out of range, not lists."""
+    fn = replica_scores.score_replicas_c
+    assert fn is not None, "cluster/routing/_replica_scores.c was not built"
+    views = [ReplicaView("a"), ReplicaView("b")]
+    params = replica_scores.ScoreParams(
+        32, B, 0.5, 32, 3.0, 2.0, 8000.0, 1 / 8192, 100.0, 10.0, 0.9, 20.0, 3.0, 1.0, 8, 1.0, 1.0, 0.0, True, True
+    )
+    ok = fn(views, ["a", "b"], [0, 1], [None, None], params, -1, None, 0)
+    assert ok == replica_scores.score_replicas_py(views, ["a", "b"], [0, 1], [None, None], params, -1, None, 0)
+    assert ok.chosen == 1  # b holds a block of the prompt
+    with pytest.raises(ValueError):
+        fn(views, ["a"], [0, 1], [None, None], params, -1, None, 0)
+    with pytest.raises(ValueError):
+        fn(views, ["a", "b"], [0, 1], [None, None], params, -1, None, 2)
+    with pytest.raises(ValueError):
+        fn(views, ["a", "b"], [0, 1], [None, None], params, 5, None, 0)
+    with pytest.raises(TypeError):
+        fn(tuple(views), ["a", "b"], [0, 1], [None, None], params, -1, None, 0)
+    with pytest.raises(TypeError):
+        fn(views, ["a", "b"], [0, 1], [None, None], tuple(params)[:-1], -1, None, 0)

@@ -150,11 +150,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 from cluster.routing.decode_exposure import DecodeExposure
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from cluster.routing.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from cluster.routing.replica_scores import ScoreParams, score_replicas, slot_turnover_s
 
 
 class _ReplicaState:
@@ -366,12 +366,7 @@ class CacheAwarePolicy:
         per second, so a full replica frees slots at max_num_seqs x that mean. Where the
         router knows only a share f of the `busy` requests (other gateways'), the rest
         count at the constant `request_duration_s`."""
-        state = self._state.get(replica_id)
-        if not self.slot_turnover or state is None or not state.slot_count:
-            return self.request_duration_s
-        known = state.slot_count
-        share = known / busy if known < busy else 1.0
-        return 1.0 / (share * state.slot_rate / known + (1.0 - share) / self.request_duration_s)
+        return slot_turnover_s(self._state.get(replica_id), busy, self.slot_turnover, self.request_duration_s)
 
     def _learn_decode(self, record: _InFlight) -> None:
         """A finished request that found a free slot updates the per-token decode time; one
@@ -429,130 +424,62 @@ class CacheAwarePolicy:
         if aligned is None or ids != self._aligned_ids:
             aligned = self._aligned = [states.get(rid) for rid in ids]
             self._aligned_ids = ids
-        in_flight_weight = self.in_flight_weight
-        queued = [r.num_waiting + in_flight_weight * r.in_flight for r in replicas]
-        loads = [r.num_waiting + r.num_running + r.in_flight for r in replicas]
-        min_load = min(loads)
-        abs_limit = min_load + self.balance_abs
-        rel_limit = self.balance_rel * min_load
-        # `overloaded` is load > both limits (a NaN limit: never) or r.kv_usage >= kv_overload,
-        # evaluated where needed. Off by default: a full KV cache still holds its prefixes,
-        # and KV pressure is already priced (kv_penalty_s); at saturation every cache is full.
-        limit = abs_limit if abs_limit >= rel_limit else rel_limit
         kv_overload = self.kv_overload if self.kv_overload is not None else 2.0
         blocks = request.block_hashes
         block_size = self.block_size
         prompt_tokens = max(request.prompt_tokens, len(blocks) * block_size)
         matched = index.match_many(ids, blocks)
 
-        chosen = -1
-        reason = "min-ttft"
         # The session's last replica is priced like any other (it wins ties). Where another
         # gateway sent the session there, this index does not know its earlier turns: credit
         # it with all of the prompt but a typical request's uncached tokens (the new turn).
         # The store records a turn when it finishes: while this router's last turn of the
         # session is still in flight, that turn's replica is the newer one.
-        affinity, affinity_blocks = -1, 0
+        affinity_candidate, affinity_floor = -1, None
         session = request.session_id
         target = request.affinity_replica
         ours = self._sessions.get(session) if session is not None else None
         if ours is not None and ours[1] in self._in_flight:
             target = ours[0]
         if self.use_affinity and target is not None and target in ids:
-            i = ids.index(target)
-            if not (loads[i] > limit or replicas[i].kv_usage >= kv_overload):
-                affinity = i
-                affinity_blocks = matched[i]
-                if ours is None or ours[0] != target:
-                    credit = int((prompt_tokens - self.mean_turn_tokens) // block_size)
-                    affinity_blocks = max(affinity_blocks, min(credit, len(blocks)))
+            affinity_candidate = ids.index(target)
+            if ours is None or ours[0] != target:
+                credit = int((prompt_tokens - self.mean_turn_tokens) // block_size)
+                affinity_floor = min(credit, len(blocks))
 
         now = self._now(request)
-        backlog_weight = self.backlog_weight
-        # expected_ttft_s, inlined: this loop runs once per replica per request.
-        prefill_rate, inv_batch = self.prefill_tokens_per_s, 1.0 / self.batch_tokens
-        mean_tokens, duration_s = self.mean_uncached_tokens, self.request_duration_s
-        kv_high, kv_scale = self.kv_high, self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high)
-        n = len(replicas)
-        ext = self.externality_weight * (sum(queued) / n)  # mean_queue(replicas)
-        kv_wait_weight = self.kv_wait_weight
+        prefill_rate = self.prefill_tokens_per_s
         out_tokens = request.max_tokens or 0
-        tpot_weight = self.tpot_weight
-        scores: dict[str, float] = {}
-        slot_turnover = self.slot_turnover
-        slot_cost = self.slot_externality and ext
-        slot_waits: dict[int, float] = {}  # replica index -> slot wait, where there is no free slot
-        best_ttft, best_load = float("inf"), 0
+        kv_wait_weight, tpot_weight = self.kv_wait_weight, self.tpot_weight
+        params = ScoreParams(
+            prompt_tokens,
+            block_size,
+            self.in_flight_weight,
+            self.balance_abs,
+            self.balance_rel,
+            kv_overload,
+            prefill_rate,
+            1.0 / self.batch_tokens,
+            self.mean_uncached_tokens,
+            self.request_duration_s,
+            self.kv_high,
+            self.kv_penalty_s / max(1e-6, 1.0 - self.kv_high),
+            self.externality_weight,
+            kv_wait_weight,
+            out_tokens,
+            tpot_weight,
+            self.backlog_weight,
+            now,
+            self.slot_turnover,
+            self.slot_externality,
+        )
         # Ties (e.g. an idle cluster and a cold prompt) go to the first replica from a
         # random offset, so cold requests spread instead of piling on replicas[0].
-        offset = self._rng.randrange(n)
-        for i in chain(range(offset, n), range(offset)):
-            r = replicas[i]
-            kv_usage = r.kv_usage
-            if loads[i] > limit or kv_usage >= kv_overload:
-                uncached = prompt_tokens  # the hot-spot guard: no cache bonus
-            else:
-                # Never negative: no match is longer than the chain, which prompt_tokens covers.
-                uncached = prompt_tokens - (affinity_blocks if i == affinity else matched[i]) * block_size
-            running = r.num_running
-            share = 1.0 - running * inv_batch
-            rate = prefill_rate * (share if share > 0.05 else 0.05)
-            q = queued[i]
-            own_s = uncached / rate
-            ttft = (q * mean_tokens + uncached) / rate
-            busy = running + q
-            extra = ext * own_s if ext else 0.0
-            if busy >= r.max_num_seqs:
-                # No free sequence slot: the requests queued ahead prefill as slots free,
-                # during the wait for one, so the wait counts where it is the longer.
-                waiting_for = busy - r.max_num_seqs + 1
-                wait_s = waiting_for / r.max_num_seqs * self.slot_turnover_s(ids[i], busy)
-                slot_waits[i] = wait_s
-                queue_s = q * mean_tokens / rate
-                if slot_turnover:
-                    if wait_s > queue_s:
-                        ttft += wait_s - queue_s
-                else:
-                    ttft += wait_s
-                if slot_cost:
-                    # The queue behind waits max(prefill queued, slot wait); this request
-                    # adds its prefill to the one and a turnover interval to the other:
-                    # the rise past its prefill (priced above) is the slot's share.
-                    gap = wait_s - queue_s
-                    slot_s = wait_s / waiting_for
-                    rise = slot_s if gap > 0 else gap + slot_s
-                    if rise > own_s:
-                        extra += ext * (rise - own_s)
-            if kv_usage > kv_high:
-                ttft += (kv_usage - kv_high) * kv_scale
-            state = aligned[i]
-            if state is not None:
-                backlog_s = state.backlog_until - now
-                if backlog_s > 0 and backlog_weight:
-                    queue_ttft = backlog_weight * backlog_s + uncached / prefill_rate
-                    if queue_ttft > ttft:
-                        ttft = queue_ttft
-                d = state.decodes
-                if d.live and tpot_weight:
-                    # The prefill stalls the decodes still running when it starts.
-                    start = now + backlog_s if backlog_s > 0 else now
-                    if d.heap[0][0] <= start:
-                        d.at(start)
-                    extra += tpot_weight * d.total * own_s
-                owed = state.kv_owed
-                if owed:
-                    cap = r.kv_capacity_blocks * block_size
-                    over = owed + uncached + out_tokens - cap
-                    if over > 0 and cap > 0:
-                        # Admission waits until running requests free that much KV.
-                        extra += kv_wait_weight * over / cap * duration_s
-            ttft += extra
-            scores[ids[i]] = ttft
-            if ttft < best_ttft or (ttft == best_ttft and loads[i] < best_load):
-                best_ttft, best_load = ttft, loads[i]
-                chosen = i
-        if affinity >= 0 and scores[ids[affinity]] <= best_ttft:
-            chosen, reason = affinity, "affinity"  # ties go to the session's replica
+        offset = self._rng.randrange(len(replicas))
+        chosen, affinity, affinity_blocks, scores, waited, chosen_overloaded = score_replicas(
+            replicas, ids, matched, aligned, params, affinity_candidate, affinity_floor, offset
+        )
+        reason = "affinity" if chosen == affinity else "min-ttft"
         rid = ids[chosen]
         if session is not None:
             sessions = self._sessions
@@ -561,7 +488,7 @@ class CacheAwarePolicy:
             if len(sessions) > self.max_sessions:
                 sessions.popitem(last=False)
         hit = matched[chosen]
-        if reason != "affinity" and hit and not (loads[chosen] > limit or replicas[chosen].kv_usage >= kv_overload):
+        if reason != "affinity" and hit and not chosen_overloaded:
             reason = "cache"
         expected_hit = affinity_blocks if chosen == affinity else hit
         uncached = max(0, prompt_tokens - expected_hit * block_size)
@@ -598,7 +525,6 @@ class CacheAwarePolicy:
             end = state.backlog_until + (out_tokens - 1) * self.tpot_target_s
             decode = state.decodes.add(end, 1.0 / (out_tokens - 1))
         slot = None
-        waited = slot_waits.get(chosen)
         if self.slot_turnover:
             tokens = out_tokens - 1 if out_tokens > 1 else 0
             # It holds a slot for its prefill and its decode.
