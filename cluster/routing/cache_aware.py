@@ -141,6 +141,10 @@ converge as follows:
 * KV cache events from the engines make the indexes exact and shared:
   `cluster.routing.kv_events` applies vLLM's BlockStored / BlockRemoved to this index
   (`router.kv_events` in the config turns the engines' publisher on).
+
+The per-replica terms above are computed in `cluster.routing.replica_scores` (compiled
+where built, its Python version otherwise, equal bit for bit); `choose` prepares the
+request's figures and keeps this router's state.
 """
 
 from __future__ import annotations
