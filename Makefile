@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-# The compiled routing loop (setup.py; optional: without a compiler the Python version
-# decides), rebuilt in place when its source changes.
-$(VENV)/.compiled: $(VENV)/.installed setup.py cluster/routing/_replica_scores.c
+# The compiled routing parts (setup.py; optional: without a compiler the Python versions
+# decide), rebuilt in place when their sources change.
+$(VENV)/.compiled: $(VENV)/.installed setup.py cluster/routing/_replica_scores.c cluster/routing/_prefix_match.c
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 

@@ -17,10 +17,23 @@ from bench import router_latency
 from bench.sim.simulator import ClusterSimulator, default_policy_factory
 from bench.traces import SyntheticSpec, synthetic_multiturn
 from cluster.profiles import load_profile
+from cluster.routing import prefix_index
 from cluster.routing.cache_aware import CacheAwarePolicy
 from cluster.routing.policy import ReplicaView, RouteDecision, RouteRequest
 from cluster.routing.prefix_index import PrefixIndex
 from tests.reference_prefix_index import PrefixIndex as ReferenceIndex
+
+
+@pytest.fixture(autouse=True, params=["python", "compiled"])
+def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with each version of the mask lookup (`_prefix_match.c` or the grouped
+    search in Python)."""
+    if request.param == "compiled":
+        # `make install` builds it (setup.py); a silent fallback to Python would go unseen.
+        assert prefix_index._match_masks is not None, "cluster/routing/_prefix_match.c was not built"
+    else:
+        monkeypatch.setattr(prefix_index, "_match_masks", None)
+    return str(request.param)
 
 
 def _chains(rng: random.Random, n: int) -> list[list[int]]:

@@ -58,6 +58,7 @@ so order is exact between generations and by first touch within one.
 from __future__ import annotations
 
 import heapq
+import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, compress, filterfalse, repeat
@@ -74,6 +75,22 @@ _MAX_PENDING = 64
 MASK_REPLICAS = 16
 # match_many places at most this many replicas one by one next to its largest group.
 _FEW = 8
+
+
+def _compiled_match() -> Callable[[dict[int, int], list[int], Sequence[int]], list[int]] | None:
+    """`_prefix_match.match_masks` where it was built (setup.py), unless
+    MLS_PURE_PYTHON_ROUTING=1: the same answers as `match_many`'s grouped search, for
+    candidate bits below 2**64 (tests/test_routing_index_equivalence.py runs both)."""
+    if os.environ.get("MLS_PURE_PYTHON_ROUTING", "") not in ("", "0"):
+        return None
+    try:
+        from cluster.routing._prefix_match import match_masks  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return match_masks  # type: ignore[no-any-return]
+
+
+_match_masks = _compiled_match()
 
 
 class _ReplicaBlocks:
@@ -423,7 +440,9 @@ class PrefixIndex:
         had only its own dict. With the masks all replicas are searched at once: replicas that
         agree at a probed block share the next probe, and one lookup in the shared masks
         answers it for all of them, so a request costs O(distinct answers x log n)
-        lookups instead of O(replicas x log n)."""
+        lookups instead of O(replicas x log n). Where `_prefix_match.c` was built and the
+        candidates' bits fit in 64, it runs the per-replica searches themselves, compiled,
+        with each block's mask looked up once (the same answers)."""
         if self._pending:
             self.flush()
         ids = replica_ids if isinstance(replica_ids, list) else list(replica_ids)
@@ -432,6 +451,8 @@ class PrefixIndex:
         n = len(block_hashes)
         get = self._masks.get
         cached = self._bits(ids)
+        if _match_masks is not None and not cached.candidates >> 64:
+            return _match_masks(self._masks, cached.bits, block_hashes)
         # Only the candidates are searched: each bit's probes depend on its own answers
         # alone, so leaving out the other replicas' bits changes no candidate's answer.
         m0 = get(block_hashes[0], 0) & cached.candidates if n else 0
