@@ -172,3 +172,12 @@ def test_compiled_scorer_rejects_bad_input() -> None:
         fn(tuple(views), ["a", "b"], [0, 1], [None, None], params, -1, None, 0)
     with pytest.raises(TypeError):
         fn(views, ["a", "b"], [0, 1], [None, None], tuple(params)[:-1], -1, None, 0)
+
+
+def test_candidates_in_any_sequence() -> None:
+    """A tuple of candidates decides as the list does (the compiled loop reads lists)."""
+    views = [ReplicaView(f"r{i}", num_waiting=i % 3, kv_capacity_blocks=100) for i in range(5)]
+    request = RouteRequest("q", 64, [1, 2, 3, 4], max_tokens=8)
+    a = CacheAwarePolicy(block_size=B, seed=1).choose(request, tuple(views))
+    b = CacheAwarePolicy(block_size=B, seed=1).choose(request, views)
+    assert a == b

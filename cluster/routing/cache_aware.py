@@ -414,6 +414,8 @@ class CacheAwarePolicy:
     # --- RoutingPolicy ---------------------------------------------------------------
 
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaView]) -> RouteDecision:
+        if not isinstance(replicas, list):
+            replicas = list(replicas)  # the compiled scoring loop reads a list
         index = self.index
         ids = [r.replica_id for r in replicas]
         caps = [r.kv_capacity_blocks for r in replicas]
