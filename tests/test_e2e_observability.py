@@ -150,9 +150,12 @@ class Prometheus:
         active: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             try:
-                active = self.api.get("/api/v1/targets").json()["data"]["activeTargets"]
-                if active and all(t["health"] == "up" for t in active):
-                    return active
+                r = self.api.get("/api/v1/targets")
+                # 503 "Service Unavailable" (plain text) until its storage is open.
+                if r.status_code == 200:
+                    active = r.json()["data"]["activeTargets"]
+                    if active and all(t["health"] == "up" for t in active):
+                        return active
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
