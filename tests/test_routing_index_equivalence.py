@@ -30,7 +30,8 @@ def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     search in Python)."""
     if request.param == "compiled":
         # `make install` builds it (setup.py); a silent fallback to Python would go unseen.
-        assert prefix_index._match_masks is not None, "cluster/routing/_prefix_match.c was not built"
+        assert prefix_index.match_masks_c is not None, "cluster/routing/_prefix_match.c was not built"
+        monkeypatch.setattr(prefix_index, "_match_masks", prefix_index.match_masks_c)
     else:
         monkeypatch.setattr(prefix_index, "_match_masks", None)
     return str(request.param)

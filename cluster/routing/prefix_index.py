@@ -58,11 +58,12 @@ so order is exact between generations and by first touch within one.
 from __future__ import annotations
 
 import heapq
-import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, compress, filterfalse, repeat
 from operator import ne, not_, or_, xor
+
+from cluster.routing.compiled import extension, use_compiled
 
 DEFAULT_CAPACITY_BLOCKS = 65536
 # gen_of value of a pinned block that eviction met: held, in no generation list.
@@ -77,20 +78,12 @@ MASK_REPLICAS = 16
 _FEW = 8
 
 
-def _compiled_match() -> Callable[[dict[int, int], list[int], Sequence[int]], list[int]] | None:
-    """`_prefix_match.match_masks` where it was built (setup.py), unless
-    MLS_PURE_PYTHON_ROUTING=1: the same answers as `match_many`'s grouped search, for
-    candidate bits below 2**64 (tests/test_routing_index_equivalence.py runs both)."""
-    if os.environ.get("MLS_PURE_PYTHON_ROUTING", "") not in ("", "0"):
-        return None
-    try:
-        from cluster.routing._prefix_match import match_masks  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return match_masks  # type: ignore[no-any-return]
-
-
-_match_masks = _compiled_match()
+MatchFn = Callable[[dict[int, int], list[int], Sequence[int]], list[int]]
+# `_prefix_match.match_masks` where it was built: the same answers as `match_many`'s grouped
+# search, for candidate bits below 2**64 (tests/test_routing_index_equivalence.py runs both).
+_compiled_module = extension("_prefix_match")
+match_masks_c: MatchFn | None = _compiled_module.match_masks if _compiled_module is not None else None
+_match_masks: MatchFn | None = match_masks_c if use_compiled() else None
 
 
 class _ReplicaBlocks:

@@ -5,20 +5,19 @@ every candidate replica, plus what sending it there costs the requests queued be
 This loop runs once per replica per request and was most of a routing decision's time
 (64 replicas, 1M indexed blocks, a 2.1 GHz VM: ~2 us a replica in Python, ~0.7 compiled).
 `score_replicas` is the compiled version (`_replica_scores.c`, built by `make install`)
-where it was built, else
-`score_replicas_py`, this module's Python version, which is the specification: both give
-the same decision and the same scores bit for bit
+where it was built, else `score_replicas_py`, this module's Python version, which is the
+specification: both give the same decision and the same scores bit for bit
 (tests/test_routing_policy_equivalence.py runs both against a frozen reference).
-`MLS_PURE_PYTHON_ROUTING=1` picks the Python version.
+`MLS_PURE_PYTHON_ROUTING=1` picks the Python version (`cluster.routing.compiled`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
+from cluster.routing.compiled import extension, use_compiled
 from cluster.routing.policy import ReplicaView
 
 
@@ -198,22 +197,18 @@ ScoreFn = Callable[
 
 
 def _compiled() -> ScoreFn | None:
-    try:
-        from cluster.routing import _replica_scores  # type: ignore[attr-defined]
-    except ImportError:  # not built (no compiler at install): the Python version decides
+    module = extension("_replica_scores")
+    if module is None:  # not built (no compiler at install): the Python version decides
         return None
+    compiled = module.score_replicas
 
     def score_replicas_c(*args: Any) -> Scores:
-        return Scores(*_replica_scores.score_replicas(*args))
+        return Scores(*compiled(*args))
 
     return score_replicas_c
 
 
 score_replicas_c: ScoreFn | None = _compiled()
-score_replicas: ScoreFn = (
-    score_replicas_c
-    if score_replicas_c is not None and os.environ.get("MLS_PURE_PYTHON_ROUTING", "") in ("", "0")
-    else score_replicas_py
-)
+score_replicas: ScoreFn = score_replicas_c if score_replicas_c is not None and use_compiled() else score_replicas_py
 
 __all__ = ["ScoreParams", "Scores", "score_replicas", "score_replicas_c", "score_replicas_py", "slot_turnover_s"]
