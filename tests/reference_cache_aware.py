@@ -238,7 +238,8 @@ class CacheAwarePolicy:
         if not record.admitted or record.slot is None:
             return
         prefill_s, tokens, _ = record.slot
-        took = (self._last_now if self._external_clock else self._clock()) - record.routed_at - prefill_s
+        now = self._last_now if self._external_clock else self._clock()
+        took = now - max(record.routed_at + prefill_s, record.prefill_end)
         if took <= 0 or tokens <= 0:
             return
         if self._decode_tokens > 0:

@@ -338,6 +338,20 @@ def test_decode_time_per_token_is_measured_on_requests_that_found_a_free_slot() 
     assert p.decode_token_s() == measured
 
 
+def test_decode_time_starts_after_the_prefill_queued_ahead() -> None:
+    """b is routed behind a's 64-block prefill on the one replica: its decode starts when
+    the router's prefill clock has done both, not when it was routed (a queue of a
+    minute at saturation would otherwise count as a minute of decoding)."""
+    p = policy()
+    one = views(1)
+    p.choose(request(tokens(1, 64 * B), "a", arrival_s=0.0), one)
+    p.choose(request(tokens(2, B), "b", max_tokens=101, arrival_s=0.0), one)
+    p.choose(request(tokens(3, B), "c", arrival_s=10.0), one)  # the clock reads 10 s
+    p.on_finished(request(tokens(2, B), "b"), "r0", [])
+    queued_s = (64 * B + B) / p.prefill_tokens_per_s  # a's prefill, then b's own
+    assert abs(p.decode_token_s() - (10.0 - queued_s) / 100) < 1e-12
+
+
 def test_a_slot_at_a_full_replica_is_priced_like_the_prefill_it_would_save() -> None:
     """r0 holds a 2,048-token system prompt but has no free slot (its queue waits for one:
     1 / 4 x 2 s = 0.5 s), r1 has free slots and nothing cached, r2 a queue of 20 waiting
