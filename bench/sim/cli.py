@@ -8,7 +8,9 @@ results.json (every figure, per pool and per replica), table.txt, latency_vs_loa
 and hit_rate.png into --out. `--replicas` is the total, shared among the profile's pools
 by the tokens the trace sends to each (override with --pool-replicas, or put every
 replica in one pool with --pool). The throughput ceiling of one replica: --replicas 1
---pool standard --rate-scale 50 (everything queued at once).
+--pool standard --rate-scale 50 (everything queued at once). `--seeds N` runs every pair
+with N seeds and reports the mean (`bench/sim/seeds.py`): policies with random tie-breaks
+give a different run per seed, a spread one run cannot show.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-scale", default="1.0", help="arrival-rate multipliers, comma list (e.g. 0.5,1,2)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run every (policy, rate scale) with seeds --seed .. --seed+N-1 and report the mean "
+        "(policies with random tie-breaks differ from seed to seed; per-seed figures in results.json)",
+    )
     p.add_argument("--stats-period", type=float, default=None, help="routing-stats period in s (0 = exact)")
     p.add_argument("--no-spill", action="store_true", help="never spill a saturated pool into a larger one")
     p.add_argument("--block-size", type=int, default=512, help="block size for Azure/synthetic traces")
@@ -133,7 +142,7 @@ def _parse_pool_replicas(text: str) -> dict[str, int]:
     return out
 
 
-def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
+def _run_one(policy: str, rate_scale: float, seed: int, run_index: int) -> dict[str, Any]:
     from bench.sim.metrics import summarize
     from bench.sim.simulator import ClusterSimulator
 
@@ -145,7 +154,7 @@ def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
         trace,
         policy=policy,
         replicas=job["replicas"],
-        seed=job["seed"],
+        seed=seed,
         stats_period_s=job["stats_period"],
         spill=job["spill"],
         async_scheduling=job["async_scheduling"],
@@ -159,6 +168,7 @@ def _run_one(policy: str, rate_scale: float, run_index: int) -> dict[str, Any]:
 
     summary = summarize(sim.run(progress), job["floors"], job["slo"])
     summary["rate_scale"] = rate_scale
+    summary["seed"] = seed
     summary["arrival_rate_req_s"] = len(trace) / trace.duration_s if trace.duration_s else float("nan")
     summary["step_time_notes"] = sim.step_time_notes
     summary["run_index"] = run_index
@@ -174,20 +184,25 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _run_tasks(tasks: list[tuple[str, float]], jobs: int, n_requests: int, desc: str) -> list[dict[str, Any]]:
-    """Run (policy, rate scale) pairs, in `jobs` forked processes; rows in task order."""
+    """Run (policy, rate scale) pairs, each with every seed of the job, in `jobs` forked
+    processes; one row per pair (the mean over the seeds, `bench.sim.seeds`), in task order."""
+    from bench.sim.seeds import fold
+
+    seeds = _JOB.get("seeds") or [0]
+    runs = [(p, s, seed) for p, s in tasks for seed in seeds]
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
-    total = len(tasks) * n_requests
-    jobs = max(1, min(jobs, len(tasks)))
+    total = len(runs) * n_requests
+    jobs = max(1, min(jobs, len(runs)))
     # Also on a log file (no TTY): a line every 15 s instead of a live bar.
     tty = sys.stderr.isatty()
     with tqdm(total=total, unit="req", desc=desc, file=sys.stderr, mininterval=0.5 if tty else 15) as bar:
         if jobs == 1:
             q: Any = queue.SimpleQueue()
             _JOB["progress"] = q
-            for k, (p, s) in enumerate(tasks):
-                rows.append(_run_one(p, s, k))
+            for k, (p, s, seed) in enumerate(runs):
+                rows.append(_run_one(p, s, seed, k))
                 while not q.empty():
                     bar.update(q.get())
         else:
@@ -195,7 +210,7 @@ def _run_tasks(tasks: list[tuple[str, float]], jobs: int, n_requests: int, desc:
             mq = ctx.Queue()
             _JOB["progress"] = mq  # inherited by the forked workers
             with ctx.Pool(jobs) as pool:
-                pending = [pool.apply_async(_run_one, (p, s, k)) for k, (p, s) in enumerate(tasks)]
+                pending = [pool.apply_async(_run_one, (p, s, seed, k)) for k, (p, s, seed) in enumerate(runs)]
                 while pending:
                     try:
                         bar.update(mq.get(timeout=0.5))
@@ -214,7 +229,7 @@ def _run_tasks(tasks: list[tuple[str, float]], jobs: int, n_requests: int, desc:
                     except queue.Empty:
                         break
     rows.sort(key=lambda r: r["run_index"])
-    return rows
+    return fold(rows)
 
 
 def _search_goodput(
@@ -284,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         scales = [float(x) for x in str(args.rate_scale).split(",") if x.strip()]
         if not scales or min(scales) <= 0:
             raise ValueError(f"--rate-scale needs positive numbers, got {args.rate_scale!r}")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds needs at least 1, got {args.seeds}")
         from cluster.routing.registry import POLICY_NAMES
 
         policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
@@ -339,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         cfg=cfg,
         trace=trace,
         replicas=replicas,
-        seed=args.seed,
+        seeds=list(range(args.seed, args.seed + args.seeds)),
         stats_period=args.stats_period,
         spill=not args.no_spill,
         async_scheduling=not args.sync_scheduling,
@@ -356,12 +373,15 @@ def run(args: argparse.Namespace) -> int:
     sweep = [r for r in rows if not r.get("goodput_probe")]
 
     table = format_table(sweep)
+    if args.seeds > 1:
+        last = args.seed + args.seeds - 1
+        table += f"\n(each figure the mean over seeds {args.seed}-{last}; per seed in results.json)"
     if goodput:
         table += "\n\n" + format_goodput(goodput, slo)
     print(table)
     cpu = [r["sim_cpu_s"] for r in rows]
     print(
-        f"simulated {len(tasks)} runs of {len(trace):,} requests in {wall:.1f} s wall ({jobs} processes); "
+        f"simulated {len(tasks) * args.seeds} runs of {len(trace):,} requests in {wall:.1f} s wall ({jobs} processes); "
         f"CPU per run {min(cpu):.1f}-{max(cpu):.1f} s, {sum(cpu):.0f} s in all"
     )
     for note in rows[0].get("step_time_notes", []):
@@ -373,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         "policies": policies,
         "rate_scales": scales,
         "seed": args.seed,
+        "seeds": args.seeds,
         "stats_period_s": args.stats_period if args.stats_period is not None else cfg.router.stats_period_s,
         "spill": not args.no_spill,
         "async_scheduling": not args.sync_scheduling,
