@@ -170,8 +170,8 @@ COLUMNS = [
     ("hit", "block_hit_rate", "{:.1%}"),
     ("ceiling", "block_hit_ceiling", "{:.1%}"),
     ("spread", "load_spread_max_over_mean", "{:.2f}"),
-    ("rejected", "rejected", "{}"),
-    ("preempt", "preemptions", "{}"),
+    ("rejected", "rejected", "{:.5g}"),  # a mean over seeds need not be whole
+    ("preempt", "preemptions", "{:.5g}"),
 ]
 
 
