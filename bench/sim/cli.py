@@ -186,12 +186,11 @@ def _pct(values: list[float], q: float) -> float:
 def _run_tasks(tasks: list[tuple[str, float]], jobs: int, n_requests: int, desc: str) -> list[dict[str, Any]]:
     """Run (policy, rate scale) pairs, each with every seed of the job, in `jobs` forked
     processes; one row per pair (the mean over the seeds, `bench.sim.seeds`), in task order."""
-    from bench.sim.seeds import fold
-
-    seeds = _JOB.get("seeds") or [0]
-    runs = [(p, s, seed) for p, s in tasks for seed in seeds]
     from tqdm import tqdm
 
+    from bench.sim.seeds import fold
+
+    runs = [(p, s, seed) for p, s in tasks for seed in _JOB["seeds"]]
     rows: list[dict[str, Any]] = []
     total = len(runs) * n_requests
     jobs = max(1, min(jobs, len(runs)))

@@ -377,16 +377,17 @@ class CacheAwarePolicy:
     def _learn_decode(self, record: _InFlight) -> None:
         """A finished request that found a free slot updates the per-token decode time; one
         that waited for a slot would count the wait it prices (feedback at saturation).
-        Its decode starts when its prefill is done: after its own prefill, and after the
-        prefill this router queued ahead of it there (its end on the virtual prefill
-        clock). Counted from routing, the prefill queue made every slot look held that
-        much longer: past saturation (Mooncake x6, queues of a minute) the slot charge
-        then outweighed the cache: TTFT p50 / p90 26.6 / 65.8 s without the slot charge, 29.6 /
-        72.1 s with it, 27.1 / 69.3 s with it and this start."""
+        Its decode starts when its prefill is done: `prefill_end`, the end of its own
+        prefill on the virtual prefill clock, after the prefill this router queued ahead of
+        it there (never before routing + its own prefill). Counted from routing, the
+        prefill queue made every slot look held that much longer: past saturation
+        (Mooncake x6, queues of a minute) the slot charge then outweighed the cache: TTFT
+        p50 / p90 26.6 / 65.8 s without the slot charge, 29.6 / 72.1 s with it, 27.1 /
+        69.3 s with it and this start."""
         if not record.admitted or record.slot is None:
             return
-        prefill_s, tokens, _ = record.slot
-        took = self._finish_now() - max(record.routed_at + prefill_s, record.prefill_end)
+        tokens = record.slot[1]
+        took = self._finish_now() - record.prefill_end
         if took <= 0 or tokens <= 0:
             return
         if self._decode_tokens > 0:
