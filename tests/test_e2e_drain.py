@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from bench.live.replicas import engine_replica_pids, replica_states, replica_table, wait_pool
-from bench.live.streams import StreamResult, stream_chat
+from bench.live.streams import StreamResult, mid_reply, stream_chat
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -62,16 +62,6 @@ def cluster(standard_pool_cluster: Any) -> Any:
 
 def _client(cluster: Any) -> httpx.Client:
     return httpx.Client(base_url=cluster.base_url, timeout=300)
-
-
-def mid_reply(streams: list[StreamResult]) -> dict[str, list[StreamResult]]:
-    """The streams that have received content and are still open, by the replica
-    streaming them (X-Served-By): a replica killed now certainly cuts these."""
-    out: dict[str, list[StreamResult]] = {}
-    for s in list(streams):
-        if s.served_by is not None and s.content_chunks > 0 and not s.done and s.seconds == 0:
-            out.setdefault(s.served_by, []).append(s)
-    return out
 
 
 def test_with_migration_off_a_killed_replica_cuts_its_streams_with_an_error_event(cluster: Any) -> None:

@@ -1,9 +1,10 @@
 """Node loss on a real multi-node Ray cluster (several raylets on this machine, shaped
 like the chart: a head with the gateway, one node per worker pod advertising its pool's
 resource). A standard-pool node is SIGKILLed with everything on it (raylet, replica,
-vLLM engine) under streaming load: every request still succeeds and every cut stream is
-migrated; the lost replica is not placed anywhere its pool may not go, and once a new
-node of the pool joins (what KubeRay does on scale-up) the replacement lands there.
+vLLM engine) under streaming load, chosen as the node of a replica seen streaming a reply:
+every request still succeeds and every cut stream is migrated; the lost replica is not
+placed anywhere its pool may not go, and once a new node of the pool joins (what KubeRay
+does on scale-up) the replacement lands there.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import httpx
 import pytest
 
 from bench.live.replicas import replica_nodes
+from bench.live.streams import StreamResult, mid_reply, stream_chat
 from cluster.ops.local_nodes import start_local_nodes
 from cluster.profiles import load_profile
 from deployments.serve_config import APP_NAME
 from tests import node_clusters
 from tests.node_clusters import NodeCluster
-from tests.test_e2e_faults import MAX_TOKENS, assert_whole, stream_chat
+from tests.test_e2e_faults import MAX_TOKENS, assert_whole
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
-STREAMS = 24
+# EARLY_STREAMS long replies before the loss, the rest of STREAMS after it.
+STREAMS, EARLY_STREAMS, LONG_TOKENS = 24, 18, 160
+MID_REPLY_TIMEOUT_S = 120
 HEAL_TIMEOUT_S = 240
 
 
@@ -67,27 +71,40 @@ def test_losing_a_pool_node_under_streaming_load_loses_nothing(node_cluster: Nod
     http = httpx.Client(base_url=serving.base_url, timeout=300)
     model = serving.cfg.model.served_name
     migrated_before = migrations(http, "standard")
-    victim_replica, victim_node_id = sorted(placed.items())[0]
-    victim = standard[victim_node_id]
+    live = [StreamResult() for _ in range(STREAMS)]
     with ThreadPoolExecutor(STREAMS) as pool:
         futures = []
-        for i in range(STREAMS):
-            futures.append(pool.submit(stream_chat, http, model, f"Request {i}: tell me a long story."))
+        for i, into in enumerate(live[:EARLY_STREAMS]):
+            text = f"Request {i}: tell me a long story."
+            futures.append(pool.submit(stream_chat, http, model, text, max_tokens=LONG_TOKENS, into=into))
             time.sleep(0.1)
-            # Three quarters of the load sent: the first streams (2 s old) are mid-reply, on
-            # both replicas (distinct prompts: the router balances them by load).
-            if i == STREAMS * 3 // 4:
-                killed = nodes.kill(victim)
-                print(f"killed node {victim_node_id[:8]} ({len(killed)} processes)", file=sys.stderr)
+        # The victim is the node of the first standard replica seen streaming a reply (a
+        # long one: still open when its node dies), so the loss cuts a stream for certain,
+        # not by a timer that a slow machine outruns (the streams not begun are retried).
+        deadline, victim_replica = time.monotonic() + MID_REPLY_TIMEOUT_S, None
+        while victim_replica is None and time.monotonic() < deadline:
+            victim_replica = next((r for r in mid_reply(live[:EARLY_STREAMS]) if r in placed), None)
+            time.sleep(0.05)
+        assert victim_replica is not None, f"no standard replica streamed a reply: {mid_reply(live)}"
+        victim_node_id = placed[victim_replica]
+        killed = nodes.kill(standard[victim_node_id])
+        print(f"killed node {victim_node_id[:8]} ({len(killed)} processes)", file=sys.stderr)
+        for i, into in enumerate(live[EARLY_STREAMS:], EARLY_STREAMS):  # sent after the loss
+            text = f"Request {i}: a story."
+            futures.append(pool.submit(stream_chat, http, model, text, max_tokens=MAX_TOKENS, into=into))
+            time.sleep(0.1)
         results = [f.result() for f in futures]
-    for result in results:
+    for result in results[:EARLY_STREAMS]:
+        assert result.whole(LONG_TOKENS), result.why_not_whole(LONG_TOKENS)
+    for result in results[EARLY_STREAMS:]:
         assert_whole(result)
     migrated = migrations(http, "standard") - migrated_before
     served = Counter(r.served_by for r in results)
     assert migrated > 0, f"no stream was cut by the node loss (victim {victim_replica}; served by {dict(served)})"
     seconds = sorted(r.seconds for r in results)
     print(
-        f"{len(results)} streams of {MAX_TOKENS} tokens: 0 failed, {migrated:.0f} migrated, "
+        f"{len(results)} streams ({EARLY_STREAMS} of {LONG_TOKENS} tokens before the loss, the rest of "
+        f"{MAX_TOKENS} after): 0 failed, {migrated:.0f} migrated, "
         f"p50 {seconds[len(seconds) // 2]:.1f} s, slowest {seconds[-1]:.1f} s",
         file=sys.stderr,
     )
@@ -110,4 +127,4 @@ def test_losing_a_pool_node_under_streaming_load_loses_nothing(node_cluster: Nod
     assert sorted(after.values()) == sorted([survivor_id, added.node_id]), after
     assert victim_replica not in after
     for i in range(4):
-        assert_whole(stream_chat(http, model, f"After the node loss {i}."))
+        assert_whole(stream_chat(http, model, f"After the node loss {i}.", max_tokens=MAX_TOKENS))

@@ -84,6 +84,17 @@ class StreamResult:
         return f"{len(self.events)} events, done={self.done}, completion_tokens={tokens} (want {max_tokens})"
 
 
+def mid_reply(streams: list[StreamResult]) -> dict[str, list[StreamResult]]:
+    """The streams (filled through `stream_chat(..., into=)`) that have received content
+    and are still open, by the replica streaming them (X-Served-By): a replica killed now
+    certainly cuts these, so a fault test picks its victim from here, not by a timer."""
+    out: dict[str, list[StreamResult]] = {}
+    for s in list(streams):
+        if s.served_by is not None and s.content_chunks > 0 and not s.done and s.seconds == 0:
+            out.setdefault(s.served_by, []).append(s)
+    return out
+
+
 def chat_body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": model,
