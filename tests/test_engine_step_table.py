@@ -174,6 +174,30 @@ def test_measured_spreads_are_drawn_per_request_and_replay_identically() -> None
     assert ttft[-1] - ttft[0] > 0.05  # the spread reaches the percentiles
 
 
+def test_each_replica_draws_its_own_chain_of_step_scales() -> None:
+    """The measured lag-1 correlation is of one replica's consecutive steps: a replica's
+    draws are its own chain, the same whatever the other replicas of its pool do (one
+    chain shared by a pool would interleave them and dilute the correlation)."""
+    cfg = _constant_terms()
+    cfg.simulator.engine_step_scale_spread = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.8, 2.5]
+    cfg.simulator.engine_step_scale_autocorr = 0.6
+    table = default_step_time(cfg, cfg.pools[0])
+    assert isinstance(table, EngineStepTable)
+    table.reseed("7-standard")
+    step = ([], 4, 4 * 300)
+    alone = table.for_replica("standard-0")
+    own = [alone.step_ms(*step) for _ in range(50)]
+    a, b = table.for_replica("standard-0"), table.for_replica("standard-1")
+    interleaved = []
+    for _ in range(50):
+        interleaved.append(a.step_ms(*step))
+        b.step_ms(*step)
+    assert interleaved == own
+    assert [table.for_replica("standard-1").step_ms(*step) for _ in range(50)] != own
+    table.reseed("8-standard")  # another simulation seed: other draws
+    assert [table.for_replica("standard-0").step_ms(*step) for _ in range(50)] != own
+
+
 def test_a_spread_needs_ten_quantiles() -> None:
     with pytest.raises(ValueError, match="10 quantiles"):
         SimulatorConfig(request_overhead_spread_ms=[1.0, 2.0])

@@ -26,6 +26,7 @@ engine's own step intervals during a replay).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ class EngineStepTable:
         self.scale = scale
         # A measured spread of the scale: each step draws its own (bench/sim/spread.py),
         # correlated with the step before by `scale_autocorr`.
+        self._seed: int | str = 0
         self._spread = Spread(scale_spread, autocorr=scale_autocorr) if scale_spread else None
         self._decode = Grid2D.from_json(table["decode_ms"], "batch")
         self._prefill = Grid2D.from_json(table["prefill_ms"], "chunk")
@@ -89,8 +91,21 @@ class EngineStepTable:
 
     def reseed(self, seed: int | str) -> None:
         """Draw the step scales anew from `seed` (the simulation's own seed)."""
+        self._seed = seed
         if self._spread is not None:
             self._spread = Spread(self._spread.quantiles, seed=seed, autocorr=self._spread.autocorr)
+
+    def for_replica(self, key: str) -> EngineStepTable:
+        """This table with step scales of its own for one replica (seeded from this one's
+        seed and `key`). The measured correlation is between one replica's consecutive
+        steps (`lag1_autocorr` pools per-replica series); one chain shared by a pool's
+        replicas interleaves their draws, so each replica's own steps come out less
+        correlated than measured."""
+        twin = copy.copy(self)
+        if self._spread is not None:
+            q, ac = self._spread.quantiles, self._spread.autocorr
+            twin._spread = Spread(q, seed=f"{self._seed}-{key}", autocorr=ac)
+        return twin
 
     def decode_ms(self, batch: int, mean_context: float) -> float:
         row = self._decode_rows.get(batch)

@@ -334,6 +334,20 @@ def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
     cfg.simulator = SimulatorConfig.model_validate({**cfg.simulator.model_dump(), **terms})
 
 
+# The terms that say how fast the engines stepped (against the table) during a replay.
+ENGINE_SPEED_KEYS = ("engine_step_scale", "engine_step_scale_spread", "engine_step_scale_autocorr")
+
+
+def at_engine_speed(terms: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
+    """`terms` (another replay's) with the engine step scale, its spread and correlation
+    of the checked replay itself (its own `engine_timing` calibration). A prediction from
+    another replay's terms also carries how much faster or slower the shared machine ran
+    the engines between the two replays (+-10-20% from one replay to the next here, 1.6x
+    at worst); simulated at the checked replay's own engine speed, what is left is the
+    model's error: the serving path, the scheduler, the table's shape."""
+    return {**terms, **{k: checked[k] for k in ENGINE_SPEED_KEYS if k in checked}}
+
+
 def timing_errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
     """(simulated - real) / real of TTFT and TPOT p50 and p90."""
     return {k: (float(sim[k]) - float(real[k])) / float(real[k]) for k in TIMING_KEYS if float(real[k]) > 0}
@@ -624,11 +638,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulating with the terms of {args.sim_terms}: {json.dumps(terms)}")
     rows = [summary]
     sim_summary = None
+    speed_summary = None
     if not args.no_sim:
         sim_summary = simulate_same(cfg, trace, repeats=SIM_REPEATS)
         sim_summary["rate_scale"] = args.rate_scale
         sim_summary["policy"] = f"simulator ({cfg.router.policy})"
         rows.append(sim_summary)
+        if args.sim_terms and timing is not None and "calibration" in timing:
+            at_speed = cfg.model_copy(deep=True)
+            apply_sim_terms(at_speed, at_engine_speed(terms, timing["calibration"]))
+            speed_summary = simulate_same(at_speed, trace, repeats=SIM_REPEATS)
 
     # One unit in the table: token hit rates (vLLM counts tokens) against the token ceiling.
     shown = [dict(r, block_hit_rate=r.get("token_hit_rate"), block_hit_ceiling=stats.token_hit_ceiling) for r in rows]
@@ -651,6 +670,10 @@ def run(args: argparse.Namespace) -> int:
     if sim_summary is not None:
         print(f"timing, real against simulated (request overhead {cfg.simulator.request_overhead_ms:.1f} ms):")
         errors = print_timing(summary, sim_summary)
+    speed_errors: dict[str, float] = {}
+    if speed_summary is not None:
+        print("the same at this replay's own engine step scale (the machine's speed now; the rest from --sim-terms):")
+        speed_errors = print_timing(summary, speed_summary)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -663,6 +686,7 @@ def run(args: argparse.Namespace) -> int:
         "request_overhead_ms": cfg.simulator.request_overhead_ms,
         "overhead_measurement": overhead,
         "timing_errors": errors,
+        "timing_errors_at_this_engine_speed": speed_errors,
         "engine_timing": timing,
         "simulator_terms": cfg.simulator.model_dump(),
         "outcomes": [o.__dict__ for o in outcomes],

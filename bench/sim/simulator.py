@@ -234,9 +234,11 @@ class ClusterSimulator:
             def make_replica(
                 i: int, name: str = pool.name, st: StepTime = st, capacity: int = capacity, e: Any = e
             ) -> ReplicaModel:
+                # A step time that draws per step (a measured spread) draws per replica.
+                fork = getattr(st, "for_replica", None)
                 return replica_factory(
                     f"{name}-{i}",
-                    step_time=st,
+                    step_time=fork(f"{name}-{i}") if callable(fork) else st,
                     capacity_blocks=capacity,
                     block_size=B,
                     max_num_seqs=e.max_num_seqs,
