@@ -71,10 +71,10 @@ def test_losing_a_pool_node_under_streaming_load_loses_nothing(node_cluster: Nod
     http = httpx.Client(base_url=serving.base_url, timeout=300)
     model = serving.cfg.model.served_name
     migrated_before = migrations(http, "standard")
-    live = [StreamResult() for _ in range(STREAMS)]
+    live = [StreamResult() for _ in range(EARLY_STREAMS)]  # watched for the victim
     with ThreadPoolExecutor(STREAMS) as pool:
         futures = []
-        for i, into in enumerate(live[:EARLY_STREAMS]):
+        for i, into in enumerate(live):
             text = f"Request {i}: tell me a long story."
             futures.append(pool.submit(stream_chat, http, model, text, max_tokens=LONG_TOKENS, into=into))
             time.sleep(0.1)
@@ -83,15 +83,15 @@ def test_losing_a_pool_node_under_streaming_load_loses_nothing(node_cluster: Nod
         # not by a timer that a slow machine outruns (the streams not begun are retried).
         deadline, victim_replica = time.monotonic() + MID_REPLY_TIMEOUT_S, None
         while victim_replica is None and time.monotonic() < deadline:
-            victim_replica = next((r for r in mid_reply(live[:EARLY_STREAMS]) if r in placed), None)
+            victim_replica = next((r for r in mid_reply(live) if r in placed), None)
             time.sleep(0.05)
         assert victim_replica is not None, f"no standard replica streamed a reply: {mid_reply(live)}"
         victim_node_id = placed[victim_replica]
         killed = nodes.kill(standard[victim_node_id])
         print(f"killed node {victim_node_id[:8]} ({len(killed)} processes)", file=sys.stderr)
-        for i, into in enumerate(live[EARLY_STREAMS:], EARLY_STREAMS):  # sent after the loss
+        for i in range(EARLY_STREAMS, STREAMS):  # sent after the loss
             text = f"Request {i}: a story."
-            futures.append(pool.submit(stream_chat, http, model, text, max_tokens=MAX_TOKENS, into=into))
+            futures.append(pool.submit(stream_chat, http, model, text, max_tokens=MAX_TOKENS))
             time.sleep(0.1)
         results = [f.result() for f in futures]
     for result in results[:EARLY_STREAMS]:
