@@ -659,6 +659,12 @@ class SimulatorConfig(_Strict):
     # Measured per profile with `cluster bench replay --engine-timing` (the client's TTFT
     # beyond the engine's own queue and prefill, during a replay).
     request_overhead_ms: float = Field(0.0, ge=0)
+    # ... and it slows with the client's other requests in flight (the gateway, proxy
+    # and engine frontends share the cores with busy engines): each request's overhead
+    # grows by this much per other request in flight when it is sent. Measured with the
+    # overhead (the slope of its medians by requests in flight); the overhead and its
+    # spread are then those of a request sent alone. 0: a constant path.
+    request_overhead_per_in_flight_ms: float = Field(0.0, ge=0)
     # The first token's way back to the client takes this much longer than a later
     # token's (the gateway's and proxy's first chunk of a stream: headers, the response
     # set-up); the simulator delivers the last token this much earlier relative to the
@@ -675,10 +681,20 @@ class SimulatorConfig(_Strict):
     request_overhead_spread_ms: list[float] = Field(default_factory=list)
     stream_lead_spread_ms: list[float] = Field(default_factory=list)
     engine_step_scale_spread: list[float] = Field(default_factory=list)
-    # Lag-1 correlation of consecutive steps' scales (normal scores; measured with the
-    # spread): slow steps come in runs on shared cores, so a request's TPOT varies more
-    # than independent draws give. 0: each step draws alone.
+    # Correlation of consecutive steps' scales (normal scores; measured with the spread):
+    # slow steps come in spells on shared cores, so a request's TPOT varies more than
+    # independent draws give. The simulator draws an AR(1) with this lag-1 correlation;
+    # `cluster bench replay --engine-timing` measures the one whose means over a reply's
+    # decode steps vary as measured (bench/sim/spread.py, `horizon_autocorr`): the spells
+    # last longer than one lag's decay says. 0: each step draws alone.
     engine_step_scale_autocorr: float = Field(0.0, ge=0.0, lt=1.0)
+    # Engines of one machine share its cores (CPU profiles: the local cluster runs every
+    # replica on one machine): a step taken while k other engines are stepping takes
+    # 1 + k x (engine_contention_scale - 1) times as long. Measured as the step-scale
+    # median of steps that overlapped another replica's step over that of steps that did
+    # not; the spread above is then measured on the latter. 1: no sharing (GPU profiles,
+    # where each replica has its own devices).
+    engine_contention_scale: float = Field(1.0, ge=1.0)
 
     @model_validator(mode="after")
     def _check_spreads(self) -> SimulatorConfig:

@@ -195,8 +195,13 @@ def cpu_tiny() -> ClusterConfig:
             request_overhead_spread_ms=[34.9, 49.3, 60.0, 61.8, 70.7, 74.6, 77.7, 80.0, 104.4, 120.0],
             stream_lead_spread_ms=[-64.9, -15.4, -4.8, 3.4, 15.7, 17.9, 27.9, 34.7, 38.5, 46.1],
             engine_step_scale_spread=[0.7, 0.79, 0.9, 1.01, 1.15, 1.32, 1.69, 2.19, 2.82, 5.43],
-            # Measured later, by the e2e timing test's calibration replays (0.49, 0.61).
-            engine_step_scale_autocorr=0.5,
+            # Measured later (2026-12-02, a 221-request calibration replay: 0.79 over a
+            # reply's 24 decode steps, where lag 1 alone gives 0.45; the engines stepped
+            # 1.89x slower beside another engine's step, and the serving path took
+            # 17.1 ms longer per other request in flight; bench/calibration/README.md).
+            engine_step_scale_autocorr=0.79,
+            engine_contention_scale=1.89,
+            request_overhead_per_in_flight_ms=17.1,
         ),
     )
 

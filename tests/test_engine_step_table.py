@@ -203,3 +203,50 @@ def test_a_spread_needs_ten_quantiles() -> None:
         SimulatorConfig(request_overhead_spread_ms=[1.0, 2.0])
     with pytest.raises(ValueError, match="> 0"):
         SimulatorConfig(engine_step_scale_spread=[0.0] * 10)
+
+
+def test_engines_sharing_the_cores_stretch_each_others_steps() -> None:
+    """With `engine_contention_scale`, a CPU replica's steps taken while another replica
+    steps are that much longer; a replica alone keeps the table's time, and GPU profiles
+    (own devices per replica) never share."""
+    cfg = _constant_terms()
+    # Two requests at once on two replicas: every step has the other engine beside it.
+    pair = Trace("t", 32, [_lone(256, 24, 1), _lone(256, 24, 100)])
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 2}}
+    apart = ClusterSimulator(cfg, pair, **kw).run(check=True)
+    cfg.simulator.engine_contention_scale = 1.5
+    shared = ClusterSimulator(cfg, pair, **kw).run(check=True)
+    assert sorted(set(shared.replica)) == sorted(set(apart.replica)) and len(set(shared.replica)) == 2
+    # The first replica's prefill ran before the second had work; everything after it
+    # ran beside the other engine's steps.
+    assert shared.first_token[0] == pytest.approx(apart.first_token[0])
+    assert shared.first_token[1] - shared.arrival[1] == pytest.approx(1.5 * (apart.first_token[1] - apart.arrival[1]))
+    for k in range(2):
+        assert shared.finish[k] - shared.first_token[k] == pytest.approx(1.5 * (apart.finish[k] - apart.first_token[k]))
+    assert any("share the machine's cores" in n for n in shared.step_time_notes)
+    # One request alone is not stretched.
+    lone = Trace("t", 32, [_lone(256, 24, 1)])
+    one: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 2}}
+    alone = ClusterSimulator(_constant_terms(), lone, **one).run().finish
+    assert ClusterSimulator(cfg, lone, **one).run().finish == alone
+    gpu = load_profile("h100x8-bf16")
+    gpu.simulator.engine_contention_scale = 1.5
+    base = load_profile("h100x8-bf16")
+    gpair = Trace("t", 16, [_lone(256, 24, 1, block=16), _lone(256, 24, 100, block=16)])
+    g: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 2}}
+    assert ClusterSimulator(gpu, gpair, **g).run().finish == ClusterSimulator(base, gpair, **g).run().finish
+
+
+def test_the_serving_path_slows_with_the_requests_in_flight() -> None:
+    """`request_overhead_per_in_flight_ms`: each request reaches its engine that much later
+    per other request the client has in flight when it is sent; one sent alone does not."""
+    cfg = _constant_terms()
+    cfg.simulator.request_overhead_ms = 50.0
+    # Three requests at once, a fourth after the others have finished.
+    reqs = [_lone(256, 8, 1), _lone(96, 12, 100), _lone(300, 6, 200), _lone(256, 8, 300, t=5.0)]
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 4}}
+    flat = ClusterSimulator(cfg, Trace("t", 32, reqs), **kw).run(check=True)
+    cfg.simulator.request_overhead_per_in_flight_ms = 20.0
+    loaded = ClusterSimulator(cfg, Trace("t", 32, reqs), **kw).run(check=True)
+    late = [lf - ff for lf, ff in zip(loaded.first_token, flat.first_token, strict=True)]
+    assert late == pytest.approx([0.0, 0.020, 0.040, 0.0])  # sent 1st, 2nd, 3rd of a burst; alone

@@ -6,6 +6,7 @@ components into simulator terms; bench/sim/spread.py draws from measured quantil
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
 from bench.live import engine_timeline as et
-from bench.sim.spread import PROBS, Spread, lag1_autocorr, quantiles_of
+from bench.sim.spread import PROBS, Spread, ar1_mean_variance, horizon_autocorr, lag1_autocorr, quantiles_of
 from cluster.config import SimulatorConfig
 from cluster.profiles import load_profile
 from deployments.engine_stats import SchedulerStatsTap
@@ -149,3 +150,52 @@ def test_autocorr_pools_series_and_never_pairs_across_them() -> None:
     assert lag1_autocorr([[1.0, 2.0]]) == 0.0  # too few pairs
     alternating = [float(v % 2) for v in range(60)]
     assert lag1_autocorr([alternating]) == 0.0  # negative correlation clamps to 0
+
+
+def test_horizon_autocorr_reads_back_an_ar1_and_sees_spells_longer_than_lag_one() -> None:
+    q = quantiles_of([float(v) for v in range(101)])
+    ar = Spread(q, seed=4, autocorr=0.6)
+    steps = [ar.draw() for _ in range(6000)]
+    # From an AR(1) the 20-step means give back its own correlation ...
+    assert horizon_autocorr([steps], 20) == pytest.approx(0.6, abs=0.08)
+    assert ar1_mean_variance(0.0, 20) == pytest.approx(1 / 20)
+    assert ar1_mean_variance(0.6, 1) == pytest.approx(1.0)
+    # ... while slow spells of 40 steps under step-to-step jitter (little lag-1
+    # correlation) make 20-step means vary like a strongly correlated chain.
+    rng = random.Random(7)
+    spells = [(3.0 if (i // 40) % 4 == 0 else 1.0) * rng.uniform(0.3, 1.7) for i in range(6000)]
+    assert horizon_autocorr([spells], 20) > lag1_autocorr([spells]) + 0.2
+    assert horizon_autocorr([[1.0, 2.0, 3.0]], 20) == 0.0  # no whole window
+    assert horizon_autocorr([[float(v % 2) for v in range(200)]], 20) == 0.0  # means of alternation are flat
+
+
+def test_contention_is_measured_from_steps_beside_another_engines() -> None:
+    # Replica a steps every 10 ms; b steps only in the second half, where both run
+    # 1.6x slower (ratio 2.0 alone, 3.2 beside the other).
+    steps: list[tuple[str, Any]] = []
+    ratios: list[float] = []
+    for j in range(100):
+        end = 0.010 * (j + 1)
+        steps.append(("a", (end, 0, 1, 0.010, 1, 0)))
+        ratios.append(2.0 if j < 50 else 3.2)
+        if j >= 50:
+            steps.append(("b", (end + 0.002, 0, 1, 0.010, 1, 0)))
+            ratios.append(3.2)
+    overlaps = et.step_overlaps(steps)
+    assert overlaps[:50] == [0] * 50 and all(k == 1 for k in overlaps[50:])
+    assert et.contention_scale(ratios, overlaps) == pytest.approx(1.6)
+    assert et.contention_scale(ratios[:30], overlaps[:30]) == 1.0  # nothing shared to measure
+    assert et.contention_scale([2.0] * 60, [0] * 30 + [1] * 30) == 1.0  # shared steps no slower
+
+
+def test_overhead_slope_reads_the_medians_by_requests_in_flight() -> None:
+    # 70 ms alone, +15 ms per other request in flight, one stalled request per count.
+    overhead, in_flight = [], []
+    for k, n in ((0, 40), (1, 20), (2, 10), (3, 6)):
+        overhead += [70.0 + 15 * k] * (n - 1) + [900.0]
+        in_flight += [k] * n
+    assert et.overhead_slope_ms(overhead, in_flight) == pytest.approx(15.0)
+    # A count with too few requests is left out; one count alone has no slope.
+    assert et.overhead_slope_ms(overhead + [5000.0] * 4, in_flight + [9] * 4) == pytest.approx(15.0)
+    assert et.overhead_slope_ms([70.0] * 10, [0] * 10) == 0.0
+    assert et.overhead_slope_ms([90.0] * 10 + [70.0] * 10, [0] * 10 + [1] * 10) == 0.0  # falling: none

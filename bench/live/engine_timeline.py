@@ -11,6 +11,7 @@ Needs a Ray connection (the process that started the local cluster has one)."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.sim.spread import lag1_autocorr, quantiles_of
+from bench.sim.spread import horizon_autocorr, lag1_autocorr, quantiles_of
 
 # (arrival wall, first-token latency, queued, prefill, decode, prompt, generated, cached)
 EngineRequest = tuple[float, float, float, float, float, int, int, int]
@@ -67,6 +68,12 @@ class Matched:
     first_back_s: float = 0.0  # engine's first token -> the client has it
     last_back_s: float = 0.0  # engine's last token -> the client has it
     tokens: int = 0
+    decode_s: float = 0.0  # engine's first token -> its last
+
+    @property
+    def engine_tpot_s(self) -> float:
+        """The engine's mean time per output token after the first (0 for one token)."""
+        return self.decode_s / (self.tokens - 1) if self.tokens > 1 else 0.0
 
     @property
     def client_overhead_s(self) -> float:
@@ -111,6 +118,7 @@ def match_requests(outcomes: Sequence[Any], timelines: dict[str, dict[str, list[
                 first_back_s=o.sent_wall + o.first_token - o.sent - engine_first,
                 last_back_s=o.sent_wall + o.finish - o.sent - (engine_first + r[4]),
                 tokens=r[6],
+                decode_s=r[4],
             )
         )
     return out
@@ -134,29 +142,83 @@ def steps_in(timelines: dict[str, dict[str, list[Any]]], start_wall: float, end_
     ]
 
 
-def step_excess(steps: Sequence[tuple[str, Any]], ratios: Sequence[float]) -> dict[str, Any]:
-    """Measured decode-step intervals against the table's step for the same batch (and
-    the prefill computed in it; `ratios`, from `step_ratios`): measured / table, overall
-    and by how many other replicas stepped within the same interval (engine-on-engine CPU
-    sharing)."""
-    by_replica: dict[str, list[tuple[float, float]]] = {}
+def step_overlaps(steps: Sequence[tuple[str, Any]]) -> list[int]:
+    """For each step, how many other replicas stepped within its interval (engines
+    sharing the machine's cores)."""
+    spans: dict[str, tuple[list[float], list[float]]] = {}
+    for rid, s in sorted(steps, key=lambda rs: rs[1][0]):
+        starts, ends = spans.setdefault(rid, ([], []))
+        starts.append(s[0] - s[3])
+        ends.append(s[0])
+    out = []
     for rid, s in steps:
-        by_replica.setdefault(rid, []).append((s[0] - s[3], s[0]))
+        wall, start = s[0], s[0] - s[3]
+        n = 0
+        for other, (starts, ends) in spans.items():
+            if other == rid:
+                continue
+            k = bisect.bisect_right(ends, start)  # the first of its steps ending after this one starts
+            n += k < len(ends) and starts[k] < wall
+        out.append(n)
+    return out
+
+
+def step_excess(steps: Sequence[tuple[str, Any]], ratios: Sequence[float], overlaps: Sequence[int]) -> dict[str, Any]:
+    """Measured decode-step intervals against the table's step for the same batch (and
+    the prefill computed in it; `ratios`, from `step_ratios`): measured / table, overall,
+    by how many other replicas stepped within the same interval (`overlaps`:
+    engine-on-engine CPU sharing) and by batch."""
     by_overlap: dict[int, list[float]] = {}
     by_batch: dict[int, list[float]] = {}
-    for (rid, s), ratio in zip(steps, ratios, strict=True):
-        wall, decode, itl = s[0], s[2], s[3]
-        start = wall - itl
-        overlap = sum(
-            1 for other, iv in by_replica.items() if other != rid and any(a < wall and b > start for a, b in iv)
-        )
+    for (_, s), ratio, overlap in zip(steps, ratios, overlaps, strict=True):
         by_overlap.setdefault(overlap, []).append(ratio)
-        by_batch.setdefault(min(decode, 4), []).append(ratio)
+        by_batch.setdefault(min(s[2], 4), []).append(ratio)
     return {
         "ratio": _pcts(ratios),
         "by_other_replicas_stepping": {k: _pcts(v) for k, v in sorted(by_overlap.items())},
         "by_batch": {k: _pcts(v) for k, v in sorted(by_batch.items())},
     }
+
+
+# Fewer requests than this at a count of requests in flight: that count is left out of
+# the overhead's slope.
+MIN_GROUP_REQUESTS = 5
+
+
+def overhead_slope_ms(overhead_ms: Sequence[float], in_flight: Sequence[int]) -> float:
+    """How much the client overhead grows per other request in flight at the send: the
+    count-weighted least-squares slope of the overhead's medians by requests in flight
+    (medians: a few stalled requests do not tilt it), over the counts with at least
+    MIN_GROUP_REQUESTS requests; 0 when fewer than two counts have enough or it falls."""
+    groups: dict[int, list[float]] = {}
+    for v, k in zip(overhead_ms, in_flight, strict=True):
+        groups.setdefault(k, []).append(v)
+    kept = [(k, float(np.median(vs)), len(vs)) for k, vs in groups.items() if len(vs) >= MIN_GROUP_REQUESTS]
+    if len(kept) < 2:
+        return 0.0
+    ks, meds, ns = (np.asarray(x, dtype=float) for x in zip(*kept, strict=True))
+    k_bar = float(np.average(ks, weights=ns))
+    m_bar = float(np.average(meds, weights=ns))
+    slope = float(np.sum(ns * (ks - k_bar) * (meds - m_bar)) / np.sum(ns * (ks - k_bar) ** 2))
+    return max(0.0, slope)
+
+
+# Fewer steps than this on either side (alone, beside another engine's): no contention
+# is measured, and the spread comes from every step.
+MIN_CONTENTION_STEPS = 20
+
+
+def contention_scale(ratios: Sequence[float], overlaps: Sequence[int]) -> float:
+    """1 + the step-scale stretch per other engine stepping alongside: the median ratio
+    of steps beside k >= 1 others over that of steps alone, less 1, per other engine (the
+    mean k); 1 when either side has too few steps or the shared ones are not slower."""
+    alone = [r for r, k in zip(ratios, overlaps, strict=True) if k == 0]
+    shared = [(r, k) for r, k in zip(ratios, overlaps, strict=True) if k > 0]
+    if len(alone) < MIN_CONTENTION_STEPS or len(shared) < MIN_CONTENTION_STEPS:
+        return 1.0
+    base = float(np.median(alone))
+    stretch = float(np.median([r for r, _ in shared])) / base - 1.0
+    return 1.0 + max(0.0, stretch / float(np.mean([k for _, k in shared])))
 
 
 def step_ratios(steps: Sequence[tuple[str, Any]], table: Any, mean_context: float) -> list[float]:
@@ -195,11 +257,16 @@ def breakdown(
         "path_last_token_back_ms": _pcts([m.last_back_s for m in matched if m.tokens > 1], 1e3),
         "stream_lead_ms": _pcts([m.first_back_s - m.last_back_s for m in matched if m.tokens > 1], 1e3),
         "client_overhead_ms": _pcts([m.client_overhead_s for m in matched], 1e3),
+        "engine_tpot_ms": _pcts([m.engine_tpot_s for m in matched if m.tokens > 1], 1e3),
         "serving_path_ms_by_in_flight": {k: _pcts(v, 1e3) for k, v in sorted(by_in_flight.items())},
     }
     # The raw per-request and per-step values `calibrate` takes its spreads from.
-    samples: dict[str, list[float]] = {
-        "client_overhead_ms": [1e3 * m.client_overhead_s for m in matched],
+    # The serving path slows with the requests in flight; the overhead a request sent
+    # alone would have had is the spread the simulator draws from.
+    slope = overhead_slope_ms([1e3 * m.client_overhead_s for m in matched], [m.in_flight_at_send for m in matched])
+    out["request_overhead_per_in_flight_ms"] = round(slope, 1)
+    samples: dict[str, Any] = {
+        "client_overhead_ms": [1e3 * m.client_overhead_s - slope * m.in_flight_at_send for m in matched],
         "stream_lead_ms": [1e3 * (m.first_back_s - m.last_back_s) for m in matched if m.tokens > 1],
     }
     out["samples"] = samples
@@ -212,13 +279,25 @@ def breakdown(
         out["engine_itl_ms"] = _pcts(itl, 1e3)
         if table is not None:
             ratios = step_ratios(steps, table, mean_context)
-            out["decode_steps_vs_table"] = step_excess(steps, ratios)
-            samples["engine_step_scale"] = ratios
-            # Per replica in time order: how far a slow step carries into the next.
+            overlaps = step_overlaps(steps)
+            out["decode_steps_vs_table"] = step_excess(steps, ratios, overlaps)
+            # Engines sharing the cores: the stretch per other engine stepping alongside,
+            # and each step's ratio as if it had run alone (the spread the draws take).
+            contention = contention_scale(ratios, overlaps)
+            out["engine_contention_scale"] = round(contention, 2)
+            alone = [r / (1 + (contention - 1) * k) for r, k in zip(ratios, overlaps, strict=True)]
+            samples["engine_step_scale"] = alone
+            # Per replica in time order: how long a slow spell lasts. A reply's TPOT is a
+            # mean over its decode steps, so the correlation is matched at that span.
             series: dict[str, list[float]] = {}
-            for (rid, _), ratio in zip(steps, ratios, strict=True):
+            for (rid, _), ratio in zip(steps, alone, strict=True):
                 series.setdefault(rid, []).append(ratio)
-            out["engine_step_scale_autocorr"] = round(lag1_autocorr(list(series.values())), 2)
+            decodes = [m.tokens - 1 for m in matched if m.tokens > 1]
+            horizon = int(np.median(decodes)) if decodes else 1
+            out["engine_step_scale_lag1_autocorr"] = round(lag1_autocorr(list(series.values())), 2)
+            out["engine_step_scale_horizon_steps"] = horizon
+            out["engine_step_scale_autocorr"] = round(horizon_autocorr(list(series.values()), horizon), 2)
+            samples["engine_step_scale_by_replica"] = list(series.values())
     return out
 
 
@@ -263,9 +342,13 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], wall_s: float) 
 def calibrate(b: dict[str, Any]) -> dict[str, Any]:
     """The cpu-tiny profile's simulator terms from one replay's breakdown, each a median
     of a measured component (not a fit to the replay's percentiles): the client's TTFT
-    beyond the engine core's queue and prefill (`request_overhead_ms`), the first token's
-    extra way back (`stream_lead_ms`), and the engine's decode steps against the table
-    (`engine_step_scale`, and how much one step's ratio carries into the next one's)."""
+    beyond the engine core's queue and prefill for a request sent alone
+    (`request_overhead_ms`) and its growth per other request in flight
+    (`request_overhead_per_in_flight_ms`), the first token's
+    extra way back (`stream_lead_ms`), the engine's decode steps against the table as if
+    each had run alone (`engine_step_scale` and its spread), how long a slow spell lasts
+    (`engine_step_scale_autocorr`, matched over a reply's decode steps), and how much
+    longer a step takes beside another engine's (`engine_contention_scale`)."""
     samples = b["samples"]
     scale = samples.get("engine_step_scale", [])
     overhead = samples["client_overhead_ms"]
@@ -277,4 +360,6 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
         "stream_lead_spread_ms": quantiles_of(samples["stream_lead_ms"], 1),
         "engine_step_scale_spread": quantiles_of(scale, 2),
         "engine_step_scale_autocorr": b.get("engine_step_scale_autocorr", 0.0),
+        "engine_contention_scale": b.get("engine_contention_scale", 1.0),
+        "request_overhead_per_in_flight_ms": b.get("request_overhead_per_in_flight_ms", 0.0),
     }

@@ -26,9 +26,10 @@ Timing: the same table sets client TTFT and TPOT percentiles beside the simulato
 (`timing_errors`: relative errors of TTFT and TPOT p50/p90). The simulator's engines take
 their step times from the profile's table (for cpu-tiny the whole engine steps measured
 in vLLM, bench/calibration/engine_step_table.py), and the profile's `simulator` terms
-cover what the table does not: the serving path's time per request, the first token's
-longer way back (`stream_lead_ms`) and the engines' slowdown on shared cores
-(`engine_step_scale`), each with its measured spread. `--engine-timing` measures those
+cover what the table does not: the serving path's time per request and its growth per
+request in flight, the first token's longer way back (`stream_lead_ms`), the engines'
+slowdown on shared cores (`engine_step_scale`, with how long a slow spell lasts) and
+beside each other's steps (`engine_contention_scale`), each with its measured spread. `--engine-timing` measures those
 terms from the replay itself: the engines' stat taps (deployments/engine_stats.py) keep
 vLLM's own per-step and per-request timings, bench/live/engine_timeline.py matches them
 to the client's requests and splits the time; `--sim-terms` simulates with the terms of
@@ -71,6 +72,7 @@ ENGINE_TIMING_ROWS = (
     "path_last_token_back_ms",
     "stream_lead_ms",
     "engine_itl_ms",
+    "engine_tpot_ms",
 )
 
 
@@ -334,8 +336,16 @@ def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
     cfg.simulator = SimulatorConfig.model_validate({**cfg.simulator.model_dump(), **terms})
 
 
-# The terms that say how fast the engines stepped (against the table) during a replay.
-ENGINE_SPEED_KEYS = ("engine_step_scale", "engine_step_scale_spread", "engine_step_scale_autocorr")
+# The terms that say how fast the shared machine ran the cluster during a replay: the
+# engines' steps against the table (alone and beside each other) and how much the
+# serving path slowed per request in flight (the same cores).
+ENGINE_SPEED_KEYS = (
+    "engine_step_scale",
+    "engine_step_scale_spread",
+    "engine_step_scale_autocorr",
+    "engine_contention_scale",
+    "request_overhead_per_in_flight_ms",
+)
 
 
 def at_engine_speed(terms: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
@@ -344,7 +354,7 @@ def at_engine_speed(terms: dict[str, Any], checked: dict[str, Any]) -> dict[str,
     another replay's terms also carries how much faster or slower the shared machine ran
     the engines between the two replays (+-10-20% from one replay to the next here, 1.6x
     at worst); simulated at the checked replay's own engine speed, what is left is the
-    model's error: the serving path, the scheduler, the table's shape."""
+    model's error: the serving path alone, the scheduler, the table's shape."""
     return {**terms, **{k: checked[k] for k in ENGINE_SPEED_KEYS if k in checked}}
 
 

@@ -131,8 +131,12 @@ class ReplicaModel:
         decode_runs: bool = True,
         reserve_full_sequence: bool = True,
         async_scheduling: bool = True,
+        contention: Callable[[ReplicaModel], float] | None = None,
     ) -> None:
         self.replica_id = replica_id
+        # How much longer this replica's next step takes for engines sharing its cores
+        # (the simulator's; None: it has cores of its own).
+        self.contention = contention
         self.async_scheduling = async_scheduling
         self._late: list[Seq] = []  # finished, blocks still held until the next batch is formed
         self._last_start = 0.0  # start of the last step (of a decode run: of its last step)
@@ -279,7 +283,10 @@ class ReplicaModel:
         # The batch is formed: blocks of sequences finished before it are free from now on.
         released = bool(self._late)
         self.flush_late()
-        dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0
+        # Engines sharing the cores stretch this step, and a decode run's steps alike (an
+        # arrival, which can wake another engine, ends the run).
+        stretch = self.contention(self) if self.contention is not None else 1.0
+        dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0 * stretch
         end = now + dt
         self._last_start = now
         steps = 1
@@ -288,7 +295,7 @@ class ReplicaModel:
         # could change the next batch.
         stable = not (released and self.waiting) and not blocked
         if self.decode_runs and stable and not chunks and not preempted and admitted == 0 and n_dec == len(running):
-            steps, end, self._last_start = self._extend_decode_run(now + dt, bound, n_dec, dec_kv, now)
+            steps, end, self._last_start = self._extend_decode_run(now + dt, bound, n_dec, dec_kv, now, stretch)
         self._pending = sched
         self._pending_decode_steps = steps if not chunks else 0
         self.steps += steps
@@ -350,9 +357,11 @@ class ReplicaModel:
             seq.hit_tokens = cached
         return n
 
-    def _extend_decode_run(self, t: float, bound: float, n: int, s: int, t0: float) -> tuple[int, float, float]:
-        """Steps 2..k of a pure-decode run whose first step runs [t0, t]; returns the
-        steps, the run's end and the start of its last step."""
+    def _extend_decode_run(
+        self, t: float, bound: float, n: int, s: int, t0: float, stretch: float = 1.0
+    ) -> tuple[int, float, float]:
+        """Steps 2..k of a pure-decode run whose first step runs [t0, t], each stretched
+        by `stretch`; returns the steps, the run's end and the start of its last step."""
         B = self.block_size
         running = self.running
         k_max = min(seq.output - seq.generated for seq in running)
@@ -378,7 +387,7 @@ class ReplicaModel:
         j = 1
         last_start = t0
         while j < k_max:
-            dt = step_ms((), n, s + j * n) / 1000.0
+            dt = step_ms((), n, s + j * n) / 1000.0 * stretch
             if t + dt > bound:
                 break
             last_start = t

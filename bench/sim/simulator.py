@@ -208,6 +208,10 @@ class ClusterSimulator:
         # short path can overtake one sent just before it with a long one).
         self.engine_arrival_s = [r.arrival_s + o for r, o in zip(trace.requests, self.request_overhead_s, strict=True)]
         self.arrival_order = sorted(range(len(trace.requests)), key=lambda k: (self.engine_arrival_s[k], k))
+        # The serving path slows with the client's requests already in flight (they share
+        # the cores): `run` adds this per request in flight at each send.
+        self.overhead_per_in_flight_s = sim.request_overhead_per_in_flight_ms / 1e3
+        self.send_order = sorted(range(len(trace.requests)), key=lambda k: (trace.requests[k].arrival_s, k))
         self.replica_counts = {p.name: int(replicas.get(p.name, 0)) for p in cfg.pools}
         B = trace.block_size
         fresh = itertools.count(1)
@@ -216,6 +220,13 @@ class ClusterSimulator:
         random.seed(seed)
         self.pools: dict[str, _Pool] = {}
         self.step_time_notes: list[str] = []
+        # CPU engines of one machine share its cores (cluster.config.SimulatorConfig).
+        sharing = cfg.simulator.engine_contention_scale - 1.0
+        contention = self._contention_of(sharing) if cfg.node.accelerator == "cpu" and sharing > 0 else None
+        if contention is not None:
+            self.step_time_notes.append(
+                f"engines share the machine's cores: a step beside k other engines' steps x (1 + {sharing:.2f} k)"
+            )
         for pi, pool in enumerate(cfg.pools):
             n = self.replica_counts[pool.name]
             if n <= 0:
@@ -246,6 +257,7 @@ class ClusterSimulator:
                     fresh_id=self._fresh_id,
                     decode_runs=decode_runs,
                     async_scheduling=async_scheduling,
+                    contention=contention,
                 )
 
             reps = [make_replica(i) for i in range(n)]
@@ -261,6 +273,15 @@ class ClusterSimulator:
         self._since_snap: dict[str, int] = {r.replica_id: 0 for r in self.replicas}
         self._heap: list[tuple[float, int]] = []
         self._bound = INF  # the next external event while run() is inside an arrival
+
+    def _contention_of(self, sharing: float) -> Callable[[ReplicaModel], float]:
+        """A replica's step stretch: 1 + `sharing` per other engine mid-step now."""
+
+        def stretch(rep: ReplicaModel) -> float:
+            others = sum(1 for r in self.replicas if r.busy and r is not rep)
+            return 1.0 + sharing * others
+
+        return stretch
 
     # -- a changing fleet (bench/sim/fleet.py drives these) --------------------------------
 
@@ -322,17 +343,35 @@ class ClusterSimulator:
                 since_snap[r.replica_id] = 0
 
         engine_arrival = self.engine_arrival_s
-        order = self.arrival_order
+        overhead = self.request_overhead_s
+        per_in_flight = self.overhead_per_in_flight_s
+        sends = self.send_order
+        sent = 0  # client sends so far; each then reaches its engine (`arriving`)
+        arriving: list[tuple[float, int]] = []
+        done = 0  # requests finished or rejected: the client's in flight is sent - done
         while i < N or heap:
-            t_arr = engine_arrival[order[i]] if i < N else INF
+            t_send = reqs[sends[sent]].arrival_s if sent < N else INF
+            t_arr = arriving[0][0] if arriving else INF
             t_step = heap[0][0] if heap else INF
             t_snap = next_snap if i < N else INF
             t_fleet = fleet.next_event_s() if fleet is not None and (i < N or heap) else INF
+            if t_send <= t_arr and t_send < t_step and t_send < t_snap and t_send < t_fleet:
+                # A request leaves the client; it reaches its engine after its path, which
+                # is longer for every other request in flight.
+                k = sends[sent]
+                if per_in_flight:
+                    engine_arrival[k] = reqs[k].arrival_s + overhead[k] + per_in_flight * (sent - done)
+                sent += 1
+                heapq.heappush(arriving, (engine_arrival[k], k))
+                continue
+            # An engine arrival is due no earlier than the next send's.
+            t_arr = min(t_arr, t_send)
             if t_step <= t_snap and t_step <= t_arr and t_step <= t_fleet:
                 now, ri = heapq.heappop(heap)
                 rep = self.replicas[ri]
                 for seq in rep.finish_step(now):
                     self._finish(rep, seq, epoch, since_snap, session_replica)
+                    done += 1
                 if rep.has_work():
                     heapq.heappush(heap, (rep.start_step(now, min(t_arr, t_snap, t_fleet)), ri))
                 else:
@@ -347,8 +386,7 @@ class ClusterSimulator:
                 epoch += 1
                 next_snap = t_snap + period
             else:
-                now = t_arr
-                k = order[i]
+                now, k = heapq.heappop(arriving)
                 req = reqs[k]
                 i += 1
                 if progress is not None:
@@ -357,6 +395,7 @@ class ClusterSimulator:
                     choice = self.selector.select(req.prompt_tokens, req.output_tokens, self._pool_loads())
                 except ContextTooLong:
                     rejected[k] = True
+                    done += 1
                     continue
                 pool = self.pools[choice.pool]
                 spilled[k] = choice.spilled_from is not None
@@ -380,7 +419,8 @@ class ClusterSimulator:
                 if fleet is not None:
                     fleet.on_arrival(now, rep)
                 if not was_busy:
-                    bound = min(engine_arrival[order[i]], next_snap) if i < N else INF
+                    t_next = min(arriving[0][0] if arriving else INF, reqs[sends[sent]].arrival_s if sent < N else INF)
+                    bound = min(t_next, next_snap) if i < N else INF
                     if fleet is not None:
                         bound = min(bound, fleet.next_event_s())
                     heapq.heappush(heap, (rep.start_step(now, bound), replica_idx[rep.replica_id]))

@@ -68,6 +68,44 @@ def lag1_autocorr(series: Sequence[Sequence[float]]) -> float:
     return min(0.99, max(0.0, r))
 
 
+def ar1_mean_variance(rho: float, horizon: int) -> float:
+    """Variance of the mean of `horizon` consecutive draws of a unit-variance AR(1) with
+    lag-1 correlation `rho`: (1 + 2 sum_k (1 - k/h) rho^k) / h."""
+    h = max(1, horizon)
+    return (1 + 2 * sum((1 - k / h) * rho**k for k in range(1, h))) / h
+
+
+def horizon_autocorr(series: Sequence[Sequence[float]], horizon: int) -> float:
+    """The lag-1 correlation of the AR(1) whose means over `horizon` consecutive steps
+    vary as much as the measured ones (normal scores, non-overlapping windows of each
+    series, pooled). A request's mean time per token is such a mean, so this is the
+    correlation at the span that sets TPOT: on shared cores a slow spell lasts seconds,
+    longer than one step's correlation (`lag1_autocorr`) carries under AR(1) decay, and
+    matching lag 1 alone leaves a request's mean too steady. Clamped to [0, 0.99]; 0 for
+    fewer than 3 windows or no variation."""
+    h = max(2, horizon)
+    scores = normal_scores([v for s in series for v in s])
+    means: list[float] = []
+    start = 0
+    for s in series:
+        zs = scores[start : start + len(s)]
+        start += len(s)
+        means.extend(sum(zs[i : i + h]) / h for i in range(0, len(zs) - h + 1, h))
+    unit = sum(z * z for z in scores) / len(scores) if scores else 0.0
+    if len(means) < 3 or unit <= 0:
+        return 0.0
+    target = sum(m * m for m in means) / len(means) / unit
+    lo, hi = 0.0, 0.99
+    if target <= ar1_mean_variance(lo, h):
+        return 0.0
+    if target >= ar1_mean_variance(hi, h):
+        return hi
+    for _ in range(40):  # bisection: the variance grows with rho
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ar1_mean_variance(mid, h) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 class Spread:
     """Draws from measured quantiles; a constant when given one value.
 
