@@ -695,6 +695,12 @@ class SimulatorConfig(_Strict):
     # not; the spread above is then measured on the latter. 1: no sharing (GPU profiles,
     # where each replica has its own devices).
     engine_contention_scale: float = Field(1.0, ge=1.0)
+    # Each sequence beyond the first in a step makes a CPU step this fraction longer than
+    # the table's: every running reply is streamed by the engine's frontend, the proxy and
+    # the gateway on the same cores, which the table (the engine measured alone) does not
+    # pay. Measured as the slope of the step scale's medians by sequences in the step,
+    # over that of one sequence (steps as if alone). 0: the table's batch cost as is.
+    engine_batch_stretch: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check_spreads(self) -> SimulatorConfig:

@@ -198,9 +198,11 @@ def cpu_tiny() -> ClusterConfig:
             # Measured later (2026-12-02, a 221-request calibration replay: 0.79 over a
             # reply's 24 decode steps, where lag 1 alone gives 0.45; the engines stepped
             # 1.89x slower beside another engine's step, and the serving path took
-            # 17.1 ms longer per other request in flight; bench/calibration/README.md).
+            # 17.1 ms longer per other request in flight; a later replay: each sequence
+            # beyond the first made a step 12% longer; bench/calibration/README.md).
             engine_step_scale_autocorr=0.79,
             engine_contention_scale=1.89,
+            engine_batch_stretch=0.12,
             request_overhead_per_in_flight_ms=17.1,
         ),
     )

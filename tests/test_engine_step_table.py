@@ -250,3 +250,23 @@ def test_the_serving_path_slows_with_the_requests_in_flight() -> None:
     loaded = ClusterSimulator(cfg, Trace("t", 32, reqs), **kw).run(check=True)
     late = [lf - ff for lf, ff in zip(loaded.first_token, flat.first_token, strict=True)]
     assert late == pytest.approx([0.0, 0.020, 0.040, 0.0])  # sent 1st, 2nd, 3rd of a burst; alone
+
+
+def test_each_sequence_beyond_the_first_stretches_a_cpu_step() -> None:
+    """`engine_batch_stretch`: a step of n sequences takes 1 + stretch x (n - 1) times the
+    table's; a lone request keeps the table's time."""
+    cfg = _constant_terms()
+    pair = Trace("t", 32, [_lone(256, 24, 1), _lone(256, 24, 100)])
+    kw: dict[str, Any] = {"policy": "round-robin", "replicas": {"standard": 1}}
+    table = default_step_time(cfg, cfg.pools[0])
+    plain = ClusterSimulator(cfg, pair, **kw).run(check=True)
+    cfg.simulator.engine_batch_stretch = 0.5
+    batched = ClusterSimulator(cfg, pair, **kw).run(check=True)
+    # Both decode together in every step after their prefills: 1.5x the table's step.
+    step = table.step_ms((), 2, 2 * 270) / 1e3
+    decode = [f - t for f, t in zip(batched.finish, batched.first_token, strict=True)]
+    assert max(decode) > 23 * 1.5 * step * 0.95
+    assert max(decode) > 1.4 * max(f - t for f, t in zip(plain.finish, plain.first_token, strict=True))
+    lone = Trace("t", 32, [_lone(256, 24, 1)])
+    alone = ClusterSimulator(_constant_terms(), lone, **kw).run().finish
+    assert ClusterSimulator(cfg, lone, **kw).run().finish == alone

@@ -199,3 +199,14 @@ def test_overhead_slope_reads_the_medians_by_requests_in_flight() -> None:
     assert et.overhead_slope_ms(overhead + [5000.0] * 4, in_flight + [9] * 4) == pytest.approx(15.0)
     assert et.overhead_slope_ms([70.0] * 10, [0] * 10) == 0.0
     assert et.overhead_slope_ms([90.0] * 10 + [70.0] * 10, [0] * 10 + [1] * 10) == 0.0  # falling: none
+
+
+def test_batch_stretch_is_the_step_scales_growth_per_sequence_beyond_the_first() -> None:
+    # One sequence: 2.0x the table; each more: +0.5 (a quarter of the one-sequence step).
+    ratios, sequences = [], []
+    for n, count in ((1, 60), (2, 20), (3, 8)):
+        ratios += [2.0 + 0.5 * (n - 1)] * count
+        sequences += [n] * count
+    assert et.batch_stretch(ratios, sequences) == pytest.approx(0.25)
+    assert et.batch_stretch([2.0] * 30, [1] * 30) == 0.0  # one batch size: nothing to read
+    assert et.median_slope([3.0] * 10 + [2.0] * 10, [0] * 10 + [1] * 10) == (0.0, 2.5)  # falling: flat

@@ -180,27 +180,40 @@ def step_excess(steps: Sequence[tuple[str, Any]], ratios: Sequence[float], overl
     }
 
 
-# Fewer requests than this at a count of requests in flight: that count is left out of
-# the overhead's slope.
-MIN_GROUP_REQUESTS = 5
+# Fewer samples than this at a count (of requests in flight, of sequences in a step):
+# that count is left out of the slope.
+MIN_GROUP_SAMPLES = 5
 
 
-def overhead_slope_ms(overhead_ms: Sequence[float], in_flight: Sequence[int]) -> float:
-    """How much the client overhead grows per other request in flight at the send: the
-    count-weighted least-squares slope of the overhead's medians by requests in flight
-    (medians: a few stalled requests do not tilt it), over the counts with at least
-    MIN_GROUP_REQUESTS requests; 0 when fewer than two counts have enough or it falls."""
+def median_slope(values: Sequence[float], counts: Sequence[int]) -> tuple[float, float]:
+    """(slope, value at count 0) of the count-weighted least-squares line through the
+    medians of `values` by `counts` (medians: a few stalled samples do not tilt it), over
+    the counts with at least MIN_GROUP_SAMPLES samples; slope 0 (and the overall median)
+    when fewer than two counts have enough or the line falls."""
     groups: dict[int, list[float]] = {}
-    for v, k in zip(overhead_ms, in_flight, strict=True):
+    for v, k in zip(values, counts, strict=True):
         groups.setdefault(k, []).append(v)
-    kept = [(k, float(np.median(vs)), len(vs)) for k, vs in groups.items() if len(vs) >= MIN_GROUP_REQUESTS]
+    kept = [(k, float(np.median(vs)), len(vs)) for k, vs in groups.items() if len(vs) >= MIN_GROUP_SAMPLES]
+    flat = (0.0, float(np.median(values)) if len(values) else 0.0)
     if len(kept) < 2:
-        return 0.0
+        return flat
     ks, meds, ns = (np.asarray(x, dtype=float) for x in zip(*kept, strict=True))
     k_bar = float(np.average(ks, weights=ns))
     m_bar = float(np.average(meds, weights=ns))
     slope = float(np.sum(ns * (ks - k_bar) * (meds - m_bar)) / np.sum(ns * (ks - k_bar) ** 2))
-    return max(0.0, slope)
+    return (slope, m_bar - slope * k_bar) if slope > 0 else flat
+
+
+def overhead_slope_ms(overhead_ms: Sequence[float], in_flight: Sequence[int]) -> float:
+    """How much the client overhead grows per other request in flight at the send."""
+    return median_slope(overhead_ms, in_flight)[0]
+
+
+def batch_stretch(ratios: Sequence[float], sequences: Sequence[int]) -> float:
+    """How much longer, as a fraction of a one-sequence step, a step grows per sequence
+    beyond the first (the step scale's medians by sequences in the step)."""
+    slope, at_zero = median_slope(ratios, [n - 1 for n in sequences])
+    return slope / at_zero if slope > 0 and at_zero > 0 else 0.0
 
 
 # Fewer steps than this on either side (alone, beside another engine's): no contention
@@ -286,6 +299,13 @@ def breakdown(
             contention = contention_scale(ratios, overlaps)
             out["engine_contention_scale"] = round(contention, 2)
             alone = [r / (1 + (contention - 1) * k) for r, k in zip(ratios, overlaps, strict=True)]
+            # Each sequence beyond the first streams on the same cores too (the table's
+            # batch cost is the engine's alone): the stretch per sequence, and each step's
+            # ratio as if it had held one.
+            sequences = [s[2] + (1 if s[1] else 0) for _, s in steps]
+            per_seq = batch_stretch(alone, sequences)
+            out["engine_batch_stretch"] = round(per_seq, 3)
+            alone = [r / (1 + per_seq * (n - 1)) for r, n in zip(alone, sequences, strict=True)]
             samples["engine_step_scale"] = alone
             # Per replica in time order: how long a slow spell lasts. A reply's TPOT is a
             # mean over its decode steps, so the correlation is matched at that span.
@@ -347,8 +367,9 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
     (`request_overhead_per_in_flight_ms`), the first token's
     extra way back (`stream_lead_ms`), the engine's decode steps against the table as if
     each had run alone (`engine_step_scale` and its spread), how long a slow spell lasts
-    (`engine_step_scale_autocorr`, matched over a reply's decode steps), and how much
-    longer a step takes beside another engine's (`engine_contention_scale`)."""
+    (`engine_step_scale_autocorr`, matched over a reply's decode steps), how much
+    longer a step takes beside another engine's (`engine_contention_scale`) and per
+    sequence beyond the first (`engine_batch_stretch`)."""
     samples = b["samples"]
     scale = samples.get("engine_step_scale", [])
     overhead = samples["client_overhead_ms"]
@@ -361,5 +382,6 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
         "engine_step_scale_spread": quantiles_of(scale, 2),
         "engine_step_scale_autocorr": b.get("engine_step_scale_autocorr", 0.0),
         "engine_contention_scale": b.get("engine_contention_scale", 1.0),
+        "engine_batch_stretch": b.get("engine_batch_stretch", 0.0),
         "request_overhead_per_in_flight_ms": b.get("request_overhead_per_in_flight_ms", 0.0),
     }

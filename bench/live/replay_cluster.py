@@ -344,6 +344,7 @@ ENGINE_SPEED_KEYS = (
     "engine_step_scale_spread",
     "engine_step_scale_autocorr",
     "engine_contention_scale",
+    "engine_batch_stretch",
     "request_overhead_per_in_flight_ms",
 )
 

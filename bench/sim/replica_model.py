@@ -132,11 +132,15 @@ class ReplicaModel:
         reserve_full_sequence: bool = True,
         async_scheduling: bool = True,
         contention: Callable[[ReplicaModel], float] | None = None,
+        batch_stretch: float = 0.0,
     ) -> None:
         self.replica_id = replica_id
         # How much longer this replica's next step takes for engines sharing its cores
         # (the simulator's; None: it has cores of its own).
         self.contention = contention
+        # ... and how much longer for each sequence beyond the first (their streams
+        # share the cores; cluster.config.SimulatorConfig.engine_batch_stretch).
+        self.batch_stretch = batch_stretch
         self.async_scheduling = async_scheduling
         self._late: list[Seq] = []  # finished, blocks still held until the next batch is formed
         self._last_start = 0.0  # start of the last step (of a decode run: of its last step)
@@ -286,6 +290,8 @@ class ReplicaModel:
         # Engines sharing the cores stretch this step, and a decode run's steps alike (an
         # arrival, which can wake another engine, ends the run).
         stretch = self.contention(self) if self.contention is not None else 1.0
+        if self.batch_stretch:
+            stretch *= 1.0 + self.batch_stretch * (len(sched) - 1)
         dt = self.step_time.step_ms(chunks, n_dec, dec_kv) / 1000.0 * stretch
         end = now + dt
         self._last_start = now

@@ -227,6 +227,11 @@ class ClusterSimulator:
             self.step_time_notes.append(
                 f"engines share the machine's cores: a step beside k other engines' steps x (1 + {sharing:.2f} k)"
             )
+        batch_stretch = cfg.simulator.engine_batch_stretch if cfg.node.accelerator == "cpu" else 0.0
+        if batch_stretch:
+            self.step_time_notes.append(
+                f"replies streamed on the same cores: a step of n sequences x (1 + {batch_stretch:.2f} (n - 1))"
+            )
         for pi, pool in enumerate(cfg.pools):
             n = self.replica_counts[pool.name]
             if n <= 0:
@@ -258,6 +263,7 @@ class ClusterSimulator:
                     decode_runs=decode_runs,
                     async_scheduling=async_scheduling,
                     contention=contention,
+                    batch_stretch=batch_stretch,
                 )
 
             reps = [make_replica(i) for i in range(n)]
