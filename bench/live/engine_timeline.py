@@ -312,12 +312,13 @@ def breakdown(
             series: dict[str, list[float]] = {}
             for (rid, _), ratio in zip(steps, alone, strict=True):
                 series.setdefault(rid, []).append(ratio)
+            per_replica = list(series.values())
             decodes = [m.tokens - 1 for m in matched if m.tokens > 1]
             horizon = int(np.median(decodes)) if decodes else 1
-            out["engine_step_scale_lag1_autocorr"] = round(lag1_autocorr(list(series.values())), 2)
+            out["engine_step_scale_lag1_autocorr"] = round(lag1_autocorr(per_replica), 2)
             out["engine_step_scale_horizon_steps"] = horizon
-            out["engine_step_scale_autocorr"] = round(horizon_autocorr(list(series.values()), horizon), 2)
-            samples["engine_step_scale_by_replica"] = list(series.values())
+            out["engine_step_scale_autocorr"] = round(horizon_autocorr(per_replica, horizon), 2)
+            samples["engine_step_scale_by_replica"] = per_replica
     return out
 
 

@@ -28,8 +28,9 @@ their step times from the profile's table (for cpu-tiny the whole engine steps m
 in vLLM, bench/calibration/engine_step_table.py), and the profile's `simulator` terms
 cover what the table does not: the serving path's time per request and its growth per
 request in flight, the first token's longer way back (`stream_lead_ms`), the engines'
-slowdown on shared cores (`engine_step_scale`, with how long a slow spell lasts) and
-beside each other's steps (`engine_contention_scale`), each with its measured spread. `--engine-timing` measures those
+slowdown on shared cores (`engine_step_scale`, with how long a slow spell lasts), beside
+each other's steps (`engine_contention_scale`) and per sequence beyond the first
+(`engine_batch_stretch`), each with its measured spread. `--engine-timing` measures those
 terms from the replay itself: the engines' stat taps (deployments/engine_stats.py) keep
 vLLM's own per-step and per-request timings, bench/live/engine_timeline.py matches them
 to the client's requests and splits the time; `--sim-terms` simulates with the terms of

@@ -47,18 +47,26 @@ def normal_scores(values: Sequence[float]) -> list[float]:
     return z
 
 
+def _scores_by_series(series: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Each series' values as normal scores ranked over all of them pooled (one scale for
+    every replica's steps), split back into the series."""
+    scores = normal_scores([v for s in series for v in s])
+    out = []
+    start = 0
+    for s in series:
+        out.append(scores[start : start + len(s)])
+        start += len(s)
+    return out
+
+
 def lag1_autocorr(series: Sequence[Sequence[float]]) -> float:
     """Lag-1 correlation of consecutive values' normal scores, pooled over several series
     (one per replica, in time order): how much one step's slowdown carries into the next,
     on the scale the draws use. 0 for fewer than 3 pairs or no variation; clamped to
     [0, 0.99]."""
-    scores = normal_scores([v for s in series for v in s])
     pairs: list[tuple[float, float]] = []
-    start = 0
-    for s in series:
-        zs = scores[start : start + len(s)]
+    for zs in _scores_by_series(series):
         pairs.extend(zip(zs, zs[1:], strict=False))
-        start += len(s)
     if len(pairs) < 3:
         return 0.0
     try:
@@ -84,13 +92,9 @@ def horizon_autocorr(series: Sequence[Sequence[float]], horizon: int) -> float:
     matching lag 1 alone leaves a request's mean too steady. Clamped to [0, 0.99]; 0 for
     fewer than 3 windows or no variation."""
     h = max(2, horizon)
-    scores = normal_scores([v for s in series for v in s])
-    means: list[float] = []
-    start = 0
-    for s in series:
-        zs = scores[start : start + len(s)]
-        start += len(s)
-        means.extend(sum(zs[i : i + h]) / h for i in range(0, len(zs) - h + 1, h))
+    by_series = _scores_by_series(series)
+    means = [sum(zs[i : i + h]) / h for zs in by_series for i in range(0, len(zs) - h + 1, h)]
+    scores = [z for zs in by_series for z in zs]
     unit = sum(z * z for z in scores) / len(scores) if scores else 0.0
     if len(means) < 3 or unit <= 0:
         return 0.0
