@@ -404,6 +404,8 @@ class PolicyRequestRouter(RequestRouter):
         ids = {r.replica_id.unique_id for r in replicas}
         if ids != self._known_ids:
             self._known_ids = ids
+            if self._pool is not None:  # where the gateway's requests on this pool can go
+                replica_health.HEALTH.set_pool(self._pool, ids)
             for table in (self._outstanding, self._unreported, self._views):
                 for rid in [r for r in table if r not in ids]:
                     del table[rid]
@@ -412,6 +414,8 @@ class PolicyRequestRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._known_ids.discard(replica_id.unique_id)
+        if self._pool is not None:
+            replica_health.HEALTH.set_pool(self._pool, self._known_ids)
         self._policy.on_replicas_changed(sorted(self._known_ids))
 
     def _on_hint_finished(self, hint: RoutingHint, held_block_hashes: Sequence[int], held_tokens: int) -> None:

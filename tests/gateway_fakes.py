@@ -145,13 +145,17 @@ class TokenEngine:
     """A pool of fake replicas generating `next_token` sequences, as a router would pick
     them (the first not excluded by the request's hint or the gateway's health board).
     `faults[replica]` injects a failure: "before" (before the first chunk), "hang" (never
-    answers), "hang-after-N" (wedged after N token chunks) or an int (dies after that many
-    token chunks); each fault fires once."""
+    answers), "hang-after-N" (wedged after N token chunks), "slow-S" (answers after S
+    seconds: a starved engine) or an int (dies after that many token chunks); each fault
+    fires once. Every pool routes to all of `replicas`, as its router reports them to the
+    health board."""
 
     def __init__(self, replicas: list[str], board: HintBoard, health: ReplicaHealth) -> None:
         self.replicas = replicas
         self.board = board
         self.health = health
+        for pool in ("standard", "long"):
+            health.set_pool(pool, replicas)
         self.faults: dict[str, str | int] = {}
         self.calls: list[tuple[str, str, Any, str]] = []  # (pool, kind, body, replica)
 
@@ -181,6 +185,8 @@ class TokenEngine:
             raise EngineUnavailable(f"{replica} died")
         if fault == "hang":  # a wedged engine: nothing comes until the request is abandoned
             await asyncio.sleep(3600)
+        if isinstance(fault, str) and fault.startswith("slow-"):
+            await asyncio.sleep(float(fault.split("-", 1)[1]))
         limit = body.max_tokens if body.max_tokens is not None else 16
         obj = "chat.completion" if kind == "chat" else "text_completion"
         ids: list[int] = []

@@ -175,6 +175,31 @@ async def test_a_request_waiting_on_a_replica_marked_wedged_fails_over(setup: An
     assert events(r.text)[-1] == "[DONE]"
 
 
+async def test_a_replica_marked_wedged_is_waited_for_when_no_other_is_usable(setup: Any) -> None:
+    # A CI run: the victim of a SIGKILL dead, its replacement loading on the same cores,
+    # the survivors' engines starved past the wedge threshold and marked: every stream on
+    # them was given up (22 of 24 failed). With nowhere else to go, the request waits.
+    client, engine, gateway = setup
+    engine.health.mark_failed("b", 30)  # dead
+    engine.faults["a"] = "slow-2"  # starved, then steps again
+    marker = asyncio.create_task(router_sees_wedged_stats(engine, "a"))
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    await marker
+    assert r.status_code == 200 and r.headers["x-served-by"] == "a" and r.headers["x-attempts"] == "1"
+    got = events(r.text)
+    assert got[-1] == "[DONE]" and not any("error" in e for e in got[:-1])
+    # Once another replica is usable again, a marked one is given up as before.
+    engine.replicas.append("c")
+    engine.health.set_pool("standard", engine.replicas)
+    engine.health.set_pool("long", engine.replicas)
+    engine.faults["a"] = "hang"
+    engine.health._until.pop("a")
+    marker = asyncio.create_task(router_sees_wedged_stats(engine, "a"))
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    await marker
+    assert r.status_code == 200 and r.headers["x-served-by"] == "c" and r.headers["x-attempts"] == "2"
+
+
 async def test_a_stream_whose_replica_is_marked_wedged_mid_reply_is_migrated(setup: Any) -> None:
     # The read pending on the wedged stream is cancelled, and must have unwound before the
     # stream is closed (closing an async generator mid-read raised RuntimeError, and the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from bench.sim.simulator import ClusterSimulator, SimResult, split_replicas
 from bench.traces import SyntheticSpec, Trace, TraceRequest, synthetic_multiturn
 from cluster.config import ClusterConfig
 from cluster.profiles import load_profile
+from cluster.routing.policy import ReplicaView, RouteRequest
 from cluster.routing.registry import POLICY_NAMES
 
 B = 512
@@ -161,6 +163,36 @@ def test_decode_runs_equal_step_by_step(cfg: ClusterConfig, conversations: Trace
     assert sum(r["steps"] for r in fast.replica_stats) == sum(r["steps"] for r in slow.replica_stats)
 
 
+def test_recorded_routes_replay_a_run_exactly() -> None:
+    """Routing a run's requests where that run sent them (the labels renamed) reproduces
+    it request by request: the recorded policy changes only who decides, not the timing
+    model (what the real-vs-simulated timing check compares at the real routing)."""
+    from bench.live.replay_cluster import simulate_same
+    from bench.sim.recorded_routes import RecordedRoutes
+
+    cpu = load_profile("cpu-tiny")  # measured spreads and contention: every term drawn per seed
+    trace = _replay_trace(cpu.pools[0].engine.block_size, seed=5)
+    replicas = {p.name: p.start_replicas for p in cpu.pools}
+    runs = (ClusterSimulator(cpu, trace, policy="cache-aware", replicas=replicas, seed=s).run() for s in range(15))
+    seed, split = next((s, res) for s, res in enumerate(runs) if len(set(res.replica)) > 1)
+    routes = {r.request_id: f"real-{name[::-1]}" for r, name in zip(trace.requests, split.replica, strict=True)}
+    again = ClusterSimulator(
+        cpu,
+        trace,
+        policy="cache-aware",
+        replicas=replicas,
+        seed=seed,
+        policy_factory=lambda name, **_: RecordedRoutes(routes),
+    ).run()
+    assert len(set(again.replica)) == len(set(split.replica)) == 2
+    assert again.first_token == split.first_token and again.finish == split.finish
+    summary = simulate_same(cpu, trace, repeats=3, routes=routes)
+    shares = sorted(Counter(split.replica).values(), reverse=True)
+    assert all(c == {"standard": shares} for c in summary["requests_per_replica_by_seed"])
+    with pytest.raises(KeyError):
+        RecordedRoutes({}).choose(RouteRequest("unknown", 1), [ReplicaView("a")])
+
+
 def test_over_long_requests_are_rejected_and_pools_by_context(cfg: ClusterConfig) -> None:
     reqs = [
         _req("short", 0.0, 1000, 10, 0),
@@ -300,6 +332,7 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
         apply_sim_terms,
         at_engine_speed,
         engine_timing,
+        recorded_routes,
         replay_and_measure,
         simulate_same,
         timing_errors,
@@ -345,6 +378,11 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
     at_speed_cfg = cfg.model_copy(deep=True)
     apply_sim_terms(at_speed_cfg, at_engine_speed(terms, checked["calibration"]))
     at_speed = timing_errors(real, simulate_same(at_speed_cfg, trace, repeats=SIM_REPEATS))
+    # ... and with every request where the real router sent it: the timing model alone.
+    routes = recorded_routes(trace, outcomes)
+    assert len(routes) == len(trace)
+    routed_sim = simulate_same(at_speed_cfg, trace, repeats=SIM_REPEATS, routes=routes)
+    at_routing = timing_errors(real, routed_sim)
     print(
         "replay timing:",
         json.dumps(
@@ -353,6 +391,8 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
                 "predicted": {k: sim[k] for k in TIMING_KEYS},
                 "errors": errors,
                 "errors_at_the_checked_engine_speed": at_speed,
+                "errors_at_that_speed_and_the_real_routing": at_routing,
+                "simulated_per_replica": sim["requests_per_replica_by_seed"],
                 "profile_terms_errors": timing_errors(real, profile_sim),
                 "terms_from_the_calibration_replay": terms,
                 "calibration_breakdown": {k: v for k, v in measured.items() if k not in ("samples", "calibration")},
@@ -403,6 +443,7 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
         "tpot_p90_ms": (-0.65, 0.75),
     }
     assert all(lo < at_speed[k] < hi for k, (lo, hi) in at_speed_bounds.items()), at_speed
+    assert all(lo < at_routing[k] < hi for k, (lo, hi) in at_speed_bounds.items()), at_routing
     # The profile's committed overhead still describes this serving path, on a machine as
     # fast as the one it was measured on; on a slower one the path slows with the engines
     # beside it on the same cores (a VM without AVX-512: engine steps 6.8-7.4x the table

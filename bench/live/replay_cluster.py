@@ -51,6 +51,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -651,15 +652,20 @@ def run(args: argparse.Namespace) -> int:
     rows = [summary]
     sim_summary = None
     speed_summary = None
+    routed_summary = None
+    routes = recorded_routes(trace, outcomes)
     if not args.no_sim:
         sim_summary = simulate_same(cfg, trace, repeats=SIM_REPEATS)
         sim_summary["rate_scale"] = args.rate_scale
         sim_summary["policy"] = f"simulator ({cfg.router.policy})"
         rows.append(sim_summary)
+        speed_cfg = cfg
         if args.sim_terms and timing is not None and "calibration" in timing:
-            at_speed = cfg.model_copy(deep=True)
-            apply_sim_terms(at_speed, at_engine_speed(terms, timing["calibration"]))
-            speed_summary = simulate_same(at_speed, trace, repeats=SIM_REPEATS)
+            speed_cfg = cfg.model_copy(deep=True)
+            apply_sim_terms(speed_cfg, at_engine_speed(terms, timing["calibration"]))
+            speed_summary = simulate_same(speed_cfg, trace, repeats=SIM_REPEATS)
+        if len(routes) == len(trace):
+            routed_summary = simulate_same(speed_cfg, trace, repeats=SIM_REPEATS, routes=routes)
 
     # One unit in the table: token hit rates (vLLM counts tokens) against the token ceiling.
     shown = [dict(r, block_hit_rate=r.get("token_hit_rate"), block_hit_ceiling=stats.token_hit_ceiling) for r in rows]
@@ -686,6 +692,11 @@ def run(args: argparse.Namespace) -> int:
     if speed_summary is not None:
         print("the same at this replay's own engine step scale (the machine's speed now; the rest from --sim-terms):")
         speed_errors = print_timing(summary, speed_summary)
+    routed_errors: dict[str, float] = {}
+    if routed_summary is not None:
+        where = "at this replay's engine speed and " if speed_summary is not None else ""
+        print(f"the same {where}with every request where the real router sent it (only the timing model compared):")
+        routed_errors = print_timing(summary, routed_summary)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -699,6 +710,8 @@ def run(args: argparse.Namespace) -> int:
         "overhead_measurement": overhead,
         "timing_errors": errors,
         "timing_errors_at_this_engine_speed": speed_errors,
+        "timing_errors_at_the_real_routing": routed_errors,
+        "simulator_at_the_real_routing": {k: v for k, v in (routed_summary or {}).items() if k != "replica_stats"},
         "engine_timing": timing,
         "simulator_terms": cfg.simulator.model_dump(),
         "outcomes": [o.__dict__ for o in outcomes],
@@ -708,27 +721,48 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-def simulate_same(cfg: Any, trace: Trace, repeats: int = 1) -> dict[str, Any]:
+def _requests_per_replica(replica_stats: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    by_pool: dict[str, list[int]] = {}
+    for r in replica_stats:
+        by_pool.setdefault(r["pool"], []).append(int(r["requests"]))
+    return {pool: sorted(n, reverse=True) for pool, n in by_pool.items() if sum(n)}
+
+
+def recorded_routes(trace: Trace, outcomes: Sequence[Outcome]) -> dict[str, str]:
+    """Request id -> the replica that served it in a replay (its X-Served-By)."""
+    return {trace.requests[o.index].request_id: o.replica for o in outcomes if o.replica}
+
+
+def simulate_same(cfg: Any, trace: Trace, repeats: int = 1, routes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The simulator on the same scaled trace, pools at their start replica counts. With
     measured spreads in the profile (each request and step draws its own terms), the
     timing percentiles are the median over `repeats` seeds: a trace of a few dozen
-    requests has noisy percentiles, and the prediction should not be one draw's."""
+    requests has noisy percentiles, and the prediction should not be one draw's. With
+    `routes` (`recorded_routes` of a replay) every request goes where the real router
+    sent it (bench.sim.recorded_routes), so only the timing model is compared."""
     import logging
     import statistics
 
     from bench.sim.metrics import summarize
-    from bench.sim.simulator import ClusterSimulator
+    from bench.sim.recorded_routes import RecordedRoutes
+    from bench.sim.simulator import ClusterSimulator, default_policy_factory
 
     logging.getLogger("bench.calibration.step_time").setLevel(logging.ERROR)
     replicas = {p.name: p.start_replicas for p in cfg.pools}
+    factory = default_policy_factory if routes is None else (lambda name, **_: RecordedRoutes(routes))
     runs = []
     for seed in range(max(1, repeats)):
-        sim = ClusterSimulator(cfg, trace, policy=cfg.router.policy, replicas=replicas, seed=seed)
+        sim = ClusterSimulator(
+            cfg, trace, policy=cfg.router.policy, replicas=replicas, seed=seed, policy_factory=factory
+        )
         runs.append(summarize(sim.run()))
     out = dict(runs[0])
     for k in TIMING_KEYS:
         out[k] = statistics.median(float(r[k]) for r in runs)
     out["repeats"] = len(runs)
+    # Where each seed sent the requests (per pool that got any, the most used replica
+    # first): seeds can differ in routing (ties broken at random), not only in timing.
+    out["requests_per_replica_by_seed"] = [_requests_per_replica(r["replica_stats"]) for r in runs]
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from cluster.config import ResilienceConfig
 from cluster.gateway.context import EngineChunk, RequestContext
@@ -96,8 +96,12 @@ class Dispatch(Step):
             stream = self.engine.generate(
                 ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id, headers=ctx.engine_headers or None
             )
+            # A retry goes to the pool, the last one also to a larger pool that holds it.
+            pools = [ctx.pool or ""]
+            if ctx.attempts < self.cfg.max_attempts:
+                pools += self.pools.spill_pools(ctx)
             try:
-                return await self._next(ctx, stream), stream
+                return await self._next(ctx, stream, pools), stream
             except StopAsyncIteration:
                 failure = EngineUnavailable("the engine returned an empty reply")
             except EngineUnavailable as exc:
@@ -109,9 +113,10 @@ class Dispatch(Step):
             retry_after_s=self.cfg.retry_after_s,
         )
 
-    async def _next(self, ctx: RequestContext, stream: AsyncIterator[EngineChunk]) -> EngineChunk:
+    async def _next(self, ctx: RequestContext, stream: AsyncIterator[EngineChunk], pools: Sequence[str]) -> EngineChunk:
         """The stream's next chunk; EngineUnavailable as soon as its replica is marked failed
-        (e.g. it reported a wedged engine) while we wait, instead of when Serve kills it."""
+        (e.g. it reported a wedged engine) while we wait, instead of when Serve kills it,
+        if a replica of `pools` (where the request would go next) could take it."""
         step = asyncio.ensure_future(anext(stream))
         try:
             while True:
@@ -120,7 +125,10 @@ class Dispatch(Step):
                     return _result(step)
                 replica = ctx.replica
                 if replica is not None and self.health.is_excluded(replica):
-                    raise EngineUnavailable(f"replica {replica} stopped making progress")
+                    # Given up only where another replica could take it (replica_health).
+                    excluded = ctx.hint.excluded_replicas if ctx.hint is not None else ()
+                    if self.health.has_alternative(replica, pools, excluded):
+                        raise EngineUnavailable(f"replica {replica} stopped making progress")
         finally:
             if not step.done():
                 step.cancel()
@@ -161,7 +169,7 @@ class Dispatch(Step):
                 try:
                     while True:
                         try:
-                            item = await self._next(ctx, current)
+                            item = await self._next(ctx, current, [ctx.pool or ""])  # a migration stays
                         except StopAsyncIteration:
                             return
                         yield EngineChunk(sent.observe(item.data))
