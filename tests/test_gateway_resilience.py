@@ -200,6 +200,20 @@ async def test_a_replica_marked_wedged_is_waited_for_when_no_other_is_usable(set
     assert r.status_code == 200 and r.headers["x-served-by"] == "c" and r.headers["x-attempts"] == "2"
 
 
+async def test_the_last_attempt_waits_on_a_marked_replica_rather_than_fail(setup: Any) -> None:
+    client, engine, _ = setup
+    engine.replicas[:] = ["a", "b", "c", "d"]
+    engine.health.set_pool("standard", engine.replicas)
+    engine.health.set_pool("long", engine.replicas)
+    engine.faults.update({"a": "before", "b": "before", "c": "slow-2"})
+    marker = asyncio.create_task(router_sees_wedged_stats(engine, "c"))
+    r = await client.post("/v1/chat/completions", json=STREAM_BODY)
+    await marker
+    # d is usable, but no attempt is left to go there: giving up on c would be a 503.
+    assert r.status_code == 200 and r.headers["x-served-by"] == "c" and r.headers["x-attempts"] == "3"
+    assert events(r.text)[-1] == "[DONE]"
+
+
 async def test_a_stream_whose_replica_is_marked_wedged_mid_reply_is_migrated(setup: Any) -> None:
     # The read pending on the wedged stream is cancelled, and must have unwound before the
     # stream is closed (closing an async generator mid-read raised RuntimeError, and the

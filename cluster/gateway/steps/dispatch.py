@@ -96,12 +96,8 @@ class Dispatch(Step):
             stream = self.engine.generate(
                 ctx.pool or "", ctx.kind, ctx.body, session_id=ctx.session_id, headers=ctx.engine_headers or None
             )
-            # A retry goes to the pool, the last one also to a larger pool that holds it.
-            pools = [ctx.pool or ""]
-            if ctx.attempts < self.cfg.max_attempts:
-                pools += self.pools.spill_pools(ctx)
             try:
-                return await self._next(ctx, stream, pools), stream
+                return await self._next(ctx, stream, self._next_attempt_pools(ctx)), stream
             except StopAsyncIteration:
                 failure = EngineUnavailable("the engine returned an empty reply")
             except EngineUnavailable as exc:
@@ -113,10 +109,22 @@ class Dispatch(Step):
             retry_after_s=self.cfg.retry_after_s,
         )
 
+    def _next_attempt_pools(self, ctx: RequestContext) -> list[str]:
+        """Where the next attempt would go (see `_reroute`): none after the last one."""
+        if ctx.attempts >= self.cfg.max_attempts:
+            return []
+        if ctx.attempts + 1 == self.cfg.max_attempts:
+            spill = self.pools.spill_pools(ctx)
+            if spill:
+                return spill[:1]
+        return [ctx.pool or ""]
+
     async def _next(self, ctx: RequestContext, stream: AsyncIterator[EngineChunk], pools: Sequence[str]) -> EngineChunk:
         """The stream's next chunk; EngineUnavailable as soon as its replica is marked failed
         (e.g. it reported a wedged engine) while we wait, instead of when Serve kills it,
-        if a replica of `pools` (where the request would go next) could take it."""
+        if a replica of `pools` (where the request would go next) could take it. With
+        nowhere to go it waits: for the replica, or for Serve to replace it (the call then
+        fails)."""
         step = asyncio.ensure_future(anext(stream))
         try:
             while True:
@@ -127,7 +135,7 @@ class Dispatch(Step):
                 if replica is not None and self.health.is_excluded(replica):
                     # Given up only where another replica could take it (replica_health).
                     excluded = ctx.hint.excluded_replicas if ctx.hint is not None else ()
-                    if self.health.has_alternative(replica, pools, excluded):
+                    if pools and self.health.has_alternative(replica, pools, excluded):
                         raise EngineUnavailable(f"replica {replica} stopped making progress")
         finally:
             if not step.done():
@@ -169,7 +177,9 @@ class Dispatch(Step):
                 try:
                     while True:
                         try:
-                            item = await self._next(ctx, current, [ctx.pool or ""])  # a migration stays
+                            # A migration stays in the pool; a stream that cannot move waits.
+                            pools = [ctx.pool or ""] if self.migrator.why_not(ctx, sent) is None else []
+                            item = await self._next(ctx, current, pools)
                         except StopAsyncIteration:
                             return
                         yield EngineChunk(sent.observe(item.data))
