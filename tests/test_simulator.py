@@ -191,6 +191,10 @@ def test_recorded_routes_replay_a_run_exactly() -> None:
     assert all(c == {"standard": shares} for c in summary["requests_per_replica_by_seed"])
     with pytest.raises(KeyError):
         RecordedRoutes({}).choose(RouteRequest("unknown", 1), [ReplicaView("a")])
+    scaled = RecordedRoutes({"x": "r1", "y": "r2"})  # the real pool had a second replica
+    assert scaled.choose(RouteRequest("x", 1), [ReplicaView("a")]).replica_id == "a"
+    with pytest.raises(ValueError, match="used 2 replicas"):
+        scaled.choose(RouteRequest("y", 1), [ReplicaView("a")])
 
 
 def test_over_long_requests_are_rejected_and_pools_by_context(cfg: ClusterConfig) -> None:
