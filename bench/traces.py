@@ -106,6 +106,26 @@ class Trace:
     def head(self, n: int) -> Trace:
         return Trace(self.name, self.block_size, self.requests[:n], self.has_prefix_info, dict(self.meta))
 
+    def perfect_reuse_tokens(self) -> list[int]:
+        """Per request: the prompt tokens of its longest prefix seen earlier in the trace
+        (an earlier prompt, or a reply cached under `output_block_ids`), as an infinite
+        cache shared by every replica would hold them."""
+        B = self.block_size
+        seen: set[int] = set()
+        out: list[int] = []
+        for r in self.requests:
+            chain = chain_block_ids(r.block_ids)
+            matched = 0
+            for h in chain:
+                if h not in seen:
+                    break
+                matched += 1
+            seen.update(chain)
+            if r.output_block_ids:
+                seen.update(chain_block_ids(r.output_block_ids, output_chain_seed(chain, r.prompt_tokens, B)))
+            out.append(min(matched * B, r.prompt_tokens))
+        return out
+
     def stats(self) -> TraceStats:
         seen: set[int] = set()
         hit_blocks = hit_tokens = blocks = 0

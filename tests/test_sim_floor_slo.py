@@ -82,6 +82,28 @@ def test_floor_bounds_every_simulated_ttft(cfg: ClusterConfig) -> None:
     assert lr.first_token[0] - lr.arrival[0] == pytest.approx(lf.perfect_reuse_s[0], rel=1e-9)
 
 
+def test_a_perfect_reuse_fleet_computes_every_prefix_seen_earlier_for_free(cfg: ClusterConfig) -> None:
+    # Round-robin over two replicas: b and c land where nothing of theirs is cached.
+    reqs = [
+        TraceRequest("a", 0.0, 8 * B, 10, tuple(range(1, 9))),
+        TraceRequest("b", 50.0, 10 * B, 10, tuple(range(1, 11))),  # a's 8 blocks seen
+        TraceRequest("c", 100.0, 10 * B, 10, (99, *range(2, 11))),  # first block new: nothing
+    ]
+    trace = Trace("t", B, reqs)
+    assert trace.perfect_reuse_tokens() == [0, 8 * B, 0]
+    replicas = {"standard": 2}
+    real = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas).run()
+    ideal = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas, perfect_reuse=True).run()
+    assert real.hit_tokens == [0, 0, 0]
+    assert ideal.hit_tokens == [0, 8 * B, 0]
+    floors = ttft_floors(cfg, trace, replicas)
+    # Alone on an idle replica, each request sits on its perfect-reuse floor there.
+    for k in range(3):
+        ttft = ideal.first_token[k] - ideal.arrival[k]
+        assert ttft == pytest.approx(floors.perfect_reuse_s[k], rel=1e-9)
+    assert real.first_token[1] - real.arrival[1] == pytest.approx(floors.no_cache_s[1], rel=1e-9)
+
+
 def test_slo_met_rules() -> None:
     spec = SloSpec(ttft_min_s=2.0, ttft_floor_factor=1.5, tpot_mean_ms=100.0)
     met = slo_met(

@@ -282,6 +282,21 @@ def test_cli_writes_results_and_plots(tmp_path: Path, conversations: Trace) -> N
     assert all(r["seeds"] == [0, 1, 2] for r in result["goodput_runs"])
     assert "mean over seeds 0-2" in (out / "table.txt").read_text()
 
+    # The perfect-reuse fleet's goodput, searched beside the policy's, bounds it.
+    rc = sim_cli.main(
+        ["--trace", str(path), "--replicas", "2", "--policy", "pow2", "--rate-scale", "2", "--goodput", "pow2"]
+        + ["--ceiling", "pow2", "--goodput-max", "64", "--jobs", "1", "--out", str(out), "--no-plots"]
+    )
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    ceiling = result["goodput_ceiling"]["perfect-reuse/pow2"]
+    assert ceiling["bounded"] and result["goodput"]["pow2"]["bounded"]
+    assert result["goodput_ceiling_rate_scale"] == ceiling["rate_scale"]
+    assert ceiling["rate_scale"] >= result["goodput_rate_scale"]["pow2"] > 0
+    assert {r["policy"] for r in result["goodput_runs"]} == {"pow2", "perfect-reuse/pow2"}
+    assert "perfect-reuse fleet" in (out / "table.txt").read_text()
+    assert sim_cli.main(["--trace", str(path), "--ceiling", "nope", "--out", str(out)]) == 2
+
 
 def test_bench_subcommands_pass_options_through(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse

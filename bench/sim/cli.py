@@ -11,6 +11,13 @@ replica in one pool with --pool). The throughput ceiling of one replica: --repli
 --pool standard --rate-scale 50 (everything queued at once). `--seeds N` runs every pair
 with N seeds and reports the mean (`bench/sim/seeds.py`): policies with random tie-breaks
 give a different run per seed, a spread one run cannot show.
+
+`--ceiling POLICIES` also searches the goodput of a perfect-reuse fleet routed by those
+policies: every replica computes each prompt's longest prefix seen earlier in the trace
+for free (`ClusterSimulator(perfect_reuse=True)`), as if every replica cached everything.
+No router can give a replica a cache hit it would not have there, so the best of these
+is an upper estimate of the load any router carries within the SLO on the real fleet:
+it says how much of the goodput a routing policy can still win.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from bench.traces import SyntheticSpec, Trace, infer_reply_blocks, read_trace, s
 
 # What forked workers read (set before the pool starts; fork shares it without pickling).
 _JOB: dict[str, Any] = {}
+# A run label of this prefix routes a perfect-reuse fleet by the policy after it.
+CEILING = "perfect-reuse/"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="'all' or a comma list of policies: bisect each one's SLO goodput (largest rate scale "
         "with attainment >= --slo-target), starting from the sweep's runs",
+    )
+    p.add_argument(
+        "--ceiling",
+        default=None,
+        help="'all' or a comma list of policies: also bisect the SLO goodput of a perfect-reuse fleet "
+        "(every replica computes each prefix seen earlier in the trace for free) routed by each, "
+        "an upper estimate of what any router carries",
     )
     p.add_argument("--goodput-max", type=float, default=8.0, help="largest rate scale the goodput search tries")
     p.add_argument("--goodput-tol", type=float, default=0.05, help="relative precision of the goodput search")
@@ -152,12 +168,13 @@ def _run_one(policy: str, rate_scale: float, seed: int, run_index: int) -> dict[
     sim = ClusterSimulator(
         job["cfg"],
         trace,
-        policy=policy,
+        policy=policy.removeprefix(CEILING),
         replicas=job["replicas"],
         seed=seed,
         stats_period_s=job["stats_period"],
         spill=job["spill"],
         async_scheduling=job["async_scheduling"],
+        perfect_reuse=policy.startswith(CEILING),
     )
     last = [0]
 
@@ -167,6 +184,7 @@ def _run_one(policy: str, rate_scale: float, seed: int, run_index: int) -> dict[
             last[0] = done
 
     summary = summarize(sim.run(progress), job["floors"], job["slo"])
+    summary["policy"] = policy
     summary["rate_scale"] = rate_scale
     summary["seed"] = seed
     summary["arrival_rate_req_s"] = len(trace) / trace.duration_s if trace.duration_s else float("nan")
@@ -271,17 +289,34 @@ def _search_goodput(
     return out
 
 
-def format_goodput(goodput: dict[str, Any], slo: Any) -> str:
-    """One line per policy: its goodput and the attainment of every probe."""
+def format_goodput(goodput: dict[str, Any], slo: Any, ceiling: dict[str, Any] | None = None) -> str:
+    """One line per policy: its goodput and the attainment of every probe; then the
+    perfect-reuse fleet's, and how far the best peer is from it."""
     lines = [f"SLO goodput (largest rate scale with attainment >= {slo.target:.0%}):"]
     best_peer = max((g["rate_scale"] for p, g in goodput.items() if p != "cache-aware"), default=0.0)
-    for p, g in sorted(goodput.items(), key=lambda kv: -kv[1]["rate_scale"]):
+    rows = sorted(goodput.items(), key=lambda kv: -kv[1]["rate_scale"])
+    if ceiling:
+        rows += sorted(ceiling.items(), key=lambda kv: -kv[1]["rate_scale"])
+    for p, g in rows:
         mark = "" if g["bounded"] else "+ (search ceiling)"
         vs = ""
         if p == "cache-aware" and best_peer > 0:
             vs = f"  ({g['rate_scale'] / best_peer:.2f}x the best peer)"
         probes = ", ".join(f"x{s}: {a:.1%}" for s, a in g["probes"].items())
         lines.append(f"  {p:>12}: x{g['rate_scale']:g}{mark}{vs}   [{probes}]")
+    if ceiling:
+        top = max(g["rate_scale"] for g in ceiling.values())
+        lines.append(
+            f"perfect-reuse fleet (every replica caches every prefix seen earlier): up to x{top:g}, "
+            "an upper estimate of any router's goodput"
+        )
+        if best_peer > 0 and top > 0:
+            ours = goodput.get("cache-aware")
+            share = f"cache-aware carries {ours['rate_scale'] / top:.0%} of it, " if ours else ""
+            lines.append(
+                f"  {share}the best peer {best_peer / top:.0%}; 1.3x the best peer would be "
+                f"x{1.3 * best_peer:.4g} = {1.3 * best_peer / top:.0%} of it"
+            )
     return "\n".join(lines)
 
 
@@ -306,7 +341,10 @@ def run(args: argparse.Namespace) -> int:
         goodput_policies: list[str] = []
         if args.goodput:
             goodput_policies = policies if args.goodput == "all" else [p.strip() for p in args.goodput.split(",")]
-        unknown = [p for p in policies + goodput_policies if p not in POLICY_NAMES]
+        ceiling_policies: list[str] = []
+        if args.ceiling:
+            ceiling_policies = policies if args.ceiling == "all" else [p.strip() for p in args.ceiling.split(",")]
+        unknown = [p for p in policies + goodput_policies + ceiling_policies if p not in POLICY_NAMES]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; known: {POLICY_NAMES}")
         if args.pool_replicas:
@@ -367,6 +405,10 @@ def run(args: argparse.Namespace) -> int:
     if goodput_policies:
         goodput = _search_goodput(goodput_policies, rows, args, len(trace))
         rows += [r for g in goodput.values() for r in g.pop("_rows")]
+    ceiling: dict[str, Any] = {}
+    if ceiling_policies:
+        ceiling = _search_goodput([CEILING + p for p in ceiling_policies], [], args, len(trace))
+        rows += [r for g in ceiling.values() for r in g.pop("_rows")]
     wall = time.perf_counter() - started
     jobs = max(1, min(args.jobs, len(tasks)))
     sweep = [r for r in rows if not r.get("goodput_probe")]
@@ -375,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds > 1:
         last = args.seed + args.seeds - 1
         table += f"\n(each figure the mean over seeds {args.seed}-{last}; per seed in results.json)"
-    if goodput:
-        table += "\n\n" + format_goodput(goodput, slo)
+    if goodput or ceiling:
+        table += "\n\n" + format_goodput(goodput, slo, ceiling)
     print(table)
     cpu = [r["sim_cpu_s"] for r in rows]
     print(
@@ -408,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "goodput_rate_scale": {p: g["rate_scale"] for p, g in goodput.items()},
         "goodput": goodput,
+        "goodput_ceiling_rate_scale": max((g["rate_scale"] for g in ceiling.values()), default=None),
+        "goodput_ceiling": ceiling,
         "runs": sweep,
         "goodput_runs": [r for r in rows if r.get("goodput_probe")],
     }

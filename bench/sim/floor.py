@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from bench.sim.replica_model import StepTime
 from bench.sim.simulator import StepTimeFactory, default_step_time
-from bench.traces import Trace, chain_block_ids, output_chain_seed
+from bench.traces import Trace
 from cluster.config import ClusterConfig
 from cluster.routing.pool_selector import ContextTooLong, PoolSelector
 
@@ -61,21 +61,10 @@ def ttft_floors(
     selector = PoolSelector(pools)
     models = {p.name: step_time_factory(cfg, p) for p in pools}
     budget = {p.name: p.engine.max_num_batched_tokens for p in pools}
-    B = trace.block_size
-    seen: set[int] = set()
     perfect: list[float] = []
     cold: list[float] = []
     cached_out: list[int] = []
-    for r in trace.requests:
-        chain = chain_block_ids(r.block_ids)
-        matched = 0
-        for h in chain:
-            if h not in seen:
-                break
-            matched += 1
-        seen.update(chain)
-        if r.output_block_ids:
-            seen.update(chain_block_ids(r.output_block_ids, output_chain_seed(chain, r.prompt_tokens, B)))
+    for r, cached in zip(trace.requests, trace.perfect_reuse_tokens(), strict=True):
         try:
             pool = selector.select(r.prompt_tokens, r.output_tokens).pool
         except ContextTooLong:
@@ -83,7 +72,6 @@ def ttft_floors(
             cold.append(float("nan"))
             cached_out.append(0)
             continue
-        cached = min(matched * B, r.prompt_tokens)
         st, bt = models[pool], budget[pool]
         perfect.append(prefill_ttft_s(st, r.prompt_tokens, cached, bt))
         cold.append(prefill_ttft_s(st, r.prompt_tokens, 0, bt))

@@ -88,6 +88,7 @@ class Seq:
         "preemptions",
         "resume",
         "reply_labels",
+        "free_tokens",
         "epoch",
         "replica",
     )
@@ -113,6 +114,9 @@ class Seq:
         self.preemptions = 0
         self.resume: list[int] = []  # after a preemption: chained hashes of its cached blocks
         self.reply_labels: list[int] = []  # hashes its reply blocks were cached under
+        # Prompt tokens it computes for free wherever it runs (a perfect-reuse fleet, see
+        # ClusterSimulator): its KV still takes blocks, only the prefill is skipped.
+        self.free_tokens = 0
         self.epoch = -1  # stats epoch it was routed in (for in-flight counts)
         self.replica = ""
 
@@ -334,10 +338,10 @@ class ReplicaModel:
         chain = seq.resume if seq.resume else seq.hashes
         matched = kv.match(chain)
         if seq.resume:
-            cached = min(matched * B, total)
+            cached = min(max(matched * B, seq.free_tokens), total)
             shared = matched
         else:
-            cached = min(matched * B, seq.prompt)
+            cached = min(max(matched * B, seq.free_tokens), seq.prompt)
             shared = min(matched, seq.full_blocks)
         if cached >= total:
             cached = total - 1  # the last token is always computed (it yields the next one)

@@ -18,6 +18,12 @@ events (autoscaler ticks, replicas becoming ready) interleave with the others; a
 added is routable only once ready, a replica removed stops taking requests and is
 released when its last request finishes (drain).
 
+With `perfect_reuse`, every engine computes each prompt's longest prefix seen earlier
+in the trace for free, wherever it runs (`Trace.perfect_reuse_tokens`; the KV blocks are
+still taken, only the prefill is skipped): the cache of a fleet where every replica holds
+everything, so that the load a router carries on it bounds what any router can carry on
+the real one (`cluster bench sim --ceiling`).
+
 Only replicas with work have a pending event (a heap of next-step times), so the cost is
 per engine step, not per token. Everything is deterministic for a given seed.
 """
@@ -175,6 +181,7 @@ class ClusterSimulator:
         async_scheduling: bool | None = None,
         replica_factory: ReplicaFactory = ReplicaModel,
         fleet: FleetHook | None = None,
+        perfect_reuse: bool = False,
     ) -> None:
         unknown = set(replicas) - {p.name for p in cfg.pools}
         if unknown:
@@ -189,6 +196,7 @@ class ClusterSimulator:
         self.stats_period_s = cfg.router.stats_period_s if stats_period_s is None else stats_period_s
         self.spill = spill
         self.fleet = fleet
+        self.free_tokens = trace.perfect_reuse_tokens() if perfect_reuse else None
         if async_scheduling is None:
             # vLLM 0.29 schedules asynchronously by default, except on the CPU backend,
             # which turns it off (vllm/platforms/cpu.py: "not required on CPU").
@@ -407,10 +415,12 @@ class ClusterSimulator:
                 spilled[k] = choice.spilled_from is not None
                 seq = Seq(k, req, chain_block_ids(req.block_ids), B)
                 seq.arrival_s = now
+                if self.free_tokens is not None:
+                    seq.free_tokens = self.free_tokens[k]
                 seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
-                route = _route_request(seq, affinity if affinity in pool.by_id else None)
+                route = _route_request(seq, B, affinity if affinity in pool.by_id else None)
                 decision = pool.policy.choose(route, views)
                 if decision.replica_id not in pool.by_id:
                     raise RuntimeError(
@@ -488,7 +498,7 @@ class ClusterSimulator:
         req = seq.req
         if req.session_id:
             session_replica[req.session_id] = rep.replica_id
-        pool.policy.on_finished(_route_request(seq), rep.replica_id, cached)
+        pool.policy.on_finished(_route_request(seq, self.trace.block_size), rep.replica_id, cached)
 
     def _result(self, seqs: Sequence[Seq | None], rejected: list[bool], spilled: list[bool], wall: float) -> SimResult:
         reqs = self.trace.requests
@@ -546,9 +556,23 @@ class ClusterSimulator:
         return max(seq.first_token_s, seq.finish_s - lead)
 
 
-def _route_request(seq: Seq, affinity_replica: str | None = None) -> RouteRequest:
-    """What the routing policy sees of a simulated request (as the gateway's hint)."""
+def _route_request(seq: Seq, block_size: int, affinity_replica: str | None = None) -> RouteRequest:
+    """What the routing policy sees of a simulated request (as the gateway's hint).
+
+    On a perfect-reuse fleet, only the part it prefills: every replica holds the rest, so
+    a policy then balances the work each request really costs (no prefix or session of it
+    is worth more on one replica than on another)."""
     req = seq.req
+    if seq.free_tokens:
+        free_blocks = min(seq.free_tokens, req.prompt_tokens - 1) // block_size
+        return RouteRequest(
+            request_id=req.request_id,
+            prompt_tokens=req.prompt_tokens - free_blocks * block_size,
+            block_hashes=seq.hashes[free_blocks:],
+            max_tokens=req.output_tokens,
+            session_id=req.session_id,
+            arrival_s=seq.arrival_s,
+        )
     return RouteRequest(
         request_id=req.request_id,
         prompt_tokens=req.prompt_tokens,
