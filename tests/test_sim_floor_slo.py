@@ -82,7 +82,7 @@ def test_floor_bounds_every_simulated_ttft(cfg: ClusterConfig) -> None:
     assert lr.first_token[0] - lr.arrival[0] == pytest.approx(lf.perfect_reuse_s[0], rel=1e-9)
 
 
-def test_a_perfect_reuse_fleet_computes_every_prefix_seen_earlier_for_free(cfg: ClusterConfig) -> None:
+def test_ceiling_fleets_compute_a_prefix_cached_elsewhere_for_free(cfg: ClusterConfig) -> None:
     # Round-robin over two replicas: b and c land where nothing of theirs is cached.
     reqs = [
         TraceRequest("a", 0.0, 8 * B, 10, tuple(range(1, 9))),
@@ -93,7 +93,7 @@ def test_a_perfect_reuse_fleet_computes_every_prefix_seen_earlier_for_free(cfg: 
     assert trace.perfect_reuse_tokens() == [0, 8 * B, 0]
     replicas = {"standard": 2}
     real = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas).run()
-    ideal = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas, perfect_reuse=True).run()
+    ideal = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas, cache="perfect").run()
     assert real.hit_tokens == [0, 0, 0]
     assert ideal.hit_tokens == [0, 8 * B, 0]
     floors = ttft_floors(cfg, trace, replicas)
@@ -102,6 +102,12 @@ def test_a_perfect_reuse_fleet_computes_every_prefix_seen_earlier_for_free(cfg: 
         ttft = ideal.first_token[k] - ideal.arrival[k]
         assert ttft == pytest.approx(floors.perfect_reuse_s[k], rel=1e-9)
     assert real.first_token[1] - real.arrival[1] == pytest.approx(floors.no_cache_s[1], rel=1e-9)
+    # A pooled cache: b is admitted with a's blocks, cached on the other replica.
+    pooled = ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas, cache="pooled").run()
+    assert pooled.replica[1] != pooled.replica[0]
+    assert pooled.hit_tokens == [0, 8 * B, 0]
+    with pytest.raises(ValueError, match="cache must be one of"):
+        ClusterSimulator(cfg, trace, policy="round-robin", replicas=replicas, cache="shared")
 
 
 def test_slo_met_rules() -> None:

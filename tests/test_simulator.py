@@ -285,17 +285,21 @@ def test_cli_writes_results_and_plots(tmp_path: Path, conversations: Trace) -> N
     # The perfect-reuse fleet's goodput, searched beside the policy's, bounds it.
     rc = sim_cli.main(
         ["--trace", str(path), "--replicas", "2", "--policy", "pow2", "--rate-scale", "2", "--goodput", "pow2"]
-        + ["--ceiling", "pow2", "--goodput-max", "64", "--jobs", "1", "--out", str(out), "--no-plots"]
+        + ["--ceiling", "pow2", "--ceiling-cache", "perfect,pooled", "--goodput-max", "64"]
+        + ["--jobs", "1", "--out", str(out), "--no-plots"]
     )
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
-    ceiling = result["goodput_ceiling"]["perfect-reuse/pow2"]
-    assert ceiling["bounded"] and result["goodput"]["pow2"]["bounded"]
-    assert result["goodput_ceiling_rate_scale"] == ceiling["rate_scale"]
-    assert ceiling["rate_scale"] >= result["goodput_rate_scale"]["pow2"] > 0
-    assert {r["policy"] for r in result["goodput_runs"]} == {"pow2", "perfect-reuse/pow2"}
-    assert "perfect-reuse fleet" in (out / "table.txt").read_text()
+    perfect = result["goodput_ceiling"]["perfect-reuse/pow2"]
+    pooled = result["goodput_ceiling"]["pooled-cache/pow2"]
+    assert perfect["bounded"] and pooled["bounded"] and result["goodput"]["pow2"]["bounded"]
+    assert result["goodput_ceiling_rate_scale"] == {"perfect": perfect["rate_scale"], "pooled": pooled["rate_scale"]}
+    assert perfect["rate_scale"] >= pooled["rate_scale"] >= result["goodput_rate_scale"]["pow2"] > 0
+    assert {r["policy"] for r in result["goodput_runs"]} == {"pow2", "perfect-reuse/pow2", "pooled-cache/pow2"}
+    table = (out / "table.txt").read_text()
+    assert "perfect-reuse fleet" in table and "pooled-cache fleet" in table
     assert sim_cli.main(["--trace", str(path), "--ceiling", "nope", "--out", str(out)]) == 2
+    assert sim_cli.main(["--trace", str(path), "--ceiling", "pow2", "--ceiling-cache", "big", "--out", str(out)]) == 2
 
 
 def test_bench_subcommands_pass_options_through(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,12 +12,15 @@ replica in one pool with --pool). The throughput ceiling of one replica: --repli
 with N seeds and reports the mean (`bench/sim/seeds.py`): policies with random tie-breaks
 give a different run per seed, a spread one run cannot show.
 
-`--ceiling POLICIES` also searches the goodput of a perfect-reuse fleet routed by those
-policies: every replica computes each prompt's longest prefix seen earlier in the trace
-for free (`ClusterSimulator(perfect_reuse=True)`), as if every replica cached everything.
-No router can give a replica a cache hit it would not have there, so the best of these
-is an upper estimate of the load any router carries within the SLO on the real fleet:
-it says how much of the goodput a routing policy can still win.
+`--ceiling POLICIES` also searches the goodput of fleets no router can beat, routed by
+those policies (`--ceiling-cache`, `ClusterSimulator(cache=...)`): "perfect", where every
+replica computes each prompt's longest prefix seen earlier in the trace for free, as if
+it cached everything; "pooled", where each request is admitted with the longest prefix
+cached on any replica of its pool, as if read from there (real cache capacity, every
+request as if on the holder of its prefix while the load is balanced). A router can give
+a replica no hit it would not have there, so the best of these is an upper estimate of
+the load any router carries within the SLO: how much goodput a routing policy can still
+win.
 """
 
 from __future__ import annotations
@@ -37,8 +40,16 @@ from bench.traces import SyntheticSpec, Trace, infer_reply_blocks, read_trace, s
 
 # What forked workers read (set before the pool starts; fork shares it without pickling).
 _JOB: dict[str, Any] = {}
-# A run label of this prefix routes a perfect-reuse fleet by the policy after it.
-CEILING = "perfect-reuse/"
+# A run label of one of these prefixes routes that ceiling fleet by the policy after it.
+CEILINGS = {"perfect": "perfect-reuse/", "pooled": "pooled-cache/"}
+
+
+def _split_label(label: str) -> tuple[str, str]:
+    """(policy, cache mode) of a run label."""
+    for cache, prefix in CEILINGS.items():
+        if label.startswith(prefix):
+            return label.removeprefix(prefix), cache
+    return label, "own"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,6 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="'all' or a comma list of policies: also bisect the SLO goodput of a perfect-reuse fleet "
         "(every replica computes each prefix seen earlier in the trace for free) routed by each, "
         "an upper estimate of what any router carries",
+    )
+    p.add_argument(
+        "--ceiling-cache",
+        default="perfect",
+        help="the --ceiling fleets, a comma list: 'perfect' (every prefix seen earlier is cached "
+        "everywhere) and/or 'pooled' (any replica of the pool's cache is readable by all)",
     )
     p.add_argument("--goodput-max", type=float, default=8.0, help="largest rate scale the goodput search tries")
     p.add_argument("--goodput-tol", type=float, default=0.05, help="relative precision of the goodput search")
@@ -165,16 +182,17 @@ def _run_one(policy: str, rate_scale: float, seed: int, run_index: int) -> dict[
     job = _JOB
     progress_q = job.get("progress")
     trace = job["trace"].scaled(rate_scale) if rate_scale != 1.0 else job["trace"]
+    name, cache = _split_label(policy)
     sim = ClusterSimulator(
         job["cfg"],
         trace,
-        policy=policy.removeprefix(CEILING),
+        policy=name,
         replicas=job["replicas"],
         seed=seed,
         stats_period_s=job["stats_period"],
         spill=job["spill"],
         async_scheduling=job["async_scheduling"],
-        perfect_reuse=policy.startswith(CEILING),
+        cache=cache,
     )
     last = [0]
 
@@ -304,12 +322,16 @@ def format_goodput(goodput: dict[str, Any], slo: Any, ceiling: dict[str, Any] | 
             vs = f"  ({g['rate_scale'] / best_peer:.2f}x the best peer)"
         probes = ", ".join(f"x{s}: {a:.1%}" for s, a in g["probes"].items())
         lines.append(f"  {p:>12}: x{g['rate_scale']:g}{mark}{vs}   [{probes}]")
-    if ceiling:
-        top = max(g["rate_scale"] for g in ceiling.values())
-        lines.append(
-            f"perfect-reuse fleet (every replica caches every prefix seen earlier): up to x{top:g}, "
-            "an upper estimate of any router's goodput"
-        )
+    described = {
+        "perfect": "perfect-reuse fleet (every replica caches every prefix seen earlier)",
+        "pooled": "pooled-cache fleet (each request admitted with the longest prefix cached in its pool)",
+    }
+    for cache, prefix in CEILINGS.items():
+        scales = [g["rate_scale"] for p, g in (ceiling or {}).items() if p.startswith(prefix)]
+        if not scales:
+            continue
+        top = max(scales)
+        lines.append(f"{described[cache]}: up to x{top:g}, an upper estimate of any router's goodput")
         if best_peer > 0 and top > 0:
             ours = goodput.get("cache-aware")
             share = f"cache-aware carries {ours['rate_scale'] / top:.0%} of it, " if ours else ""
@@ -344,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
         ceiling_policies: list[str] = []
         if args.ceiling:
             ceiling_policies = policies if args.ceiling == "all" else [p.strip() for p in args.ceiling.split(",")]
+        ceiling_caches = [c.strip() for c in str(args.ceiling_cache).split(",") if c.strip()]
+        if not ceiling_caches or set(ceiling_caches) - set(CEILINGS):
+            raise ValueError(f"--ceiling-cache wants a comma list of {sorted(CEILINGS)}, got {args.ceiling_cache!r}")
         unknown = [p for p in policies + goodput_policies + ceiling_policies if p not in POLICY_NAMES]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; known: {POLICY_NAMES}")
@@ -407,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
         rows += [r for g in goodput.values() for r in g.pop("_rows")]
     ceiling: dict[str, Any] = {}
     if ceiling_policies:
-        ceiling = _search_goodput([CEILING + p for p in ceiling_policies], [], args, len(trace))
+        labels = [CEILINGS[c] + p for c in ceiling_caches for p in ceiling_policies]
+        ceiling = _search_goodput(labels, [], args, len(trace))
         rows += [r for g in ceiling.values() for r in g.pop("_rows")]
     wall = time.perf_counter() - started
     jobs = max(1, min(args.jobs, len(tasks)))
@@ -450,7 +476,11 @@ def run(args: argparse.Namespace) -> int:
         },
         "goodput_rate_scale": {p: g["rate_scale"] for p, g in goodput.items()},
         "goodput": goodput,
-        "goodput_ceiling_rate_scale": max((g["rate_scale"] for g in ceiling.values()), default=None),
+        "goodput_ceiling_rate_scale": {
+            c: max(g["rate_scale"] for p, g in ceiling.items() if p.startswith(CEILINGS[c])) for c in ceiling_caches
+        }
+        if ceiling
+        else {},
         "goodput_ceiling": ceiling,
         "runs": sweep,
         "goodput_runs": [r for r in rows if r.get("goodput_probe")],

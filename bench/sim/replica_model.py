@@ -114,8 +114,9 @@ class Seq:
         self.preemptions = 0
         self.resume: list[int] = []  # after a preemption: chained hashes of its cached blocks
         self.reply_labels: list[int] = []  # hashes its reply blocks were cached under
-        # Prompt tokens it computes for free wherever it runs (a perfect-reuse fleet, see
-        # ClusterSimulator): its KV still takes blocks, only the prefill is skipped.
+        # Prompt tokens it computes for free wherever it runs (a perfect-reuse or pooled
+        # cache fleet, see ClusterSimulator): its KV still takes blocks, only the prefill
+        # is skipped.
         self.free_tokens = 0
         self.epoch = -1  # stats epoch it was routed in (for in-flight counts)
         self.replica = ""
@@ -153,6 +154,9 @@ class ReplicaModel:
         self.decode_runs = decode_runs  # False: one event per step (for validation)
         self.step_time = step_time
         self.kv = PrefixKVCache(capacity_blocks)
+        # A pooled cache fleet's: the longest prefix (blocks) of a chain cached on any
+        # replica of this one's pool, read at admission as if transferred from there.
+        self.pool_match: Callable[[Sequence[int]], int] | None = None
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -337,6 +341,8 @@ class ReplicaModel:
         # (vLLM's recompute finds them in the prefix cache); otherwise the prompt's.
         chain = seq.resume if seq.resume else seq.hashes
         matched = kv.match(chain)
+        if self.pool_match is not None and not seq.resume:
+            seq.free_tokens = max(seq.free_tokens, self.pool_match(chain) * B)
         if seq.resume:
             cached = min(max(matched * B, seq.free_tokens), total)
             shared = matched

@@ -18,11 +18,16 @@ events (autoscaler ticks, replicas becoming ready) interleave with the others; a
 added is routable only once ready, a replica removed stops taking requests and is
 released when its last request finishes (drain).
 
-With `perfect_reuse`, every engine computes each prompt's longest prefix seen earlier
-in the trace for free, wherever it runs (`Trace.perfect_reuse_tokens`; the KV blocks are
-still taken, only the prefill is skipped): the cache of a fleet where every replica holds
-everything, so that the load a router carries on it bounds what any router can carry on
-the real one (`cluster bench sim --ceiling`).
+`cache` says what an engine finds cached. "own" (the default): its own prefix cache.
+Two fleets that no router can beat, for `cluster bench sim --ceiling`, where a prefix is
+computed for free (its KV blocks still taken, only the prefill skipped):
+  * "perfect": each prompt's longest prefix seen earlier in the trace, wherever it runs
+    (`Trace.perfect_reuse_tokens`): every replica holds everything, an infinite cache;
+  * "pooled": the longest prefix cached on any replica of its pool when it is admitted,
+    as if read from there (a KV transfer tier): real capacity, reuse as if each request
+    were on the holder of its prefix and balanced at the same time.
+The policy is shown only the part it would prefill (what "perfect" gives, or the pool's
+longest cached prefix when it is routed), so it balances the work each request costs.
 
 Only replicas with work have a pending event (a heap of next-step times), so the cost is
 per engine step, not per token. Everything is deterministic for a given seed.
@@ -63,6 +68,8 @@ class FleetHook(Protocol):
 
 
 INF = float("inf")
+# What an engine finds cached (see the module docstring).
+CACHE_MODES = ("own", "pooled", "perfect")
 
 
 def default_step_time(cfg: ClusterConfig, pool: PoolConfig, **options: Any) -> StepTime:
@@ -181,7 +188,7 @@ class ClusterSimulator:
         async_scheduling: bool | None = None,
         replica_factory: ReplicaFactory = ReplicaModel,
         fleet: FleetHook | None = None,
-        perfect_reuse: bool = False,
+        cache: str = "own",
     ) -> None:
         unknown = set(replicas) - {p.name for p in cfg.pools}
         if unknown:
@@ -196,7 +203,10 @@ class ClusterSimulator:
         self.stats_period_s = cfg.router.stats_period_s if stats_period_s is None else stats_period_s
         self.spill = spill
         self.fleet = fleet
-        self.free_tokens = trace.perfect_reuse_tokens() if perfect_reuse else None
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.cache = cache
+        self.free_tokens = trace.perfect_reuse_tokens() if cache == "perfect" else None
         if async_scheduling is None:
             # vLLM 0.29 schedules asynchronously by default, except on the CPU backend,
             # which turns it off (vllm/platforms/cpu.py: "not required on CPU").
@@ -287,6 +297,10 @@ class ClusterSimulator:
         self._since_snap: dict[str, int] = {r.replica_id: 0 for r in self.replicas}
         self._heap: list[tuple[float, int]] = []
         self._bound = INF  # the next external event while run() is inside an arrival
+        if cache == "pooled":
+            for p in self.pools.values():
+                for r in p.replicas:
+                    r.pool_match = self._pooled(p)
 
     def _contention_of(self, sharing: float) -> Callable[[ReplicaModel], float]:
         """A replica's step stretch: 1 + `sharing` per other engine mid-step now."""
@@ -299,10 +313,20 @@ class ClusterSimulator:
 
     # -- a changing fleet (bench/sim/fleet.py drives these) --------------------------------
 
+    def _pooled(self, pool: _Pool) -> Callable[[Sequence[int]], int]:
+        """The longest prefix of a chain cached on any routable replica of the pool."""
+
+        def match(chain: Sequence[int]) -> int:
+            return max((r.kv.match(chain) for r in pool.replicas), default=0)
+
+        return match
+
     def add_replica(self, pool_name: str) -> ReplicaModel:
         """A new replica of a pool, not yet routable (it is starting)."""
         pool = self.pools[pool_name]
         rep = pool.make_replica(pool.created)
+        if self.cache == "pooled":
+            rep.pool_match = self._pooled(pool)
         pool.created += 1
         self._replica_idx[rep.replica_id] = len(self.replicas)
         self.replicas.append(rep)
@@ -417,6 +441,8 @@ class ClusterSimulator:
                 seq.arrival_s = now
                 if self.free_tokens is not None:
                     seq.free_tokens = self.free_tokens[k]
+                elif self.cache == "pooled":
+                    seq.free_tokens = max(r.kv.match(seq.hashes) for r in pool.replicas) * B
                 seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
