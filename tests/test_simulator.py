@@ -279,7 +279,7 @@ def test_cli_writes_results_and_plots(tmp_path: Path, conversations: Trace) -> N
     assert row["seeds"] == [0, 1, 2] and result["seeds"] == 3
     per_seed = row["per_seed"]["ttft_p50_s"]
     assert len(per_seed) == 3 and row["ttft_p50_s"] == pytest.approx(sum(per_seed) / 3)
-    assert all(r["seeds"] == [0, 1, 2] for r in result["goodput_runs"])
+    assert result["goodput_runs"] and all(r["seeds"] == [0, 1, 2] for r in result["goodput_runs"])
     assert "mean over seeds 0-2" in (out / "table.txt").read_text()
 
     # The perfect-reuse fleet's goodput, searched beside the policy's, bounds it.
