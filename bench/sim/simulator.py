@@ -442,7 +442,7 @@ class ClusterSimulator:
                 if self.free_tokens is not None:
                     seq.free_tokens = self.free_tokens[k]
                 elif self.cache == "pooled":
-                    seq.free_tokens = max(r.kv.match(seq.hashes) for r in pool.replicas) * B
+                    seq.free_tokens = max((r.kv.match(seq.hashes) for r in pool.replicas), default=0) * B
                 seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
