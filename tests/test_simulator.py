@@ -286,9 +286,10 @@ def test_cli_writes_results_and_plots(tmp_path: Path, conversations: Trace) -> N
     rc = sim_cli.main(
         ["--trace", str(path), "--replicas", "2", "--policy", "pow2", "--rate-scale", "2", "--goodput", "pow2"]
         + ["--ceiling", "pow2", "--ceiling-cache", "perfect,pooled", "--goodput-max", "64"]
-        + ["--jobs", "1", "--out", str(out), "--no-plots"]
+        + ["--jobs", "1", "--out", str(out)]
     )
     assert rc == 0
+    assert (out / "slo_attainment.png").stat().st_size > 10_000
     result = json.loads((out / "results.json").read_text())
     perfect = result["goodput_ceiling"]["perfect-reuse/pow2"]
     pooled = result["goodput_ceiling"]["pooled-cache/pow2"]

@@ -4,8 +4,8 @@
         --replicas 16 --profile h100x8-bf16 --policy all --rate-scale 1,2 --out out/sim
 
 Runs every (policy, rate scale) pair, in parallel processes (`--jobs`), and writes
-results.json (every figure, per pool and per replica), table.txt, latency_vs_load.png
-and hit_rate.png into --out. `--replicas` is the total, shared among the profile's pools
+results.json (every figure, per pool and per replica), table.txt, latency_vs_load.png,
+hit_rate.png and, with a goodput search, slo_attainment.png into --out. `--replicas` is the total, shared among the profile's pools
 by the tokens the trace sends to each (override with --pool-replicas, or put every
 replica in one pool with --pool). The throughput ceiling of one replica: --replicas 1
 --pool standard --rate-scale 50 (everything queued at once). `--seeds N` runs every pair
@@ -489,11 +489,13 @@ def run(args: argparse.Namespace) -> int:
     (out / "table.txt").write_text(table + "\n")
     written = [out / "results.json", out / "table.txt"]
     if not args.no_plots:
-        from bench.sim.plots import plot_hit_rate, plot_latency_vs_load
+        from bench.sim.plots import plot_hit_rate, plot_latency_vs_load, plot_slo_attainment
 
         title = f"{trace.name}, {cfg.profile}, replicas {replicas}"
         written.append(plot_latency_vs_load(sweep, out / "latency_vs_load.png", title, result["floor"]))
         written.append(plot_hit_rate(sweep, out / "hit_rate.png", title))
+        if goodput or ceiling:
+            written.append(plot_slo_attainment(goodput, ceiling, out / "slo_attainment.png", title, slo.target))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -1,5 +1,6 @@
-"""PNG plots of a policy comparison: latency versus load per policy, and prefix-cache hit
-rate per policy against the trace's ceiling."""
+"""PNG plots of a policy comparison: latency versus load per policy, prefix-cache hit
+rate per policy against the trace's ceiling, and SLO attainment versus load (the goodput
+searches' runs) against the ceiling fleets'."""
 
 from __future__ import annotations
 
@@ -76,6 +77,40 @@ def plot_hit_rate(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
     top = max([ceiling] + [100 * r["block_hit_rate"] for r in rows])
     ax.set_ylim(0, top * 1.35 + 1)  # room for the legend above the bars
     ax.legend(fontsize=8, loc="upper right", ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_slo_attainment(
+    goodput: dict[str, Any], ceiling: dict[str, Any], path: Path, title: str, target: float
+) -> Path:
+    """SLO attainment against the rate scale, one line per policy (every run its goodput
+    search made), the ceiling fleets dashed; the target as a dotted line, and where 1.3x
+    the best peer's goodput lies."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, g in list(goodput.items()) + list(ceiling.items()):
+        pts = sorted((float(s), a) for s, a in g["probes"].items())
+        dashed = name in ceiling
+        ax.plot(
+            [s for s, _ in pts],
+            [100 * a for _, a in pts],
+            marker="." if dashed else "o",
+            linestyle="--" if dashed else "-",
+            linewidth=2.5 if name == "cache-aware" else 1.2,
+            label=f"{name} (goodput x{g['rate_scale']:g})",
+        )
+    ax.axhline(100 * target, color="black", linestyle=":", linewidth=1.2, label=f"target {target:.0%}")
+    best_peer = max((g["rate_scale"] for p, g in goodput.items() if p != "cache-aware"), default=0.0)
+    if best_peer > 0:
+        ax.axvline(1.3 * best_peer, color="grey", linestyle=":", linewidth=1.2, label="1.3x the best peer")
+    ax.set_xlabel("arrival rate (x trace rate)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
