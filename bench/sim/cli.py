@@ -5,10 +5,11 @@
 
 Runs every (policy, rate scale) pair, in parallel processes (`--jobs`), and writes
 results.json (every figure, per pool and per replica), table.txt, latency_vs_load.png,
-hit_rate.png and, with a goodput search, slo_attainment.png into --out. `--replicas` is the total, shared among the profile's pools
-by the tokens the trace sends to each (override with --pool-replicas, or put every
-replica in one pool with --pool). The throughput ceiling of one replica: --replicas 1
---pool standard --rate-scale 50 (everything queued at once). `--seeds N` runs every pair
+hit_rate.png and, with a goodput search, slo_attainment.png into --out. `--replicas` is
+the total, shared among the profile's pools by the tokens the trace sends to each
+(override with --pool-replicas, or put every replica in one pool with --pool). The
+throughput ceiling of one replica: --replicas 1 --pool standard --rate-scale 50
+(everything queued at once). `--seeds N` runs every pair
 with N seeds and reports the mean (`bench/sim/seeds.py`): policies with random tie-breaks
 give a different run per seed, a spread one run cannot show.
 
