@@ -106,10 +106,10 @@ class Trace:
     def head(self, n: int) -> Trace:
         return Trace(self.name, self.block_size, self.requests[:n], self.has_prefix_info, dict(self.meta))
 
-    def perfect_reuse_tokens(self) -> list[int]:
-        """Per request: the prompt tokens of its longest prefix seen earlier in the trace
-        (an earlier prompt, or a reply cached under `output_block_ids`), as an infinite
-        cache shared by every replica would hold them."""
+    def _reuse_blocks(self) -> list[int]:
+        """Per request: how many leading blocks of its chained prompt hashes were seen
+        earlier in the trace (an earlier prompt, or a reply cached under
+        `output_block_ids`), as an infinite cache shared by every replica would hold them."""
         B = self.block_size
         seen: set[int] = set()
         out: list[int] = []
@@ -123,23 +123,23 @@ class Trace:
             seen.update(chain)
             if r.output_block_ids:
                 seen.update(chain_block_ids(r.output_block_ids, output_chain_seed(chain, r.prompt_tokens, B)))
-            out.append(min(matched * B, r.prompt_tokens))
+            out.append(matched)
         return out
 
+    def _reuse_tokens(self, reused: list[int]) -> list[int]:
+        """`_reuse_blocks` in prompt tokens (a partial last block counts its own tokens)."""
+        return [min(m * self.block_size, r.prompt_tokens) for r, m in zip(self.requests, reused, strict=True)]
+
+    def perfect_reuse_tokens(self) -> list[int]:
+        """Per request: the prompt tokens of its longest prefix seen earlier in the trace
+        (`_reuse_blocks`)."""
+        return self._reuse_tokens(self._reuse_blocks())
+
     def stats(self) -> TraceStats:
-        seen: set[int] = set()
-        hit_blocks = hit_tokens = blocks = 0
-        bs = self.block_size
-        for r in self.requests:
-            chain = chain_block_ids(r.block_ids)
-            for i, h in enumerate(chain):
-                if h in seen:
-                    hit_blocks += 1
-                    hit_tokens += min(bs, r.prompt_tokens - i * bs)
-            blocks += len(chain)
-            seen.update(chain)
-            if r.output_block_ids:
-                seen.update(chain_block_ids(r.output_block_ids, output_chain_seed(chain, r.prompt_tokens, bs)))
+        reused = self._reuse_blocks()
+        blocks = sum(len(r.block_ids) for r in self.requests)
+        hit_blocks = sum(reused)
+        hit_tokens = sum(self._reuse_tokens(reused))
         prompt = sum(r.prompt_tokens for r in self.requests)
         return TraceStats(
             requests=len(self.requests),

@@ -108,9 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ceiling",
         default=None,
-        help="'all' or a comma list of policies: also bisect the SLO goodput of a perfect-reuse fleet "
-        "(every replica computes each prefix seen earlier in the trace for free) routed by each, "
-        "an upper estimate of what any router carries",
+        help="'all' or a comma list of policies: also bisect the SLO goodput of the --ceiling-cache "
+        "fleets (a prefix cached elsewhere computed for free) routed by each, an upper estimate of "
+        "what any router carries",
     )
     p.add_argument(
         "--ceiling-cache",
@@ -308,9 +308,18 @@ def _search_goodput(
     return out
 
 
+def ceiling_rate_scales(ceiling: dict[str, Any]) -> dict[str, float]:
+    """Per ceiling fleet searched (cache mode), the best goodput of its policies."""
+    out: dict[str, float] = {}
+    for label, g in ceiling.items():
+        _, cache = _split_label(label)
+        out[cache] = max(out.get(cache, 0.0), g["rate_scale"])
+    return out
+
+
 def format_goodput(goodput: dict[str, Any], slo: Any, ceiling: dict[str, Any] | None = None) -> str:
     """One line per policy: its goodput and the attainment of every probe; then the
-    perfect-reuse fleet's, and how far the best peer is from it."""
+    ceiling fleets', and how far the best peer is from them."""
     lines = [f"SLO goodput (largest rate scale with attainment >= {slo.target:.0%}):"]
     best_peer = max((g["rate_scale"] for p, g in goodput.items() if p != "cache-aware"), default=0.0)
     rows = sorted(goodput.items(), key=lambda kv: -kv[1]["rate_scale"])
@@ -327,11 +336,7 @@ def format_goodput(goodput: dict[str, Any], slo: Any, ceiling: dict[str, Any] | 
         "perfect": "perfect-reuse fleet (every replica caches every prefix seen earlier)",
         "pooled": "pooled-cache fleet (each request admitted with the longest prefix cached in its pool)",
     }
-    for cache, prefix in CEILINGS.items():
-        scales = [g["rate_scale"] for p, g in (ceiling or {}).items() if p.startswith(prefix)]
-        if not scales:
-            continue
-        top = max(scales)
+    for cache, top in ceiling_rate_scales(ceiling or {}).items():
         lines.append(f"{described[cache]}: up to x{top:g}, an upper estimate of any router's goodput")
         if best_peer > 0 and top > 0:
             ours = goodput.get("cache-aware")
@@ -477,11 +482,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "goodput_rate_scale": {p: g["rate_scale"] for p, g in goodput.items()},
         "goodput": goodput,
-        "goodput_ceiling_rate_scale": {
-            c: max(g["rate_scale"] for p, g in ceiling.items() if p.startswith(CEILINGS[c])) for c in ceiling_caches
-        }
-        if ceiling
-        else {},
+        "goodput_ceiling_rate_scale": ceiling_rate_scales(ceiling),
         "goodput_ceiling": ceiling,
         "runs": sweep,
         "goodput_runs": [r for r in rows if r.get("goodput_probe")],

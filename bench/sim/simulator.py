@@ -35,6 +35,7 @@ per engine step, not per token. Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
@@ -313,13 +314,13 @@ class ClusterSimulator:
 
     # -- a changing fleet (bench/sim/fleet.py drives these) --------------------------------
 
+    @staticmethod
+    def _pool_match(pool: _Pool, chain: Sequence[int]) -> int:
+        """The longest prefix (blocks) of a chain cached on any routable replica of the pool."""
+        return max((r.kv.match(chain) for r in pool.replicas), default=0)
+
     def _pooled(self, pool: _Pool) -> Callable[[Sequence[int]], int]:
-        """The longest prefix of a chain cached on any routable replica of the pool."""
-
-        def match(chain: Sequence[int]) -> int:
-            return max((r.kv.match(chain) for r in pool.replicas), default=0)
-
-        return match
+        return functools.partial(self._pool_match, pool)
 
     def add_replica(self, pool_name: str) -> ReplicaModel:
         """A new replica of a pool, not yet routable (it is starting)."""
@@ -442,7 +443,7 @@ class ClusterSimulator:
                 if self.free_tokens is not None:
                     seq.free_tokens = self.free_tokens[k]
                 elif self.cache == "pooled":
-                    seq.free_tokens = max((r.kv.match(seq.hashes) for r in pool.replicas), default=0) * B
+                    seq.free_tokens = self._pool_match(pool, seq.hashes) * B
                 seqs[k] = seq
                 views = self._views(pool, snapshot if period > 0 else None, since_snap)
                 affinity = session_replica.get(req.session_id) if req.session_id else None
@@ -585,9 +586,9 @@ class ClusterSimulator:
 def _route_request(seq: Seq, block_size: int, affinity_replica: str | None = None) -> RouteRequest:
     """What the routing policy sees of a simulated request (as the gateway's hint).
 
-    On a perfect-reuse fleet, only the part it prefills: every replica holds the rest, so
-    a policy then balances the work each request really costs (no prefix or session of it
-    is worth more on one replica than on another)."""
+    On a ceiling fleet (`cache` "perfect" or "pooled"), only the part it prefills: every
+    replica holds the rest, so a policy then balances the work each request really costs
+    (no prefix or session of it is worth more on one replica than on another)."""
     req = seq.req
     if seq.free_tokens:
         free_blocks = min(seq.free_tokens, req.prompt_tokens - 1) // block_size
