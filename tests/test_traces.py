@@ -171,6 +171,21 @@ def test_replay_trace_outputs_scale_apart_from_tokens(tmp_path: Path) -> None:
         scale_trace(trace, 1 / 32, min_output=5, max_output=4)
 
 
+def test_a_disjoint_twin_has_the_same_shape_and_no_shared_block(tmp_path: Path) -> None:
+    from bench.live.replay_cluster import disjoint_twin, prompt_token_ids, scale_trace
+
+    trace = scale_trace(read_trace(_write_mooncake(tmp_path / "m.jsonl", MOONCAKE_ROWS)), 1 / 32, max_output=3)
+    twin = disjoint_twin(trace)
+    shape = [(r.arrival_s, r.prompt_tokens, r.output_tokens, len(r.block_ids)) for r in trace.requests]
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens, len(r.block_ids)) for r in twin.requests] == shape
+    # Its own prefixes repeat as the trace's do, and none is one of the trace's.
+    assert twin.stats().block_hit_ceiling == trace.stats().block_hit_ceiling > 0
+    assert not {b for r in twin.requests for b in r.block_ids} & {b for r in trace.requests for b in r.block_ids}
+    first, twin_first = prompt_token_ids(trace.requests[0], 16, 32768), prompt_token_ids(twin.requests[0], 16, 32768)
+    assert len(first) == len(twin_first) and first[:16] != twin_first[:16]
+    assert {r.request_id for r in twin.requests}.isdisjoint(r.request_id for r in trace.requests)
+
+
 def test_prometheus_counters_of_vllm() -> None:
     from bench.live.prefix_counters import prometheus_sum
 

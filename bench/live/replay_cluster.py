@@ -226,6 +226,26 @@ async def warm_up(base_url: str, model: str, vocab_size: int, requests: int, api
         raise RuntimeError(f"the cluster at {base_url} answered no warm-up request: {failed[0].error}")
 
 
+def disjoint_twin(trace: Trace) -> Trace:
+    """`trace` again, arrivals and lengths as they are, with every block id moved to one
+    no trace uses (trace ids are never negative) and request ids prefixed: the same
+    shapes of prefill and decode batches, sharing no block with `trace`. Replayed before
+    a measured replay it warms what a few short requests do not (the CPU engine's first
+    steps at each batch shape) without caching any of the measured replay's prefixes."""
+    base = -(2 * 10**9)  # below warm_up's ids
+    reqs = [
+        replace(
+            r,
+            request_id=f"twin-{r.request_id}",
+            block_ids=tuple(base - b for b in r.block_ids),
+            output_block_ids=tuple(base - b for b in r.output_block_ids),
+            session_id=f"twin-{r.session_id}" if r.session_id is not None else None,
+        )
+        for r in trace.requests
+    ]
+    return Trace(f"{trace.name}-twin", trace.block_size, reqs, trace.has_prefix_info, dict(trace.meta))
+
+
 def summarize_replay(trace: Trace, outcomes: list[Outcome], wall: float) -> dict[str, Any]:
     from bench.sim.metrics import latency_summary, spread
 
@@ -275,17 +295,24 @@ def replay_and_measure(
     trace: Trace,
     *,
     warm_up_requests: int = 6,
+    warm_up_trace: Trace | None = None,
     max_in_flight: int = 256,
     api_key: str = "none",
     progress: Any | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Warm up, read vLLM's prefix-cache counters, replay, read them again once Ray has
-    exported the replay's last steps. `engine_token_hit_rate` is None without counters."""
+    """Warm up (`warm_up_requests` short requests, then `warm_up_trace` where given, e.g.
+    `disjoint_twin(trace)`), read vLLM's prefix-cache counters, replay, read them again
+    once Ray has exported the replay's last steps. `engine_token_hit_rate` is None
+    without counters."""
     model = cfg.model.served_name
     vocab = cfg.model.architecture.vocab_size
     before = (0.0, 0.0)
     if warm_up_requests:
         asyncio.run(warm_up(base_url, model, vocab, warm_up_requests, api_key))
+    if warm_up_trace is not None:
+        warmed, _ = asyncio.run(replay(base_url, model, warm_up_trace, vocab, max_in_flight, None, api_key))
+        if not any(o.status == 200 for o in warmed):
+            raise RuntimeError(f"the cluster at {base_url} answered no request of the warm-up trace")
     if metrics_url:
         # The counters are cumulative and Ray exports them every few seconds: wait until
         # everything sent before (the warm-up, earlier traffic) has arrived, so the
@@ -339,26 +366,30 @@ def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
 
 
 # The terms that say how fast the shared machine ran the cluster during a replay: the
-# engines' steps against the table (alone and beside each other) and how much the
-# serving path slowed per request in flight (the same cores).
-ENGINE_SPEED_KEYS = (
+# engines' steps against the table (alone and beside each other) and the serving path's
+# time per request (alone and per request in flight), which shares the engines' cores.
+MACHINE_SPEED_KEYS = (
     "engine_step_scale",
     "engine_step_scale_spread",
     "engine_step_scale_autocorr",
     "engine_contention_scale",
     "engine_batch_stretch",
+    "request_overhead_ms",
+    "request_overhead_spread_ms",
     "request_overhead_per_in_flight_ms",
 )
 
 
-def at_engine_speed(terms: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
-    """`terms` (another replay's) with the engine step scale, its spread and correlation
-    of the checked replay itself (its own `engine_timing` calibration). A prediction from
-    another replay's terms also carries how much faster or slower the shared machine ran
-    the engines between the two replays (+-10-20% from one replay to the next here, 1.6x
-    at worst); simulated at the checked replay's own engine speed, what is left is the
-    model's error: the serving path alone, the scheduler, the table's shape."""
-    return {**terms, **{k: checked[k] for k in ENGINE_SPEED_KEYS if k in checked}}
+def at_replay_speed(terms: dict[str, Any], checked: dict[str, Any]) -> dict[str, Any]:
+    """`terms` (another replay's) with the machine-speed terms of the checked replay itself
+    (its own `engine_timing` calibration): the engines' step scale, its spread and
+    correlation, and the serving path's overhead. A prediction from another replay's terms
+    also carries how much faster or slower the shared machine ran the cluster between the
+    two replays (engines +-10-20% from one replay to the next here, 1.6x at worst; the
+    serving path 64 against 101 ms in one CI run); simulated at the checked replay's own
+    speed, what is left is the model's error: how the terms combine, the scheduler, the
+    table's shape."""
+    return {**terms, **{k: checked[k] for k in MACHINE_SPEED_KEYS if k in checked}}
 
 
 def timing_errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
@@ -662,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
         speed_cfg = cfg
         if args.sim_terms and timing is not None and "calibration" in timing:
             speed_cfg = cfg.model_copy(deep=True)
-            apply_sim_terms(speed_cfg, at_engine_speed(terms, timing["calibration"]))
+            apply_sim_terms(speed_cfg, at_replay_speed(terms, timing["calibration"]))
             speed_summary = simulate_same(speed_cfg, trace, repeats=SIM_REPEATS)
         if len(routes) == len(trace):
             try:
@@ -693,11 +724,14 @@ def run(args: argparse.Namespace) -> int:
         errors = print_timing(summary, sim_summary)
     speed_errors: dict[str, float] = {}
     if speed_summary is not None:
-        print("the same at this replay's own engine step scale (the machine's speed now; the rest from --sim-terms):")
+        print(
+            "the same at this replay's own machine speed (its engine step scale and serving-path overhead;"
+            " the rest from --sim-terms):"
+        )
         speed_errors = print_timing(summary, speed_summary)
     routed_errors: dict[str, float] = {}
     if routed_summary is not None:
-        where = "at this replay's engine speed and " if speed_summary is not None else ""
+        where = "at this replay's machine speed and " if speed_summary is not None else ""
         print(f"the same {where}with every request where the real router sent it (only the timing model compared):")
         routed_errors = print_timing(summary, routed_summary)
 
@@ -712,7 +746,7 @@ def run(args: argparse.Namespace) -> int:
         "request_overhead_ms": cfg.simulator.request_overhead_ms,
         "overhead_measurement": overhead,
         "timing_errors": errors,
-        "timing_errors_at_this_engine_speed": speed_errors,
+        "timing_errors_at_this_replay_speed": speed_errors,
         "timing_errors_at_the_real_routing": routed_errors,
         "simulator_at_the_real_routing": {k: v for k, v in (routed_summary or {}).items() if k != "replica_stats"},
         "engine_timing": timing,
