@@ -701,6 +701,13 @@ class SimulatorConfig(_Strict):
     # pay. Measured as the slope of the step scale's medians by sequences in the step,
     # over that of one sequence (steps as if alone). 0: the table's batch cost as is.
     engine_batch_stretch: float = Field(0.0, ge=0.0)
+    # A step's prefill work runs this many times slower, relative to the table, than its
+    # decode work. The scale above is measured mostly on decode steps, and a CPU other than
+    # the table's can differ most in the prompt's matrix products: on an AVX2-only VM
+    # a prefill took about twice what the step scale gave, against a table measured
+    # with AVX-512. Measured from the steps that carried a prefill chunk: their scale over
+    # the decode steps', solved for the prefill part. 1: the table's mix as is.
+    engine_prefill_scale: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check_spreads(self) -> SimulatorConfig:

@@ -152,6 +152,21 @@ def test_step_scale_stretches_every_step_and_only_cpu_tables_have_it() -> None:
     assert default_step_time(gpu, gpu.pools[0]).step_ms([], 8, 8 * 2048) == pytest.approx(before)
 
 
+def test_prefill_scale_stretches_only_the_prefill_part_of_a_step() -> None:
+    t = EngineStepTable(_table(), scale=2.0, prefill_scale=3.0)
+    assert t.step_ms([], 4, 4 * 1024) == pytest.approx(2.0 * 8.0)  # decode alone: the step scale
+    # The prefill chunk's part above the fixed costs, 3x; the fixed part once, as before.
+    assert t.step_ms([(512, 0)], 4, 4 * 1024) == pytest.approx(2.0 * (8.0 + 3.0 * (60.0 - 5.0)))
+    assert t.step_ms([(512, 0)], 0, 0) == pytest.approx(2.0 * (5.0 + 3.0 * 55.0))
+    cfg = _constant_terms()
+    cfg.simulator.engine_prefill_scale = 2.5
+    table = default_step_time(cfg, cfg.pools[0])
+    assert isinstance(table, EngineStepTable) and table.prefill_scale == 2.5
+    assert "prefill parts x 2.5" in table.describe()
+    with pytest.raises(ValueError, match="positive"):
+        EngineStepTable(_table(), prefill_scale=0.0)
+
+
 def test_measured_spreads_are_drawn_per_request_and_replay_identically() -> None:
     cfg = _constant_terms()
     cfg.simulator.request_overhead_spread_ms = [30, 35, 40, 45, 50, 55, 60, 70, 80, 120]

@@ -210,3 +210,33 @@ def test_batch_stretch_is_the_step_scales_growth_per_sequence_beyond_the_first()
     assert et.batch_stretch(ratios, sequences) == pytest.approx(0.25)
     assert et.batch_stretch([2.0] * 30, [1] * 30) == 0.0  # one batch size: nothing to read
     assert et.median_slope([3.0] * 10 + [2.0] * 10, [0] * 10 + [1] * 10) == (0.0, 2.5)  # falling: flat
+
+
+def test_prefill_scale_is_solved_from_the_steps_that_carried_a_prefill_chunk() -> None:
+    # Decode steps at 2x the table; steps with a prefill chunk whose prefill part ran 3x
+    # further: a x (D + P) = 2 x (D + 3 P).
+    table = EngineStepTable(
+        {
+            "decode_ms": {"batch": [1, 8], "context": [0, 4096], "ms": [[5, 6], [7, 9]]},
+            "prefill_ms": {"chunk": [32, 1024], "context": [0, 4096], "ms": [[10, 14], [105, 140]]},
+        }
+    )
+    steps: list[tuple[str, Any]] = [("a", (0.01 * j, 0, 2, 0.01, 2, 0)) for j in range(40)]
+    steps += [("a", (1.0 + 0.05 * j, 256 + 64 * j, 2, 0.05, 3, 0)) for j in range(9)]
+    parts = et.step_parts(steps, table, 100.0)
+    assert all(p == 0 for _, p in parts[:40]) and all(p > 0 for _, p in parts[40:])
+    d, p = parts[40]
+    assert d + p == pytest.approx(table.step_ms([(256, 0)], 2, 200))
+    alone = [2.0] * 40 + [2.0 * (d + 3 * p) / (d + p) for d, p in parts[40:]]
+    assert et.prefill_scale(alone, parts) == pytest.approx(3.0)
+    # Too few such steps, or no decode step to compare with: the table's mix.
+    assert et.prefill_scale(alone[:44], parts[:44]) == 1.0
+    assert et.prefill_scale(alone[40:], parts[40:]) == 1.0
+    # A chunk's context: the cached tokens of the request whose first token that step gave
+    # (arrival + first-token latency at the step, on another clock: within half a step).
+    timelines = {"a": {"requests": [(0.9, 0.152, 0.0, 0.1, 0.2, 2368, 8, 2048), (1.0, 0.5, 0.0, 0.5, 0.1, 64, 4, 32)]}}
+    contexts = et.prefill_contexts(steps, timelines)
+    assert contexts[:40] == [0] * 40 and contexts[41] == 2048 and contexts.count(2048) == 1
+    assert contexts.count(32) == 0  # its first token came out of no step here
+    d, p = et.step_parts(steps, table, 100.0, contexts)[41]
+    assert d + p == pytest.approx(table.step_ms([(320, 2048)], 2, 200)) and p > parts[41][1]

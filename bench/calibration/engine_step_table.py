@@ -21,7 +21,9 @@ how far that composition is off. Both tables are interpolated piecewise-linearly
 holds the engine measured alone, while in a serving cluster on the same few cores the
 engine shares them with its own frontend, the gateway, the proxy and whatever else the
 machine runs (`cluster bench replay --engine-timing` measures the ratio from the
-engine's own step intervals during a replay).
+engine's own step intervals during a replay). `prefill_scale` (the profile's
+`simulator.engine_prefill_scale`) stretches the prefill chunks' part of a step further,
+where the machine's prefill differs from its decode against the table.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ class EngineStepTable:
         scale: float = 1.0,
         scale_spread: Sequence[float] = (),
         scale_autocorr: float = 0.0,
+        prefill_scale: float = 1.0,
     ) -> None:
-        if scale <= 0:
-            raise ValueError(f"step scale must be positive, got {scale}")
+        if scale <= 0 or prefill_scale <= 0:
+            raise ValueError(f"step scales must be positive, got {scale} and {prefill_scale}")
+        self.prefill_scale = prefill_scale
         self.table = table
         self.name = name
         self.scale = scale
@@ -81,13 +85,14 @@ class EngineStepTable:
         scale: float = 1.0,
         scale_spread: Sequence[float] = (),
         scale_autocorr: float = 0.0,
+        prefill_scale: float = 1.0,
     ) -> EngineStepTable:
         """The table at `path`; ValueError when it was measured for another architecture."""
         table = json.loads(path.read_text())
         measured = table.get("architecture")
         if arch is not None and measured is not None and ModelArchitecture.model_validate(measured) != arch:
             raise ValueError(f"{path.name} was measured for another model architecture")
-        return cls(table, path.name, scale, scale_spread, scale_autocorr)
+        return cls(table, path.name, scale, scale_spread, scale_autocorr, prefill_scale)
 
     def reseed(self, seed: int | str) -> None:
         """Draw the step scales anew from `seed` (the simulation's own seed)."""
@@ -122,7 +127,7 @@ class EngineStepTable:
             return 0.0
         total = self.decode_ms(num_decode, decode_kv_tokens / num_decode) if num_decode > 0 else self.fixed_ms
         for new, ctx in prefill_chunks:
-            total += self.prefill_ms(new, ctx) - self.fixed_ms
+            total += self.prefill_scale * (self.prefill_ms(new, ctx) - self.fixed_ms)
         return total * (self._spread.draw() if self._spread is not None else self.scale)
 
     @property
@@ -136,6 +141,8 @@ class EngineStepTable:
                 scaled += f", lag-1 correlation {self._spread.autocorr:.2f}"
         else:
             scaled = f" x {self.scale:g} (cores shared in the cluster)" if self.scale != 1.0 else ""
+        if self.prefill_scale != 1.0:
+            scaled += f", prefill parts x {self.prefill_scale:g} more"
         return "step times: measured whole engine steps" + scaled + "; " + "; ".join(self.notes)
 
 
@@ -158,6 +165,7 @@ def engine_step_table_for(
             sim.engine_step_scale,
             sim.engine_step_scale_spread,
             sim.engine_step_scale_autocorr,
+            sim.engine_prefill_scale,
         )
     except (KeyError, ValueError, TypeError) as exc:
         log.warning("engine step table %s unusable for pool %r (%s): layer model instead", path, pool.name, exc)

@@ -245,6 +245,56 @@ def step_ratios(steps: Sequence[tuple[str, Any]], table: Any, mean_context: floa
     return out
 
 
+def prefill_contexts(steps: Sequence[tuple[str, Any]], timelines: dict[str, dict[str, list[Any]]]) -> list[int]:
+    """Per step, the cached tokens its prefill chunk was computed over: those of the
+    request on the same replica whose first token came out of that step (its record's
+    arrival + first-token latency within half the step's interval of the step, at most
+    20 ms: the two are read on different clocks), else 0. A prompt that fits one step's
+    budget is prefilled in the step that gives its first token."""
+    out = []
+    for rid, s in steps:
+        context = 0
+        if s[1]:
+            best = min(0.5 * s[3], 0.02)
+            for r in timelines.get(rid, {}).get("requests", []):
+                gap = abs(r[0] + r[1] - s[0])
+                if gap <= best:
+                    best, context = gap, int(r[7])
+        out.append(context)
+    return out
+
+
+def step_parts(
+    steps: Sequence[tuple[str, Any]], table: Any, mean_context: float, contexts: Sequence[int] | None = None
+) -> list[tuple[float, float]]:
+    """Each step's (unscaled) table cost split into its decode part (with the step's fixed
+    costs) and its prefill chunk's part above them (over `contexts` cached tokens, 0
+    where not given), as `EngineStepTable.step_ms` adds them."""
+    out = []
+    for j, (_, s) in enumerate(steps):
+        prompt, decode = s[1], s[2]
+        context = contexts[j] if contexts is not None else 0
+        whole = table.step_ms([(prompt, context)] if prompt else [], decode, int(decode * mean_context))
+        base = table.step_ms([], decode, int(decode * mean_context)) if decode else table.fixed_ms
+        out.append((base, whole - base))
+    return out
+
+
+def prefill_scale(alone: Sequence[float], parts: Sequence[tuple[float, float]], min_steps: int = 5) -> float:
+    """How many times slower than its decode part a step's prefill part ran, against the
+    table: with the decode-only steps' median scale s, a step with parts (D, P) that
+    took a x (D + P) is s x (D + k P), so k = (a / s x (D + P) - D) / P; the median k
+    over the steps that carried a prefill chunk (1.0 with fewer than `min_steps` of them
+    or no decode-only step)."""
+    decode_only = [a for a, (_, p) in zip(alone, parts, strict=True) if p <= 0]
+    mixed = [(a, d, p) for a, (d, p) in zip(alone, parts, strict=True) if p > 0]
+    if len(mixed) < min_steps or not decode_only:
+        return 1.0
+    s = float(np.median(decode_only))
+    k = float(np.median([(a / s * (d + p) - d) / p for a, d, p in mixed]))
+    return max(0.1, k)
+
+
 def breakdown(
     outcomes: Sequence[Any],
     timelines: dict[str, dict[str, list[Any]]],
@@ -306,6 +356,13 @@ def breakdown(
             per_seq = batch_stretch(alone, sequences)
             out["engine_batch_stretch"] = round(per_seq, 3)
             alone = [r / (1 + per_seq * (n - 1)) for r, n in zip(alone, sequences, strict=True)]
+            # The steps that carried a prefill chunk: how much slower their prefill part
+            # ran than the decode steps' scale gives, and each such step's ratio as if its
+            # prefill part were that much longer in the table (what the simulator steps).
+            parts = step_parts(steps, table, mean_context, prefill_contexts(steps, timelines))
+            k = prefill_scale(alone, parts)
+            out["engine_prefill_scale"] = round(k, 2)
+            alone = [a * (d + p) / (d + k * p) for a, (d, p) in zip(alone, parts, strict=True)]
             samples["engine_step_scale"] = alone
             # Per replica in time order: how long a slow spell lasts. A reply's TPOT is a
             # mean over its decode steps, so the correlation is matched at that span.
@@ -370,7 +427,8 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
     each had run alone (`engine_step_scale` and its spread), how long a slow spell lasts
     (`engine_step_scale_autocorr`, matched over a reply's decode steps), how much
     longer a step takes beside another engine's (`engine_contention_scale`) and per
-    sequence beyond the first (`engine_batch_stretch`)."""
+    sequence beyond the first (`engine_batch_stretch`), and how much slower a step's
+    prefill part runs than its decode part, against the table (`engine_prefill_scale`)."""
     samples = b["samples"]
     scale = samples.get("engine_step_scale", [])
     overhead = samples["client_overhead_ms"]
@@ -384,5 +442,6 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
         "engine_step_scale_autocorr": b.get("engine_step_scale_autocorr", 0.0),
         "engine_contention_scale": b.get("engine_contention_scale", 1.0),
         "engine_batch_stretch": b.get("engine_batch_stretch", 0.0),
+        "engine_prefill_scale": b.get("engine_prefill_scale", 1.0),
         "request_overhead_per_in_flight_ms": b.get("request_overhead_per_in_flight_ms", 0.0),
     }

@@ -366,14 +366,16 @@ def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
 
 
 # The terms that say how fast the shared machine ran the cluster during a replay: the
-# engines' steps against the table (alone and beside each other) and the serving path's
-# time per request (alone and per request in flight), which shares the engines' cores.
+# engines' steps against the table (alone, beside each other, their prefill part) and the
+# serving path's time per request (alone and per request in flight), which shares the
+# engines' cores.
 MACHINE_SPEED_KEYS = (
     "engine_step_scale",
     "engine_step_scale_spread",
     "engine_step_scale_autocorr",
     "engine_contention_scale",
     "engine_batch_stretch",
+    "engine_prefill_scale",
     "request_overhead_ms",
     "request_overhead_spread_ms",
     "request_overhead_per_in_flight_ms",
