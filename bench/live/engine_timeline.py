@@ -357,12 +357,13 @@ def breakdown(
             out["engine_batch_stretch"] = round(per_seq, 3)
             alone = [r / (1 + per_seq * (n - 1)) for r, n in zip(alone, sequences, strict=True)]
             # The steps that carried a prefill chunk: how much slower their prefill part
-            # ran than the decode steps' scale gives, and each such step's ratio as if its
-            # prefill part were that much longer in the table (what the simulator steps).
+            # ran than the decode steps' scale gives. Reported, not a calibrated term: as
+            # a factor on every chunk it put a 248-request check (k 3.5) past capacity in
+            # the simulator (TTFT p90 +2,333%; k 1: -28%), while it brought a 34-request
+            # one from -38% to +8% TTFT p50; part of it is a cost per new request, not
+            # per prefilled token (bench/calibration/README.md, "Known gaps").
             parts = step_parts(steps, table, mean_context, prefill_contexts(steps, timelines))
-            k = prefill_scale(alone, parts)
-            out["engine_prefill_scale"] = round(k, 2)
-            alone = [a * (d + p) / (d + k * p) for a, (d, p) in zip(alone, parts, strict=True)]
+            out["engine_prefill_scale_measured"] = round(prefill_scale(alone, parts), 2)
             samples["engine_step_scale"] = alone
             # Per replica in time order: how long a slow spell lasts. A reply's TPOT is a
             # mean over its decode steps, so the correlation is matched at that span.
@@ -427,8 +428,9 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
     each had run alone (`engine_step_scale` and its spread), how long a slow spell lasts
     (`engine_step_scale_autocorr`, matched over a reply's decode steps), how much
     longer a step takes beside another engine's (`engine_contention_scale`) and per
-    sequence beyond the first (`engine_batch_stretch`), and how much slower a step's
-    prefill part runs than its decode part, against the table (`engine_prefill_scale`)."""
+    sequence beyond the first (`engine_batch_stretch`). `engine_prefill_scale` stays
+    the profile's: the breakdown's `engine_prefill_scale_measured` is not yet a term
+    the simulator can take from one replay."""
     samples = b["samples"]
     scale = samples.get("engine_step_scale", [])
     overhead = samples["client_overhead_ms"]
@@ -442,6 +444,5 @@ def calibrate(b: dict[str, Any]) -> dict[str, Any]:
         "engine_step_scale_autocorr": b.get("engine_step_scale_autocorr", 0.0),
         "engine_contention_scale": b.get("engine_contention_scale", 1.0),
         "engine_batch_stretch": b.get("engine_batch_stretch", 0.0),
-        "engine_prefill_scale": b.get("engine_prefill_scale", 1.0),
         "request_overhead_per_in_flight_ms": b.get("request_overhead_per_in_flight_ms", 0.0),
     }
