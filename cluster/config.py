@@ -705,8 +705,9 @@ class SimulatorConfig(_Strict):
     # decode work. The scale above is measured mostly on decode steps, and a CPU other than
     # the table's can differ most in the prompt's matrix products: on an AVX2-only VM
     # a prefill took about twice what the step scale gave, against a table measured
-    # with AVX-512. Measured from the steps that carried a prefill chunk: their scale over
-    # the decode steps', solved for the prefill part. 1: the table's mix as is.
+    # with AVX-512. `--engine-timing` reports one measured from the steps that carried a
+    # prefill chunk (`engine_prefill_scale_measured`) but does not calibrate it: part of
+    # that is a cost per new request, not per token. Set by hand. 1: the table's mix.
     engine_prefill_scale: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
