@@ -704,8 +704,8 @@ class SimulatorConfig(_Strict):
     # A step's prefill work runs this many times slower, relative to the table, than its
     # decode work. The scale above is measured mostly on decode steps, and a CPU other than
     # the table's can differ most in the prompt's matrix products: on an AVX2-only VM
-    # a prefill took about twice what the step scale gave, against a table measured
-    # with AVX-512. `--engine-timing` reports one measured from the steps that carried a
+    # prefills took far longer than the step scale gave, against a table measured with
+    # AVX-512. `--engine-timing` reports one measured from the steps that carried a
     # prefill chunk (`engine_prefill_scale_measured`) but does not calibrate it: part of
     # that is a cost per new request, not per token. Set by hand. 1: the table's mix.
     engine_prefill_scale: float = Field(1.0, gt=0)

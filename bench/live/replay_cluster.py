@@ -219,11 +219,18 @@ async def warm_up(base_url: str, model: str, vocab_size: int, requests: int, api
     (first-request compilation, allocator growth) stay out of the measurement."""
     base = -(10**9)  # trace block ids are never negative
     reqs = [TraceRequest(f"warm{i}", 0.0, WARM_UP_PROMPT, 4, (base - i,)) for i in range(requests)]
-    trace = Trace("warm-up", WARM_UP_PROMPT, reqs)
-    outcomes, _ = await replay(base_url, model, trace, vocab_size, api_key=api_key)
+    await replay_warm_up(base_url, model, Trace("warm-up", WARM_UP_PROMPT, reqs), vocab_size, api_key)
+
+
+async def replay_warm_up(
+    base_url: str, model: str, trace: Trace, vocab_size: int, api_key: str = "none", max_in_flight: int = 256
+) -> None:
+    """Replay a warm-up trace, its outcomes thrown away; RuntimeError when the cluster
+    answered none of it."""
+    outcomes, _ = await replay(base_url, model, trace, vocab_size, max_in_flight, api_key=api_key)
     failed = [o for o in outcomes if o.status != 200]
     if len(failed) == len(outcomes):
-        raise RuntimeError(f"the cluster at {base_url} answered no warm-up request: {failed[0].error}")
+        raise RuntimeError(f"the cluster at {base_url} answered no {trace.name} request: {failed[0].error}")
 
 
 def disjoint_twin(trace: Trace) -> Trace:
@@ -310,9 +317,7 @@ def replay_and_measure(
     if warm_up_requests:
         asyncio.run(warm_up(base_url, model, vocab, warm_up_requests, api_key))
     if warm_up_trace is not None:
-        warmed, _ = asyncio.run(replay(base_url, model, warm_up_trace, vocab, max_in_flight, None, api_key))
-        if not any(o.status == 200 for o in warmed):
-            raise RuntimeError(f"the cluster at {base_url} answered no request of the warm-up trace")
+        asyncio.run(replay_warm_up(base_url, model, warm_up_trace, vocab, api_key, max_in_flight))
     if metrics_url:
         # The counters are cumulative and Ray exports them every few seconds: wait until
         # everything sent before (the warm-up, earlier traffic) has arrived, so the
@@ -366,7 +371,7 @@ def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
 
 
 # The terms that say how fast the shared machine ran the cluster during a replay: the
-# engines' steps against the table (alone, beside each other, their prefill part) and the
+# engines' steps against the table (alone and beside each other) and the
 # serving path's time per request (alone and per request in flight), which shares the
 # engines' cores.
 MACHINE_SPEED_KEYS = (
@@ -375,7 +380,6 @@ MACHINE_SPEED_KEYS = (
     "engine_step_scale_autocorr",
     "engine_contention_scale",
     "engine_batch_stretch",
-    "engine_prefill_scale",
     "request_overhead_ms",
     "request_overhead_spread_ms",
     "request_overhead_per_in_flight_ms",
