@@ -240,3 +240,24 @@ def test_prefill_scale_is_solved_from_the_steps_that_carried_a_prefill_chunk() -
     assert contexts.count(32) == 0  # its first token came out of no step here
     d, p = et.step_parts(steps, table, 100.0, contexts)[41]
     assert d + p == pytest.approx(table.step_ms([(320, 2048)], 2, 200)) and p > parts[41][1]
+
+
+def test_cpu_flags_are_read_off_cpuinfo_and_a_difference_from_the_tables_machine_is_named() -> None:
+    from bench.calibration.cpu_flags import flags_note, parse_cpu_flags
+
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 ht\n\nprocessor\t: 1\nflags\t: fpu\n"
+    assert parse_cpu_flags(cpuinfo) == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    assert parse_cpu_flags("processor\t: 0\n") == []
+    assert flags_note(["avx2", "avx512f"], ["avx2", "avx512f"]) is None
+    assert flags_note(None, ["avx2"]) is None
+    note = flags_note(["avx2", "fma", "avx512f", "avx512_bf16"], ["avx2", "fma"])
+    assert note is not None and "lacks avx512f, avx512_bf16" in note and "adds" not in note
+
+
+def test_a_replay_says_when_the_step_table_is_not_this_machines() -> None:
+    from bench.live.replay_cluster import table_mismatch
+
+    assert table_mismatch({"engine_prefill_scale_measured": 1.3, "cpu_flags": {"here": ["avx2"]}}) is None
+    assert "x4.4" in (table_mismatch({"engine_prefill_scale_measured": 4.4}) or "")
+    both = table_mismatch({"engine_prefill_scale_measured": 0.2, "cpu_flags": {"note": "this CPU lacks amx_bf16"}})
+    assert both is not None and "x0.2" in both and "lacks amx_bf16" in both

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.calibration.cpu_flags import cpu_flags
+
 DECODE_BATCHES = (1, 2, 4, 8, 16)
 DECODE_CONTEXTS = (32, 256, 1024, 2048, 4096, 8064)
 PREFILL_CHUNKS = (32, 128, 512, 1024, 2048)
@@ -344,6 +346,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
+            "cpu_flags": cpu_flags(),
         },
         "software": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "architecture": eng.cfg.model.architecture.model_dump(mode="json"),

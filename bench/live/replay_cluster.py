@@ -350,6 +350,7 @@ def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, 
     """The replay's time split by the engines' own records (bench/live/engine_timeline.py),
     and the simulator terms measured from it (`calibration`: request overhead, stream
     lead and step scale, with their spreads). Needs this process's Ray connection."""
+    from bench.calibration.cpu_flags import cpu_flags, flags_note
     from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
 
     timelines = engine_timeline.read_timelines([p.name for p in cfg.pools])
@@ -360,7 +361,36 @@ def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, 
     result = engine_timeline.breakdown(outcomes, timelines, table, mean_context)
     if result["matched"] and table is not None:
         result["calibration"] = engine_timeline.calibrate(result)
+    if table is not None:
+        # The table holds its machine's speed; the prefill scale above says how far this
+        # one's prefill is from it, the flags say why (bench/calibration/cpu_flags.py).
+        table_flags = table.table.get("machine", {}).get("cpu_flags")
+        here = cpu_flags()
+        result["cpu_flags"] = {"here": here, "step_table": table_flags}
+        note = flags_note(table_flags, here)
+        if note is not None:
+            result["cpu_flags"]["note"] = note
     return result
+
+
+# A prefill scale outside this range: the machine's prefill is not the table's machine's
+# (AVX2-only against an AVX-512 BF16 table: 4.4-6.1; like machines: 1.22-1.45).
+PREFILL_SCALE_RANGE = (0.5, 2.0)
+
+
+def table_mismatch(timing: dict[str, Any]) -> str | None:
+    """Why the step table may not hold this machine's speed (`engine_timing`'s measured
+    prefill scale out of PREFILL_SCALE_RANGE, or CPU features other than the table's
+    machine's), or None."""
+    reasons = []
+    k = timing.get("engine_prefill_scale_measured")
+    lo, hi = PREFILL_SCALE_RANGE
+    if k is not None and not lo <= k <= hi:
+        reasons.append(f"prefill steps ran x{k:g} their table cost beyond the decode steps' scale")
+    note = timing.get("cpu_flags", {}).get("note")
+    if note:
+        reasons.append(note)
+    return "; ".join(reasons) or None
 
 
 def apply_sim_terms(cfg: Any, terms: dict[str, Any]) -> None:
@@ -545,6 +575,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=256)
     p.add_argument("--api-key", default="none")
     p.add_argument("--warm-up", type=int, default=6, help="warm-up requests before measuring")
+    p.add_argument(
+        "--warm-up-twin",
+        action="store_true",
+        help="first replay the trace on blocks of its own (disjoint_twin), as the e2e timing test does: the "
+        "first replay after the engines start runs slower than the next",
+    )
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's prediction")
     p.add_argument(
         "--measure-overhead",
@@ -646,6 +682,7 @@ def run(args: argparse.Namespace) -> int:
                 cfg,
                 trace,
                 warm_up_requests=args.warm_up,
+                warm_up_trace=disjoint_twin(trace) if args.warm_up_twin else None,
                 max_in_flight=args.max_in_flight,
                 api_key=args.api_key,
                 progress=bar.update,
@@ -679,6 +716,19 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {key:28} {timing[key]['p50']:8.1f} {timing[key]['p90']:8.1f}")
         if "cluster_cores_by_process" in timing:
             print(f"  cores used during the replay, by process: {timing['cluster_cores_by_process']}")
+        if "engine_prefill_scale_measured" in timing:
+            flags = timing.get("cpu_flags", {})
+            print(
+                f"  prefill steps against the decode steps' scale: x{timing['engine_prefill_scale_measured']:g} "
+                f"(CPU flags here: {flags.get('here')}; the step table's machine: {flags.get('step_table')})"
+            )
+        off = table_mismatch(timing)
+        if off is not None:
+            print(
+                f"warning: {off}; profile a table on this machine "
+                "(python -m bench.calibration.profile_cpu_engine) before trusting a prediction",
+                file=sys.stderr,
+            )
         if "calibration" in timing:
             print(f"simulator terms measured here: {json.dumps(timing['calibration'])}")
     if args.sim_terms:
