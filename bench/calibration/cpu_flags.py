@@ -2,11 +2,12 @@
 
 A whole-engine step table (profile_cpu_engine.py) holds one machine's speed. Decode
 steps of the tiny model are mostly vLLM's own Python and move little between CPUs, but
-a prompt's matrix products run on whatever vector units the CPU has: bf16 weights on a
-CPU without AVX-512 BF16 take an emulated path. On an AVX2-only VM (2026-12-03) the
-steps that carried a prefill ran 4.4-6.1 times their table cost beyond the decode
-steps' scale; on one with AVX-512 BF16 (2026-12-04) 1.22-1.45. So the profiler records
-these flags beside the table, and a replay reports this machine's beside the table's.
+a prompt's matrix products run on whatever vector units the CPU has, and without
+AVX-512 BF16 (native bf16 dot products) bf16 weights are likely widened to fp32 first.
+On an AVX2-only VM (2026-12-03) the steps that carried a prefill ran 4.4-6.1 times
+their table cost beyond the decode steps' scale; on one with AVX-512 BF16 (2026-12-04)
+1.22-1.45. So the profiler records these flags beside the table, and a replay reports
+this machine's beside the table's.
 """
 
 from __future__ import annotations
