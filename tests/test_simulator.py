@@ -496,8 +496,8 @@ def test_replay_hit_rate_and_timing_match_real_engines(local_cluster: Any) -> No
     # from the steps with a prefill chunk brought it to +14% / +8% but put a 248-request
     # check past capacity, so it is not applied and the TTFT p50 bound is -50%:
     # losing the overhead (a third of this TTFT) still fails it. On a VM with AVX-512 BF16
-    # (2026-12-04) that prefill scale was 1.2-1.45 and this test gave +3 / +1 / -2 / -39%
-    # at speed: the gap was the table's CPU, which `mismatch` names.
+    # (2026-12-04) that prefill scale was 1.22-1.45 and this test gave +3 / +1 / -2 / -39%
+    # at speed: the gap was most likely the table's CPU, which `mismatch` names.
     at_speed_bounds = {
         "ttft_p50_s": (-0.5, 0.5),
         "ttft_p90_s": (-0.6, 0.75),

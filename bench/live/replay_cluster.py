@@ -350,7 +350,7 @@ def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, 
     """The replay's time split by the engines' own records (bench/live/engine_timeline.py),
     and the simulator terms measured from it (`calibration`: request overhead, stream
     lead and step scale, with their spreads). Needs this process's Ray connection."""
-    from bench.calibration.cpu_flags import cpu_flags, flags_note
+    from bench.calibration.cpu_flags import cpu_flags
     from bench.calibration.engine_step_table import EngineStepTable, engine_step_table_for
 
     timelines = engine_timeline.read_timelines([p.name for p in cfg.pools])
@@ -364,12 +364,7 @@ def engine_timing(cfg: Any, trace: Trace, outcomes: list[Outcome]) -> dict[str, 
     if table is not None:
         # The table holds its machine's speed; the prefill scale above says how far this
         # one's prefill is from it, the flags say why (bench/calibration/cpu_flags.py).
-        table_flags = table.table.get("machine", {}).get("cpu_flags")
-        here = cpu_flags()
-        result["cpu_flags"] = {"here": here, "step_table": table_flags}
-        note = flags_note(table_flags, here)
-        if note is not None:
-            result["cpu_flags"]["note"] = note
+        result["cpu_flags"] = {"here": cpu_flags(), "step_table": table.table.get("machine", {}).get("cpu_flags")}
     return result
 
 
@@ -382,12 +377,15 @@ def table_mismatch(timing: dict[str, Any]) -> str | None:
     """Why the step table may not hold this machine's speed (`engine_timing`'s measured
     prefill scale out of PREFILL_SCALE_RANGE, or CPU features other than the table's
     machine's), or None."""
+    from bench.calibration.cpu_flags import flags_note
+
     reasons = []
     k = timing.get("engine_prefill_scale_measured")
     lo, hi = PREFILL_SCALE_RANGE
     if k is not None and not lo <= k <= hi:
         reasons.append(f"prefill steps ran x{k:g} their table cost beyond the decode steps' scale")
-    note = timing.get("cpu_flags", {}).get("note")
+    flags = timing.get("cpu_flags", {})
+    note = flags_note(flags.get("step_table"), flags.get("here"))
     if note:
         reasons.append(note)
     return "; ".join(reasons) or None
